@@ -1,0 +1,14 @@
+"""WebSocket close codes of the daemon link (``/ws/relay``), shared by relay and connector."""
+
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    PROTOCOL_ERROR = 4400
+    INVALID_KEY = 4401
+    REPLACED = 4409
+    INCOMPATIBLE_VERSION = 4426
+    SHUTTING_DOWN = 4503

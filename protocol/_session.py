@@ -1,0 +1,711 @@
+"""The session state machine: streams, flow control, ping and go-away, for either role.
+
+Four verbs, in the manner of h11: :meth:`Session.receive_data` (bytes in, events out),
+:meth:`Session.data_to_send` (bytes out), the send-side calls (:meth:`open_stream`,
+:meth:`send_data`, :meth:`end_stream`, :meth:`reset_stream`, :meth:`ping`, :meth:`go_away`) and
+:meth:`acknowledge_received_data`, which returns flow-control credit once the application has
+consumed what it received.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from ._errors import (
+    ErrorCode,
+    FlowControlError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamClosedError,
+)
+from ._events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeCompleted,
+    PingReceived,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from ._frames import (
+    ALLOWED_FLAGS,
+    FIXED_SIZES,
+    HEADER,
+    HEADER_SIZE,
+    MAX_GOAWAY_REASON,
+    MAX_HELLO_SIZE,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PING_PAYLOAD_SIZE,
+    SESSION_FRAMES,
+    U32,
+    Flag,
+    FrameType,
+    SettingId,
+    decode_goaway,
+    decode_hello,
+    decode_metadata,
+    encode_goaway,
+    encode_hello,
+    encode_metadata,
+    pack_header,
+)
+from ._settings import (
+    MAX_FRAME_SIZE_LIMIT,
+    MIN_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SessionConfig,
+)
+
+
+class Role(enum.Enum):
+    """Which end of the daemon link this session is. Stream ids are split by parity."""
+
+    CONNECTOR = "connector"  # opens odd stream ids: 1, 3, 5, ...
+    RELAY = "relay"  # opens even stream ids: 2, 4, 6, ...
+
+
+class SessionState(enum.Enum):
+    HANDSHAKE = "handshake"  # our HELLO is queued; the peer's has not arrived
+    OPEN = "open"
+    CLOSED = "closed"  # the transport ended (receive_data(b""))
+    ERROR = "error"  # a protocol error happened; sticky
+
+
+class StreamState(enum.Enum):
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"  # we sent FIN; the peer may still send
+    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer sent FIN; we may still send
+    CLOSED = "closed"
+
+
+class StreamInput(enum.Enum):
+    SEND_DATA = "send data"
+    SEND_FIN = "send fin"
+    RECV_DATA = "receive data"
+    RECV_FIN = "receive fin"
+    SEND_RESET = "send reset"
+    RECV_RESET = "receive reset"
+
+
+_DATA = int(FrameType.DATA)
+_FIN = int(Flag.FIN)
+_S = StreamState
+_I = StreamInput
+#: Every legal stream transition. A pair that is absent is a violation: local inputs raise
+#: StreamClosedError, remote DATA on a half-closed (remote) stream resets that stream.
+STREAM_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
+    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
+    (_S.OPEN, _I.SEND_FIN): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _I.RECV_FIN): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_FIN): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_FIN): _S.CLOSED,
+    (_S.OPEN, _I.SEND_RESET): _S.CLOSED,
+    (_S.OPEN, _I.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_RESET): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_RESET): _S.CLOSED,
+}
+
+
+class _Stream:
+    __slots__ = ("consumed", "id", "local", "recv_window", "send_window", "state", "unacked")
+
+    def __init__(self, stream_id: int, local: bool, send_window: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.local = local  # opened by this side
+        self.state = StreamState.OPEN
+        self.send_window = send_window  # what the peer still lets us send
+        self.recv_window = recv_window  # what we still let the peer send
+        self.unacked = 0  # received, not yet acknowledged by the application
+        self.consumed = 0  # acknowledged, not yet credited back to the peer
+
+
+class Session:
+    """One end of a multiplexed session. Not thread-safe; one per transport connection.
+
+    The HELLO frame is queued at construction: call :meth:`data_to_send` and send it first.
+    Streams may be opened once :class:`HandshakeCompleted` has been received.
+    """
+
+    def __init__(self, role: Role, config: SessionConfig | None = None) -> None:
+        self.role = role
+        self.config = config if config is not None else SessionConfig()
+        self.state = SessionState.HANDSHAKE
+        self._error: ProtocolError | None = None
+        self._buffer = bytearray()
+        self._outbound: list[bytes] = []
+        self._streams: dict[int, _Stream] = {}
+        self._next_local_id = 1 if role is Role.CONNECTOR else 2
+        self._highest_local_id = 0
+        self._highest_remote_id = 0
+        self._remote_open = 0  # peer-opened streams not yet closed (counted against our limit)
+        self._local_open = 0  # our streams not yet closed (counted against the peer's limit)
+        self._backlog: set[int] = set()  # peer-opened streams not yet accepted
+        # Peer's settings; valid once the handshake completes.
+        self._peer_initial_window = 0
+        self._peer_max_frame = MIN_FRAME_SIZE
+        self._peer_max_streams = 0
+        self._peer_max_metadata = 0
+        # Session-level flow control.
+        self._send_session_window = 0
+        self._recv_session_window = self.config.session_window_size
+        self._session_unacked = 0
+        self._session_consumed = 0
+        # Go-away bookkeeping.
+        self.goaway_sent = False
+        self.goaway_received = False
+        self._remote_last_stream_id = MAX_STREAM_ID  # from the peer's GOAWAY
+        self._local_last_stream_id = MAX_STREAM_ID  # from our GOAWAY
+        hello = encode_hello(PROTOCOL_VERSION, self.config.announced())
+        self._queue(pack_header(FrameType.HELLO, 0, 0, len(hello)), hello)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def handshake_complete(self) -> bool:
+        return self.state is not SessionState.HANDSHAKE
+
+    @property
+    def open_streams(self) -> int:
+        """Streams not yet closed, both directions counted."""
+        return self._local_open + self._remote_open
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        stream = self._streams.get(stream_id)
+        return stream.state if stream is not None else StreamState.CLOSED
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        """How many bytes :meth:`send_data` may send on this stream right now."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state in (_S.HALF_CLOSED_LOCAL, _S.CLOSED):
+            return 0
+        return min(stream.send_window, self._send_session_window)
+
+    def can_open_stream(self) -> bool:
+        """Whether :meth:`open_stream` would succeed now (handshake done, under the peer's limit,
+        no go-away in either direction, the error state not reached)."""
+        return (
+            self.state is SessionState.OPEN
+            and not self.goaway_sent
+            and not self.goaway_received
+            and self._local_open < self._peer_max_streams
+            and self._next_local_id <= MAX_STREAM_ID
+        )
+
+    # ------------------------------------------------------------------ sending
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        """Return bytes to write to the transport (at most ``amount`` if given), and forget them."""
+        out = self._outbound
+        if not out:
+            return b""
+        if amount is None:
+            data = b"".join(out)
+            out.clear()
+            return data
+        taken: list[bytes] = []
+        size = 0
+        while out and size < amount:
+            chunk = out[0]
+            room = amount - size
+            if len(chunk) <= room:
+                taken.append(out.pop(0))
+                size += len(chunk)
+            else:
+                taken.append(chunk[:room])
+                out[0] = chunk[room:]
+                size = amount
+        return b"".join(taken)
+
+    def open_stream(self, metadata: Mapping[str, str] | None = None) -> int:
+        """Open a stream and return its id.
+
+        Raises :class:`LocalProtocolError` before the handshake, after a go-away in either
+        direction, past the peer's concurrent-stream limit, or for metadata the peer would
+        refuse; :class:`ValueError` for metadata keys or values that cannot be encoded.
+        """
+        self._check_usable()
+        if self.state is SessionState.HANDSHAKE:
+            raise LocalProtocolError("cannot open a stream before the handshake completes")
+        if self.goaway_sent or self.goaway_received:
+            raise LocalProtocolError("cannot open a stream after a go-away", ErrorCode.REFUSED_STREAM)
+        if self._local_open >= self._peer_max_streams:
+            raise LocalProtocolError(
+                f"the peer allows {self._peer_max_streams} concurrent streams",
+                ErrorCode.REFUSED_STREAM,
+            )
+        if self._next_local_id > MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted; open a new session")
+        payload = encode_metadata(metadata or {})
+        if len(payload) > self._peer_max_metadata:
+            raise LocalProtocolError(
+                f"metadata of {len(payload)} bytes exceeds the peer's limit of "
+                f"{self._peer_max_metadata}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        stream_id = self._next_local_id
+        self._next_local_id += 2
+        self._highest_local_id = stream_id
+        self._streams[stream_id] = _Stream(
+            stream_id, True, self._peer_initial_window, self.config.initial_window_size
+        )
+        self._local_open += 1
+        self._queue(pack_header(FrameType.OPEN, 0, stream_id, len(payload)), payload)
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Take a peer-opened stream out of the accept backlog (the application now owns it)."""
+        self._backlog.discard(stream_id)
+
+    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+        """Queue ``data`` on the stream, split into frames no larger than the peer accepts.
+
+        Raises :class:`StreamClosedError` if the stream cannot send, :class:`FlowControlError`
+        if ``len(data)`` exceeds :meth:`local_flow_control_window`.
+        """
+        self._check_usable()
+        stream = self._sendable(stream_id)
+        size = len(data)
+        if size > stream.send_window or size > self._send_session_window:
+            raise FlowControlError(
+                f"{size} bytes exceed the send window of stream {stream_id} "
+                f"({min(stream.send_window, self._send_session_window)} bytes)",
+                ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        if end_stream:
+            self._transition(stream, StreamInput.SEND_FIN)
+        stream.send_window -= size
+        self._send_session_window -= size
+        if type(data) is not bytes:
+            data = bytes(data)
+        limit = self._peer_max_frame
+        if size <= limit:
+            flags = _FIN if end_stream else 0
+            self._outbound.append(HEADER.pack(FrameType.DATA, flags, 0, stream_id, size))
+            if size:
+                self._outbound.append(data)
+        else:
+            view = memoryview(data)
+            for start in range(0, size, limit):
+                chunk = view[start : start + limit]
+                last = start + limit >= size
+                flags = _FIN if (end_stream and last) else 0
+                self._outbound.append(HEADER.pack(FrameType.DATA, flags, 0, stream_id, len(chunk)))
+                self._outbound.append(chunk.tobytes())
+        if end_stream:
+            self._after_close(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: send FIN. Raises :class:`StreamClosedError` if already half-closed."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
+        """Abort the stream in both directions. A no-op on a stream that is already closed."""
+        self._check_usable()
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is _S.CLOSED:
+            return
+        self._transition(stream, StreamInput.SEND_RESET)
+        self._queue(pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(int(code)))
+        self._after_close(stream)
+
+    def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
+        """The application consumed ``amount`` bytes of this stream: return the credit.
+
+        Credit goes back to the peer (WINDOW_UPDATE) once half a window has been consumed, per
+        stream and for the session. Acknowledging a stream that was reset is a no-op (its
+        credit was returned by the reset). Raises :class:`LocalProtocolError` when ``amount``
+        is more than was received and not yet acknowledged.
+        """
+        if amount < 0:
+            raise ValueError("amount must not be negative")
+        if amount == 0:
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        if amount > stream.unacked:
+            raise LocalProtocolError(
+                f"acknowledging {amount} bytes on stream {stream_id}; "
+                f"only {stream.unacked} are unacknowledged"
+            )
+        stream.unacked -= amount
+        if stream.state in (_S.OPEN, _S.HALF_CLOSED_LOCAL):
+            stream.consumed += amount
+            if stream.consumed >= self.config.initial_window_size // 2:
+                self._grant(stream.id, stream.consumed)
+                stream.recv_window += stream.consumed
+                stream.consumed = 0
+        elif stream.state is _S.CLOSED and stream.unacked == 0:
+            del self._streams[stream_id]
+        self._credit_session(amount)
+
+    def ping(self, payload: bytes) -> None:
+        """Queue a PING. ``payload`` (8 bytes) comes back in a :class:`PongReceived`."""
+        self._check_usable()
+        if len(payload) != PING_PAYLOAD_SIZE:
+            raise ValueError(f"a ping payload is exactly {PING_PAYLOAD_SIZE} bytes")
+        self._queue(pack_header(FrameType.PING, 0, 0, PING_PAYLOAD_SIZE), bytes(payload))
+
+    def go_away(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Queue a GOAWAY: no new stream from the peer above the last one seen will be served.
+
+        Existing streams run to completion. Calling it again sends a fresh GOAWAY (useful to
+        change the code), with the same last stream id.
+        """
+        self._check_usable()
+        self._send_goaway(code, reason)
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the transport; return the events they complete.
+
+        ``b""`` means the transport reached end of file. Raises :class:`RemoteProtocolError`
+        when the peer broke the protocol; a GOAWAY carrying the error code is then queued, the
+        session is in :attr:`SessionState.ERROR`, and every later call raises the same error.
+        Events completed by the same call before the violation are discarded with it.
+        """
+        if self._error is not None:
+            raise self._error
+        if self.state is SessionState.CLOSED:
+            if data:
+                raise LocalProtocolError("receive_data after end of file")
+            return []
+        events: list[Event] = []
+        try:
+            if not data:
+                if self._buffer:
+                    raise RemoteProtocolError("transport closed in the middle of a frame")
+                self.state = SessionState.CLOSED
+                return events
+            self._buffer += data
+            self._parse(events)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+        return events
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue(self, header: bytes, payload: bytes = b"") -> None:
+        self._outbound.append(header)
+        if payload:
+            self._outbound.append(payload)
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise LocalProtocolError(
+                f"the session failed earlier: {self._error.message}", self._error.code
+            )
+
+    def _sendable(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state in (_S.HALF_CLOSED_LOCAL, _S.CLOSED):
+            raise StreamClosedError(stream_id, f"stream {stream_id} cannot send any more")
+        return stream
+
+    def _transition(self, stream: _Stream, event: StreamInput) -> None:
+        try:
+            stream.state = STREAM_TRANSITIONS[stream.state, event]
+        except KeyError:
+            raise StreamClosedError(
+                stream.id, f"stream {stream.id} is {stream.state.value}: cannot {event.value}"
+            ) from None
+
+    def _after_close(self, stream: _Stream, *, reset: bool = False) -> None:
+        """Bookkeeping once ``stream`` may have reached CLOSED."""
+        if stream.state is not _S.CLOSED:
+            return
+        if stream.local:
+            self._local_open -= 1
+        else:
+            self._remote_open -= 1
+            self._backlog.discard(stream.id)
+        if reset or stream.unacked == 0:
+            # A reset stream's unconsumed data is discarded: give its budget back at once.
+            self._streams.pop(stream.id, None)
+            if stream.unacked:
+                unacked, stream.unacked = stream.unacked, 0
+                self._credit_session(unacked)
+
+    def _grant(self, stream_id: int, increment: int) -> None:
+        self._outbound.append(HEADER.pack(FrameType.WINDOW_UPDATE, 0, 0, stream_id, 4))
+        self._outbound.append(U32.pack(increment))
+
+    def _credit_session(self, amount: int) -> None:
+        self._session_unacked -= amount
+        self._session_consumed += amount
+        if self._session_consumed >= self.config.session_window_size // 2:
+            self._grant(0, self._session_consumed)
+            self._recv_session_window += self._session_consumed
+            self._session_consumed = 0
+
+    def _send_goaway(self, code: int, reason: str) -> None:
+        self.goaway_sent = True
+        self._local_last_stream_id = min(self._local_last_stream_id, self._highest_remote_id)
+        payload = encode_goaway(self._local_last_stream_id, int(code), reason)
+        self._queue(pack_header(FrameType.GOAWAY, 0, 0, len(payload)), payload)
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.state is not SessionState.ERROR:
+            # Tell the peer why before giving up; this is the last frame we send.
+            self._send_goaway(exc.code, exc.message)
+        self.state = SessionState.ERROR
+        self._error = exc
+
+    def _parse(self, events: list[Event]) -> None:
+        buf = self._buffer
+        end = len(buf)
+        offset = 0
+        config = self.config
+        try:
+            while end - offset >= HEADER_SIZE:
+                frame_type, flags, reserved, stream_id, length = HEADER.unpack_from(buf, offset)
+                if frame_type == _DATA and not reserved and flags <= _FIN:
+                    # Hot path: validate against the limits before any payload is buffered.
+                    if length > config.max_frame_size:
+                        raise RemoteProtocolError(
+                            f"DATA frame of {length} bytes exceeds the maximum of "
+                            f"{config.max_frame_size}",
+                            ErrorCode.FRAME_SIZE_ERROR,
+                        )
+                    if length > self._recv_session_window:
+                        raise RemoteProtocolError(
+                            f"DATA frame of {length} bytes exceeds the session window of "
+                            f"{self._recv_session_window}",
+                            ErrorCode.FLOW_CONTROL_ERROR,
+                        )
+                    stream = self._streams.get(stream_id)
+                    if stream is not None and length > stream.recv_window:
+                        raise RemoteProtocolError(
+                            f"DATA frame of {length} bytes exceeds the window of stream "
+                            f"{stream_id} ({stream.recv_window})",
+                            ErrorCode.FLOW_CONTROL_ERROR,
+                        )
+                    if end - offset - HEADER_SIZE < length:
+                        break
+                    start = offset + HEADER_SIZE
+                    offset = start + length
+                    self._on_data(stream_id, flags, bytes(buf[start:offset]), events)
+                    continue
+                self._check_header(frame_type, flags, reserved, stream_id, length)
+                if end - offset - HEADER_SIZE < length:
+                    break
+                start = offset + HEADER_SIZE
+                offset = start + length
+                self._on_frame(frame_type, flags, stream_id, bytes(buf[start:offset]), events)
+        finally:
+            del buf[:offset]
+
+    def _check_header(
+        self, frame_type: int, flags: int, reserved: int, stream_id: int, length: int
+    ) -> None:
+        """Validate a non-DATA header before its payload is buffered."""
+        if frame_type not in ALLOWED_FLAGS:
+            raise RemoteProtocolError(f"unknown frame type {frame_type:#x}")
+        if flags & ~ALLOWED_FLAGS[frame_type]:
+            raise RemoteProtocolError(
+                f"flags {flags:#x} not allowed on {FrameType(frame_type).name}"
+            )
+        if reserved:
+            raise RemoteProtocolError("reserved header bits are set")
+        if self.state is SessionState.HANDSHAKE and frame_type != FrameType.HELLO:
+            raise RemoteProtocolError(
+                f"expected HELLO first, got {FrameType(frame_type).name}"
+            )
+        if frame_type in SESSION_FRAMES:
+            if stream_id != 0:
+                raise RemoteProtocolError(f"{FrameType(frame_type).name} on stream {stream_id}")
+        elif stream_id == 0 and frame_type != FrameType.WINDOW_UPDATE:
+            raise RemoteProtocolError(f"{FrameType(frame_type).name} on stream 0")
+        fixed = FIXED_SIZES.get(frame_type)
+        if fixed is not None and length != fixed:
+            raise RemoteProtocolError(
+                f"{FrameType(frame_type).name} payload must be {fixed} bytes, not {length}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        if frame_type == FrameType.HELLO and length > MAX_HELLO_SIZE:
+            raise RemoteProtocolError("HELLO payload too large", ErrorCode.FRAME_SIZE_ERROR)
+        if frame_type == FrameType.OPEN and length > self.config.max_metadata_size:
+            raise RemoteProtocolError(
+                f"OPEN metadata of {length} bytes exceeds the maximum of "
+                f"{self.config.max_metadata_size}",
+                ErrorCode.FRAME_SIZE_ERROR,
+            )
+        if frame_type == FrameType.GOAWAY and length > 8 + MAX_GOAWAY_REASON:
+            raise RemoteProtocolError("GOAWAY payload too large", ErrorCode.FRAME_SIZE_ERROR)
+
+    def _is_remote_id(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == (self.role is Role.RELAY)
+
+    def _check_known(self, stream_id: int, what: str) -> None:
+        """For a frame on a stream we do not track: a violation if the stream never existed."""
+        highest = self._highest_remote_id if self._is_remote_id(stream_id) else self._highest_local_id
+        if stream_id > highest:
+            raise RemoteProtocolError(f"{what} on stream {stream_id}, which was never opened")
+
+    def _on_data(self, stream_id: int, flags: int, payload: bytes, events: list[Event]) -> None:
+        if self.state is SessionState.HANDSHAKE:
+            raise RemoteProtocolError("expected HELLO first, got DATA")
+        if stream_id == 0:
+            raise RemoteProtocolError("DATA on stream 0")
+        size = len(payload)
+        self._recv_session_window -= size
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is _S.CLOSED:
+            # A stream we reset or finished: the peer sent before learning of it. Its bytes
+            # still count against the session budget; give them straight back.
+            if stream is None:
+                self._check_known(stream_id, "DATA")
+            self._session_unacked += size
+            self._credit_session(size)
+            return
+        if stream.state is _S.HALF_CLOSED_REMOTE:
+            # The peer sent FIN and then more data: a stream-level error.
+            self._session_unacked += size
+            self._credit_session(size)
+            self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED)
+            events.append(StreamReset(stream_id=stream_id, code=ErrorCode.STREAM_CLOSED, remote=False))
+            return
+        stream.recv_window -= size
+        if size:
+            stream.unacked += size
+            self._session_unacked += size
+            events.append(DataReceived(stream_id=stream_id, data=payload))
+        if flags & _FIN:
+            self._transition(stream, StreamInput.RECV_FIN)
+            events.append(StreamEnded(stream_id=stream_id))
+            self._after_close(stream)
+
+    def _on_frame(
+        self, frame_type: int, flags: int, stream_id: int, payload: bytes, events: list[Event]
+    ) -> None:
+        if frame_type == FrameType.WINDOW_UPDATE:
+            self._on_window_update(stream_id, U32.unpack(payload)[0], events)
+        elif frame_type == FrameType.OPEN:
+            self._on_open(stream_id, payload, events)
+        elif frame_type == FrameType.RESET:
+            self._on_reset(stream_id, U32.unpack(payload)[0], events)
+        elif frame_type == FrameType.PING:
+            if flags & Flag.ACK:
+                events.append(PongReceived(payload=payload))
+            else:
+                self._queue(pack_header(FrameType.PING, Flag.ACK, 0, len(payload)), payload)
+                events.append(PingReceived(payload=payload))
+        elif frame_type == FrameType.GOAWAY:
+            self._on_goaway(payload, events)
+        else:  # HELLO
+            self._on_hello(payload, events)
+
+    def _on_hello(self, payload: bytes, events: list[Event]) -> None:
+        if self.state is not SessionState.HANDSHAKE:
+            raise RemoteProtocolError("HELLO received twice")
+        version, settings = decode_hello(payload)
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"peer speaks protocol version {version}; this side speaks {PROTOCOL_VERSION}",
+                ErrorCode.VERSION_MISMATCH,
+            )
+        window = settings.get(SettingId.INITIAL_WINDOW_SIZE, 256 * 1024)
+        session_window = settings.get(SettingId.SESSION_WINDOW_SIZE, 16 * 1024 * 1024)
+        max_frame = settings.get(SettingId.MAX_FRAME_SIZE, 64 * 1024)
+        if not 1 <= window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
+            raise RemoteProtocolError("window setting out of range", ErrorCode.FLOW_CONTROL_ERROR)
+        if not MIN_FRAME_SIZE <= max_frame <= MAX_FRAME_SIZE_LIMIT:
+            raise RemoteProtocolError("MAX_FRAME_SIZE setting out of range")
+        self._peer_initial_window = window
+        self._send_session_window = session_window
+        self._peer_max_frame = max_frame
+        self._peer_max_streams = settings.get(SettingId.MAX_CONCURRENT_STREAMS, 1024)
+        self._peer_max_metadata = settings.get(SettingId.MAX_METADATA_SIZE, 4096)
+        self.state = SessionState.OPEN
+        events.append(HandshakeCompleted(version=version, settings=settings))
+
+    def _on_open(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if not self._is_remote_id(stream_id):
+            raise RemoteProtocolError(f"OPEN with stream id {stream_id} of the wrong parity")
+        if stream_id <= self._highest_remote_id:
+            raise RemoteProtocolError(
+                f"OPEN stream id {stream_id} is not above {self._highest_remote_id}"
+            )
+        metadata = decode_metadata(payload)
+        self._highest_remote_id = stream_id
+        refusal: ErrorCode | None = None
+        if self.goaway_sent and stream_id > self._local_last_stream_id:
+            refusal = ErrorCode.REFUSED_STREAM
+        elif self._remote_open >= self.config.max_concurrent_streams:
+            refusal = ErrorCode.REFUSED_STREAM
+        elif len(self._backlog) >= self.config.max_accept_backlog:
+            refusal = ErrorCode.REFUSED_STREAM
+        if refusal is not None:
+            # Refused without an event: the application never sees it.
+            self._queue(pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(refusal))
+            return
+        self._streams[stream_id] = _Stream(
+            stream_id, False, self._peer_initial_window, self.config.initial_window_size
+        )
+        self._remote_open += 1
+        self._backlog.add(stream_id)
+        events.append(StreamOpened(stream_id=stream_id, metadata=metadata))
+
+    def _on_window_update(self, stream_id: int, increment: int, events: list[Event]) -> None:
+        if increment == 0:
+            raise RemoteProtocolError("WINDOW_UPDATE with a zero increment")
+        if stream_id == 0:
+            self._send_session_window += increment
+            if self._send_session_window > MAX_WINDOW:
+                raise RemoteProtocolError(
+                    "session window grew past 2**31 - 1", ErrorCode.FLOW_CONTROL_ERROR
+                )
+            events.append(WindowUpdated(stream_id=0, increment=increment))
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._check_known(stream_id, "WINDOW_UPDATE")
+            return
+        if stream.state in (_S.HALF_CLOSED_LOCAL, _S.CLOSED):
+            return  # we no longer send on it; the credit is moot
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            raise RemoteProtocolError(
+                f"window of stream {stream_id} grew past 2**31 - 1", ErrorCode.FLOW_CONTROL_ERROR
+            )
+        events.append(WindowUpdated(stream_id=stream_id, increment=increment))
+
+    def _on_reset(self, stream_id: int, code: int, events: list[Event]) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is _S.CLOSED:
+            if stream is None:
+                self._check_known(stream_id, "RESET")
+            return
+        self._transition(stream, StreamInput.RECV_RESET)
+        self._after_close(stream, reset=True)
+        events.append(StreamReset(stream_id=stream_id, code=ErrorCode.from_wire(code), remote=True))
+
+    def _on_goaway(self, payload: bytes, events: list[Event]) -> None:
+        last_stream_id, code, reason = decode_goaway(payload)
+        self.goaway_received = True
+        self._remote_last_stream_id = min(self._remote_last_stream_id, last_stream_id)
+        for stream in list(self._streams.values()):
+            if stream.local and stream.id > self._remote_last_stream_id and stream.state is not _S.CLOSED:
+                stream.state = _S.CLOSED
+                self._after_close(stream, reset=True)
+                events.append(
+                    StreamReset(stream_id=stream.id, code=ErrorCode.REFUSED_STREAM, remote=False)
+                )
+        events.append(
+            GoAwayReceived(
+                last_stream_id=last_stream_id, code=ErrorCode.from_wire(code), reason=reason
+            )
+        )

@@ -1,0 +1,64 @@
+"""Named limits and defaults. Every buffer the session keeps has a bound here."""
+
+from __future__ import annotations
+
+import attrs
+
+from ._frames import MAX_WINDOW, SettingId
+
+#: The wire-format version spoken by this package (exchanged in HELLO, checked at connect time).
+PROTOCOL_VERSION = 1
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def _window(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 1 <= value <= MAX_WINDOW:
+        raise ValueError(f"{attribute.name} must be between 1 and {MAX_WINDOW}, not {value}")
+
+
+def _frame_size(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT:
+        raise ValueError(
+            f"{attribute.name} must be between {MIN_FRAME_SIZE} and {MAX_FRAME_SIZE_LIMIT}"
+        )
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{attribute.name} must be between 0 and 2**32 - 1, not {value}")
+
+
+MIN_FRAME_SIZE = 1 * KIB
+MAX_FRAME_SIZE_LIMIT = 16 * MIB
+
+
+@attrs.frozen(kw_only=True)
+class SessionConfig:
+    """What one side of a session accepts. The first four are announced to the peer in HELLO."""
+
+    #: Receive window of each stream: how many bytes the peer may send on a stream before the
+    #: application consumes any. Credit is returned once half of it has been consumed.
+    initial_window_size: int = attrs.field(default=256 * KIB, validator=_window)
+    #: Session-level receive budget shared by all streams: bounds what the peer can make this
+    #: side buffer in total, whatever the number of streams.
+    session_window_size: int = attrs.field(default=16 * MIB, validator=_window)
+    #: Largest DATA payload accepted in one frame.
+    max_frame_size: int = attrs.field(default=64 * KIB, validator=_frame_size)
+    #: How many streams opened by the peer may be open at once; further OPENs are refused.
+    max_concurrent_streams: int = attrs.field(default=1024, validator=_non_negative)
+    #: Largest OPEN payload (encoded metadata) accepted.
+    max_metadata_size: int = attrs.field(default=4 * KIB, validator=_non_negative)
+    #: Local only: peer-opened streams not yet accepted by the application. Past this bound new
+    #: streams are refused with REFUSED_STREAM instead of queueing without limit.
+    max_accept_backlog: int = attrs.field(default=128, validator=_non_negative)
+
+    def announced(self) -> dict[int, int]:
+        return {
+            SettingId.INITIAL_WINDOW_SIZE: self.initial_window_size,
+            SettingId.MAX_FRAME_SIZE: self.max_frame_size,
+            SettingId.MAX_CONCURRENT_STREAMS: self.max_concurrent_streams,
+            SettingId.MAX_METADATA_SIZE: self.max_metadata_size,
+            SettingId.SESSION_WINDOW_SIZE: self.session_window_size,
+        }
