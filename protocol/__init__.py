@@ -4,6 +4,11 @@ Bytes in, events out, bytes out. Nothing here performs I/O, reads a clock or dra
 time and entropy are arguments. The wire format is specified in ``protocol/SPEC.md``.
 """
 
+from ._backoff import Backoff as Backoff
+from ._backoff import BackoffConfig as BackoffConfig
+from ._backoff import Decision as Decision
+from ._backoff import DisconnectReason as DisconnectReason
+from ._close_codes import CloseCode as CloseCode
 from ._errors import ErrorCode as ErrorCode
 from ._errors import FlowControlError as FlowControlError
 from ._errors import LocalProtocolError as LocalProtocolError
@@ -35,6 +40,5 @@ from ._session import StreamInput as StreamInput
 from ._session import StreamState as StreamState
 from ._settings import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._settings import SessionConfig as SessionConfig
-from ._close_codes import CloseCode as CloseCode
 
 __all__ = [name for name in dir() if not name.startswith("_")]

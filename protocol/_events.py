@@ -24,7 +24,7 @@ class HandshakeCompleted(Event):
 
 @attrs.frozen(slots=True, kw_only=True)
 class StreamOpened(Event):
-    """The peer opened a stream. Call :meth:`Session.accept_stream` when the application takes it."""
+    """The peer opened a stream. Call :meth:`Session.accept_stream` once the application has it."""
 
     stream_id: int
     metadata: Mapping[str, str]
@@ -32,7 +32,7 @@ class StreamOpened(Event):
 
 @attrs.frozen(slots=True, kw_only=True)
 class DataReceived(Event):
-    """Stream data. Hand ``len(data)`` to :meth:`Session.acknowledge_received_data` once consumed."""
+    """Stream data. Pass ``len(data)`` to :meth:`Session.acknowledge_received_data` once used."""
 
     stream_id: int
     data: bytes

@@ -161,6 +161,10 @@ class Session:
         self._recv_session_window = self.config.session_window_size
         self._session_unacked = 0
         self._session_consumed = 0
+        # Credit goes back once half a window is consumed; at least one byte, so that a window
+        # of 1 never sends the zero increment a WINDOW_UPDATE may not carry.
+        self._stream_credit_threshold = max(1, self.config.initial_window_size // 2)
+        self._session_credit_threshold = max(1, self.config.session_window_size // 2)
         # Go-away bookkeeping.
         self.goaway_sent = False
         self.goaway_received = False
@@ -237,8 +241,12 @@ class Session:
         self._check_usable()
         if self.state is SessionState.HANDSHAKE:
             raise LocalProtocolError("cannot open a stream before the handshake completes")
+        if self.state is SessionState.CLOSED:
+            raise LocalProtocolError("cannot open a stream: the transport has ended")
         if self.goaway_sent or self.goaway_received:
-            raise LocalProtocolError("cannot open a stream after a go-away", ErrorCode.REFUSED_STREAM)
+            raise LocalProtocolError(
+                "cannot open a stream after a go-away", ErrorCode.REFUSED_STREAM
+            )
         if self._local_open >= self._peer_max_streams:
             raise LocalProtocolError(
                 f"the peer allows {self._peer_max_streams} concurrent streams",
@@ -317,7 +325,8 @@ class Session:
             return
         self._transition(stream, StreamInput.SEND_RESET)
         self._queue(pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(int(code)))
-        self._after_close(stream)
+        # Whatever the application has not consumed is discarded with the stream.
+        self._after_close(stream, reset=True)
 
     def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
         """The application consumed ``amount`` bytes of this stream: return the credit.
@@ -325,11 +334,12 @@ class Session:
         Credit goes back to the peer (WINDOW_UPDATE) once half a window has been consumed, per
         stream and for the session. Acknowledging a stream that was reset is a no-op (its
         credit was returned by the reset). Raises :class:`LocalProtocolError` when ``amount``
-        is more than was received and not yet acknowledged.
+        is more than was received and not yet acknowledged. After a session error it does
+        nothing, so the GOAWAY that reported the error stays the last frame sent.
         """
         if amount < 0:
             raise ValueError("amount must not be negative")
-        if amount == 0:
+        if amount == 0 or self._error is not None:
             return
         stream = self._streams.get(stream_id)
         if stream is None:
@@ -342,7 +352,7 @@ class Session:
         stream.unacked -= amount
         if stream.state in (_S.OPEN, _S.HALF_CLOSED_LOCAL):
             stream.consumed += amount
-            if stream.consumed >= self.config.initial_window_size // 2:
+            if stream.consumed >= self._stream_credit_threshold:
                 self._grant(stream.id, stream.consumed)
                 stream.recv_window += stream.consumed
                 stream.consumed = 0
@@ -446,7 +456,7 @@ class Session:
     def _credit_session(self, amount: int) -> None:
         self._session_unacked -= amount
         self._session_consumed += amount
-        if self._session_consumed >= self.config.session_window_size // 2:
+        if self._session_consumed >= self._session_credit_threshold:
             self._grant(0, self._session_consumed)
             self._recv_session_window += self._session_consumed
             self._session_consumed = 0
@@ -480,13 +490,15 @@ class Session:
                             f"{config.max_frame_size}",
                             ErrorCode.FRAME_SIZE_ERROR,
                         )
+                    stream = self._streams.get(stream_id)
+                    if stream is None:
+                        self._check_data_target(stream_id)
                     if length > self._recv_session_window:
                         raise RemoteProtocolError(
                             f"DATA frame of {length} bytes exceeds the session window of "
                             f"{self._recv_session_window}",
                             ErrorCode.FLOW_CONTROL_ERROR,
                         )
-                    stream = self._streams.get(stream_id)
                     if stream is not None and length > stream.recv_window:
                         raise RemoteProtocolError(
                             f"DATA frame of {length} bytes exceeds the window of stream "
@@ -520,10 +532,10 @@ class Session:
             )
         if reserved:
             raise RemoteProtocolError("reserved header bits are set")
+        if stream_id > MAX_STREAM_ID:
+            raise RemoteProtocolError(f"stream id {stream_id} is above 2**31 - 1")
         if self.state is SessionState.HANDSHAKE and frame_type != FrameType.HELLO:
-            raise RemoteProtocolError(
-                f"expected HELLO first, got {FrameType(frame_type).name}"
-            )
+            raise RemoteProtocolError(f"expected HELLO first, got {FrameType(frame_type).name}")
         if frame_type in SESSION_FRAMES:
             if stream_id != 0:
                 raise RemoteProtocolError(f"{FrameType(frame_type).name} on stream {stream_id}")
@@ -551,23 +563,27 @@ class Session:
 
     def _check_known(self, stream_id: int, what: str) -> None:
         """For a frame on a stream we do not track: a violation if the stream never existed."""
-        highest = self._highest_remote_id if self._is_remote_id(stream_id) else self._highest_local_id
+        remote = self._is_remote_id(stream_id)
+        highest = self._highest_remote_id if remote else self._highest_local_id
         if stream_id > highest:
             raise RemoteProtocolError(f"{what} on stream {stream_id}, which was never opened")
 
-    def _on_data(self, stream_id: int, flags: int, payload: bytes, events: list[Event]) -> None:
+    def _check_data_target(self, stream_id: int) -> None:
+        """DATA for a stream we do not track: fail on the header unless the stream has existed."""
         if self.state is SessionState.HANDSHAKE:
             raise RemoteProtocolError("expected HELLO first, got DATA")
         if stream_id == 0:
             raise RemoteProtocolError("DATA on stream 0")
+        self._check_known(stream_id, "DATA")
+
+    def _on_data(self, stream_id: int, flags: int, payload: bytes, events: list[Event]) -> None:
+        """A whole DATA frame whose header passed the checks in :meth:`_parse`."""
         size = len(payload)
         self._recv_session_window -= size
         stream = self._streams.get(stream_id)
         if stream is None or stream.state is _S.CLOSED:
             # A stream we reset or finished: the peer sent before learning of it. Its bytes
             # still count against the session budget; give them straight back.
-            if stream is None:
-                self._check_known(stream_id, "DATA")
             self._session_unacked += size
             self._credit_session(size)
             return
@@ -576,7 +592,9 @@ class Session:
             self._session_unacked += size
             self._credit_session(size)
             self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED)
-            events.append(StreamReset(stream_id=stream_id, code=ErrorCode.STREAM_CLOSED, remote=False))
+            events.append(
+                StreamReset(stream_id=stream_id, code=ErrorCode.STREAM_CLOSED, remote=False)
+            )
             return
         stream.recv_window -= size
         if size:
@@ -641,16 +659,16 @@ class Session:
             )
         metadata = decode_metadata(payload)
         self._highest_remote_id = stream_id
-        refusal: ErrorCode | None = None
-        if self.goaway_sent and stream_id > self._local_last_stream_id:
-            refusal = ErrorCode.REFUSED_STREAM
-        elif self._remote_open >= self.config.max_concurrent_streams:
-            refusal = ErrorCode.REFUSED_STREAM
-        elif len(self._backlog) >= self.config.max_accept_backlog:
-            refusal = ErrorCode.REFUSED_STREAM
-        if refusal is not None:
+        refused = (
+            (self.goaway_sent and stream_id > self._local_last_stream_id)
+            or self._remote_open >= self.config.max_concurrent_streams
+            or len(self._backlog) >= self.config.max_accept_backlog
+        )
+        if refused:
             # Refused without an event: the application never sees it.
-            self._queue(pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(refusal))
+            self._queue(
+                pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(ErrorCode.REFUSED_STREAM)
+            )
             return
         self._streams[stream_id] = _Stream(
             stream_id, False, self._peer_initial_window, self.config.initial_window_size
@@ -698,7 +716,8 @@ class Session:
         self.goaway_received = True
         self._remote_last_stream_id = min(self._remote_last_stream_id, last_stream_id)
         for stream in list(self._streams.values()):
-            if stream.local and stream.id > self._remote_last_stream_id and stream.state is not _S.CLOSED:
+            refused = stream.local and stream.id > self._remote_last_stream_id
+            if refused and stream.state is not _S.CLOSED:
                 stream.state = _S.CLOSED
                 self._after_close(stream, reset=True)
                 events.append(

@@ -1,0 +1,19 @@
+"""The trio driver for :mod:`protocol`: multiplexed streams over one message transport.
+
+Used by both the relay and the connector. A :class:`MuxSession` runs under a nursery; each stream
+is a :class:`trio.abc.HalfCloseableStream`.
+"""
+
+from ._errors import SessionClosed as SessionClosed
+from ._errors import StreamReset as StreamReset
+from ._errors import TransportClosed as TransportClosed
+from ._session import MuxConfig as MuxConfig
+from ._session import MuxSession as MuxSession
+from ._splice import splice as splice
+from ._stream import MuxStream as MuxStream
+from ._transport import MemoryTransport as MemoryTransport
+from ._transport import MessageTransport as MessageTransport
+from ._transport import WebSocketTransport as WebSocketTransport
+from ._transport import memory_transport_pair as memory_transport_pair
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,408 @@
+"""The trio driver: a protocol session running over a message transport.
+
+One reader task feeds transport messages to the protocol and dispatches events to streams; it
+never blocks on the application (stream buffers are bounded by the flow-control windows), so
+pings are answered however slow a stream's reader is. One writer task moves the protocol's
+output to the transport. A keepalive task pings and declares the link dead when no pong comes
+back in time. All three live in the nursery of :meth:`MuxSession.run`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from protocol import (
+    CloseCode,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    HandshakeCompleted,
+    LocalProtocolError,
+    PongReceived,
+    RemoteProtocolError,
+    Role,
+    Session,
+    SessionConfig,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamState,
+    WindowUpdated,
+)
+
+from ._errors import SessionClosed, TransportClosed
+from ._stream import MuxStream
+from ._transport import MessageTransport
+
+
+@attrs.frozen(kw_only=True)
+class MuxConfig:
+    """Driver settings. The protocol's own limits live in ``protocol``'s :class:`SessionConfig`."""
+
+    protocol: SessionConfig = attrs.field(factory=SessionConfig)
+    #: Seconds between keepalive pings; ``math.inf`` turns keepalive off.
+    keepalive_interval: float = 5.0
+    #: A ping unanswered this long means the link is dead.
+    keepalive_timeout: float = 5.0
+    #: Seconds to wait for the peer's HELLO.
+    handshake_timeout: float = 10.0
+    #: Largest transport message written (the WebSocket peer's maximum must be larger).
+    max_message_size: int = 256 * 1024
+    #: Seconds allowed for the final flush and close when the session ends.
+    close_timeout: float = 2.0
+
+
+class MuxSession:
+    """A multiplexed session over one transport, for either role.
+
+    Start it with ``session = await nursery.start(MuxSession(transport, role).run)``: ``start``
+    returns once both HELLOs are exchanged (or raises :class:`SessionClosed` if that fails).
+    Then :meth:`open_stream` and :meth:`accept_stream`. ``run`` returns once the session has
+    ended, for whatever reason (see :attr:`close_reason`); cancelling it closes the transport.
+    """
+
+    def __init__(
+        self,
+        transport: MessageTransport,
+        role: Role,
+        config: MuxConfig | None = None,
+    ) -> None:
+        self.transport = transport
+        self.role = role
+        self.config = config if config is not None else MuxConfig()
+        self.protocol = Session(role, self.config.protocol)
+        #: Round-trip time of the last answered keepalive ping, in seconds.
+        self.rtt: float | None = None
+        #: Why the session ended (one line), once it has.
+        self.close_reason: str | None = None
+        #: The transport's close code and reason, when the transport ended the session.
+        self.transport_closed: TransportClosed | None = None
+        #: The peer's GOAWAY, if one arrived.
+        self.peer_goaway: GoAwayReceived | None = None
+        self._streams: dict[int, MuxStream] = {}
+        self._send_waiting: set[MuxStream] = set()
+        self._incoming_send, self._incoming = trio.open_memory_channel[MuxStream](math.inf)
+        self._handshake_done = trio.Event()
+        self._ended = trio.Event()
+        self._writer_event = trio.Event()
+        self._slot_event = trio.Event()
+        self._stream_closed_event = trio.Event()
+        self._pongs: dict[bytes, trio.Event] = {}
+        self._ping_counter = 0
+        self._close_code = 1000
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[MuxSession] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drive the session until it ends. See the class docstring."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                with trio.move_on_after(self.config.handshake_timeout):
+                    await self._wait_either(self._handshake_done, self._ended)
+                if not self._handshake_done.is_set():
+                    self._end(self.close_reason or "no HELLO from the peer in time", 4400)
+                    nursery.cancel_scope.cancel()
+                else:
+                    task_status.started(self)
+                    if math.isfinite(self.config.keepalive_interval):
+                        nursery.start_soon(self._keepalive)
+                    await self._ended.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._end("session cancelled", 1001)
+            await self._shutdown_transport()
+        if not self._handshake_done.is_set():
+            raise SessionClosed(self.close_reason or "session ended during the handshake")
+
+    async def aclose(self, code: int = 1000, reason: str = "closed") -> None:
+        """End the session now: every stream breaks, the transport closes with ``code``."""
+        self._end(reason, code)
+        await trio.lowlevel.checkpoint()
+
+    async def drain(self, grace: float, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Graceful go-away: send GOAWAY (refusing new streams) and wait up to ``grace`` seconds
+        for the open streams to finish. The session stays up: end it with :meth:`aclose`."""
+        if not self._ended.is_set():
+            self.protocol.go_away(code, reason)
+            self._wake_writer()
+        with trio.move_on_after(grace):
+            while self.protocol.open_streams and not self._ended.is_set():
+                event = self._stream_closed_event = trio.Event()
+                await self._wait_either(event, self._ended)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
+
+    # ------------------------------------------------------------------ streams
+
+    async def open_stream(self, metadata: Mapping[str, str] | None = None) -> MuxStream:
+        """Open a stream, waiting for a slot while the peer's concurrent-stream limit is reached.
+
+        Raises :class:`SessionClosed` if the session ended or a go-away was sent or received.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        protocol = self.protocol
+        while True:
+            if self._ended.is_set():
+                raise SessionClosed(self.close_reason or "session ended")
+            if protocol.goaway_received or protocol.goaway_sent:
+                raise SessionClosed("the session is going away")
+            if protocol.can_open_stream():
+                break
+            event = self._slot_event = trio.Event()
+            await self._wait_either(event, self._ended)
+        stream_id = protocol.open_stream(metadata)
+        stream = MuxStream(self, stream_id, dict(metadata or {}), local=True)
+        self._streams[stream_id] = stream
+        self._wake_writer()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+    async def accept_stream(self) -> MuxStream:
+        """The next stream opened by the peer. Raises :class:`SessionClosed` once the session
+        has ended and no accepted stream is left."""
+        try:
+            stream = await self._incoming.receive()
+        except trio.EndOfChannel:
+            raise SessionClosed(self.close_reason or "session ended") from None
+        self.protocol.accept_stream(stream.stream_id)
+        return stream
+
+    async def ping(self) -> float:
+        """Ping the peer and return the round-trip time in seconds (bounded by the keepalive
+        timeout: raises :class:`trio.TooSlowError` past it, :class:`SessionClosed` if the
+        session ends first)."""
+        self._ping_counter += 1
+        payload = self._ping_counter.to_bytes(8, "big")
+        answered = self._pongs[payload] = trio.Event()
+        start = trio.current_time()
+        try:
+            self._protocol_call(self.protocol.ping, payload)
+            with trio.fail_after(self.config.keepalive_timeout):
+                await self._wait_either(answered, self._ended)
+        finally:
+            self._pongs.pop(payload, None)
+        if not answered.is_set():
+            raise SessionClosed(self.close_reason or "session ended")
+        self.rtt = trio.current_time() - start
+        return self.rtt
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _reader(self) -> None:
+        protocol = self.protocol
+        transport = self.transport
+        try:
+            while True:
+                message = await transport.receive_message()
+                events = protocol.receive_data(message)
+                for event in events:
+                    # DataReceived is by far the most common event: test it first.
+                    if type(event) is DataReceived:
+                        self._on_data(event)
+                    else:
+                        self._dispatch(event)
+                self._wake_writer()
+        except TransportClosed as exc:
+            self.transport_closed = exc
+            self._end(f"link closed: {exc}", exc.code or 1006)
+        except RemoteProtocolError as exc:
+            self._wake_writer()  # the GOAWAY with the error code goes out first
+            self._end(f"protocol error from the peer: {exc.message}", CloseCode.PROTOCOL_ERROR)
+
+    async def _writer(self) -> None:
+        protocol = self.protocol
+        limit = self.config.max_message_size
+        try:
+            while True:
+                data = protocol.data_to_send(limit)
+                if data:
+                    await self.transport.send_message(data)
+                else:
+                    event = self._writer_event = trio.Event()
+                    await event.wait()
+        except TransportClosed as exc:
+            self.transport_closed = exc
+            self._end(f"link closed: {exc}", exc.code or 1006)
+
+    async def _keepalive(self) -> None:
+        interval = self.config.keepalive_interval
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.ping()
+            except trio.TooSlowError:
+                self._end(f"no answer to a ping within {self.config.keepalive_timeout:g} s", 1011)
+                return
+            except SessionClosed:
+                return
+
+    # ------------------------------------------------------------------ event dispatch
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None or stream.closed:
+            # Nobody will read it: give the credit back and tell the peer to stop.
+            self.protocol.acknowledge_received_data(event.stream_id, len(event.data))
+            self.protocol.reset_stream(event.stream_id, ErrorCode.CANCEL)
+            self._forget(event.stream_id)
+            return
+        stream._on_data(event.data)
+
+    def _dispatch(self, event: object) -> None:
+        stream: MuxStream | None
+        if isinstance(event, StreamOpened):
+            stream = MuxStream(self, event.stream_id, event.metadata, local=False)
+            self._streams[event.stream_id] = stream
+            self._incoming_send.send_nowait(stream)
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                for waiting in list(self._send_waiting):
+                    waiting._wake_sender()
+            else:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._wake_sender()
+        elif isinstance(event, StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_eof()
+                if stream._eof_sent:
+                    self._forget(event.stream_id)
+        elif isinstance(event, StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream._on_reset(int(event.code), event.remote)
+            self._forget(event.stream_id)
+        elif isinstance(event, PongReceived):
+            waiter = self._pongs.get(event.payload)
+            if waiter is not None:
+                waiter.set()
+        elif isinstance(event, GoAwayReceived):
+            self.peer_goaway = event
+            self._slot_event.set()
+        elif isinstance(event, HandshakeCompleted):
+            self._handshake_done.set()
+            self._slot_event.set()
+        # PingReceived: the protocol has queued the pong already.
+
+    # ------------------------------------------------------------------ called by streams
+
+    def _wake_writer(self) -> None:
+        self._writer_event.set()
+
+    def _acknowledge(self, stream: MuxStream, amount: int) -> None:
+        if not self._ended.is_set():
+            self.protocol.acknowledge_received_data(stream.stream_id, amount)
+            self._wake_writer()
+
+    def _end_stream(self, stream: MuxStream) -> None:
+        if self._ended.is_set():
+            raise trio.BrokenResourceError(self.close_reason or "session ended")
+        if self.protocol.stream_state(stream.stream_id) in (
+            StreamState.OPEN,
+            StreamState.HALF_CLOSED_REMOTE,
+        ):
+            self.protocol.end_stream(stream.stream_id)
+            self._wake_writer()
+        if stream._eof_received:
+            self._forget(stream.stream_id)
+
+    def _close_stream(self, stream: MuxStream) -> None:
+        """Local aclose: FIN if not sent yet; if the peer may still send, also RESET (CANCEL).
+
+        The FIN goes first, so the peer still reads everything we sent and then end of file;
+        the RESET only fails its sends, which would otherwise wait forever for credit from a
+        reader that is gone.
+        """
+        if self._ended.is_set():
+            return
+        unread = stream._discard_buffer()
+        if unread:
+            self.protocol.acknowledge_received_data(stream.stream_id, unread)
+        state = self.protocol.stream_state(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE):
+            self.protocol.end_stream(stream.stream_id)
+        if state in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            self.protocol.reset_stream(stream.stream_id, ErrorCode.CANCEL)
+        self._wake_writer()
+        self._forget(stream.stream_id)
+
+    def _reset_stream(self, stream: MuxStream, code: int) -> None:
+        if self._ended.is_set():
+            return
+        stream._discard_buffer()
+        self.protocol.reset_stream(stream.stream_id, code)
+        self._wake_writer()
+        self._forget(stream.stream_id)
+
+    # ------------------------------------------------------------------ internals
+
+    def _protocol_call(self, method: object, *args: object) -> None:
+        if self._ended.is_set():
+            raise SessionClosed(self.close_reason or "session ended")
+        try:
+            method(*args)  # type: ignore[operator]
+        except LocalProtocolError as exc:
+            raise SessionClosed(exc.message) from exc
+        self._wake_writer()
+
+    def _forget(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None:
+            self._slot_event.set()
+            self._stream_closed_event.set()
+
+    def _end(self, reason: str, code: int) -> None:
+        if self._ended.is_set():
+            return
+        self.close_reason = reason
+        self._close_code = code
+        self._ended.set()
+        error = SessionClosed(reason)
+        for stream in list(self._streams.values()):
+            stream._on_break(error)
+        self._streams.clear()
+        self._incoming_send.close()
+        self._slot_event.set()
+        self._stream_closed_event.set()
+        self._writer_event.set()
+
+    async def _shutdown_transport(self) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.config.close_timeout
+            try:
+                if self.transport_closed is None:
+                    # Flush what is queued (a GOAWAY saying why), then close.
+                    data = self.protocol.data_to_send()
+                    if data:
+                        await self.transport.send_message(data)
+            except TransportClosed:
+                pass
+            if self.transport_closed is None:
+                await self.transport.aclose(self._close_code, (self.close_reason or "")[:120])
+
+    @staticmethod
+    async def _wait_either(first: trio.Event, second: trio.Event) -> None:
+        if first.is_set() or second.is_set():
+            await trio.lowlevel.checkpoint()
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def wait(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait, first)
+            nursery.start_soon(wait, second)

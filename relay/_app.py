@@ -1,0 +1,123 @@
+"""The relay's ASGI application: routes each request to its owner.
+
+- ``/ws/relay``: daemon links (plain ASGI, :mod:`relay._daemon_link`).
+- The relay's own pages and API (the Quart app of :mod:`relay._web`): ``/``, ``/auth``,
+  ``/health``, ``/metrics``, ``/static/...``, and, at the root or under ``/d/<daemon id>/``,
+  ``/dashboard...``, ``/api/v1/...`` and ``/logout``.
+- Everything else is tunneled (plain ASGI, :mod:`relay._tunnel`): under ``/d/<daemon id>/`` to
+  that daemon, elsewhere to the scope's default daemon (the one connected the longest).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ._asgi_transport import Receive, Send
+from ._context import Relay
+from ._daemon_link import handle_daemon_link
+from ._tunnel import deny_websocket, send_json, tunnel_http, tunnel_websocket
+from ._web import create_web_app
+
+_DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
+_ROOT_ONLY = ("/", "/auth", "/health", "/metrics")
+
+
+def _owned(path: str, *, at_root: bool) -> bool:
+    if at_root and (path in _ROOT_ONLY or path.startswith("/static/")):
+        return True
+    return (
+        path == "/dashboard"
+        or path.startswith("/dashboard/")
+        or path.startswith("/api/v1/")
+        or path == "/logout"
+    )
+
+
+class RelayApp:
+    """ASGI entry point of one relay."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.web = create_web_app(relay)
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.web(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if kind == "websocket" and path == "/ws/relay":
+            await handle_daemon_link(self.relay, scope, receive, send)
+            return
+        daemon_id: str | None = None
+        rest = path
+        raw_path: bytes = scope.get("raw_path") or path.encode("utf-8")
+        raw_rest = raw_path
+        match = _DAEMON_PREFIX.match(path)
+        if match:
+            daemon_id = match.group(1)
+            rest = match.group(2) or "/"
+            prefix = f"/d/{daemon_id}".encode()
+            raw_rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else rest.encode()
+            raw_rest = raw_rest or b"/"
+        if _owned(rest, at_root=daemon_id is None):
+            inner = dict(scope)
+            inner["path"] = rest
+            inner["raw_path"] = raw_rest
+            if daemon_id is not None:
+                inner["repowire.daemon_id"] = daemon_id
+            await self.web(inner, receive, send)
+            return
+        await self._tunnel(scope, receive, send, daemon_id, raw_rest)
+
+    async def _tunnel(
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        daemon_id: str | None,
+        raw_path: bytes,
+    ) -> None:
+        relay = self.relay
+        websocket = scope["type"] == "websocket"
+        headers = scope["headers"]
+        session = relay.browser_session(headers)
+        if session is None:
+            if websocket:
+                await receive()
+                await deny_websocket(
+                    send, scope, 401, "unauthorized", "Sign in on the relay first."
+                )
+            else:
+                await send_json(send, 401, "unauthorized", "Sign in on the relay first.")
+            return
+        state_changing = not websocket and scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        if (websocket or state_changing) and not relay.origin_allowed(
+            headers, scope.get("scheme", "http")
+        ):
+            if websocket:
+                await receive()
+                await deny_websocket(send, scope, 403, "bad_origin", "Cross-site request refused.")
+            else:
+                await send_json(send, 403, "bad_origin", "Cross-site request refused.")
+            return
+        if daemon_id is None:
+            link = relay.links.default_for(session.scope_id)
+            missing = "No daemon is connected with this key: it is offline."
+        else:
+            link = relay.links.get(session.scope_id, daemon_id)
+            missing = f"Daemon {daemon_id} is offline (or not one of this key's daemons)."
+        if link is None:
+            if websocket:
+                await receive()
+                await deny_websocket(send, scope, 503, "daemon_offline", missing)
+            else:
+                await send_json(send, 503, "daemon_offline", missing)
+            return
+        query = scope.get("query_string") or b""
+        target = raw_path + (b"?" + query if query else b"")
+        if websocket:
+            await tunnel_websocket(relay, scope, receive, send, link, target)
+        else:
+            await tunnel_http(relay, scope, receive, send, link, target)

@@ -1,0 +1,136 @@
+"""What every part of a running relay shares: settings, store, links, limits, metrics."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import urlsplit
+
+from ._links import LinkRegistry
+from ._metrics import RelayMetrics
+from ._ratelimit import RateLimiter
+from ._settings import RelaySettings
+from ._store import KeyStore, SessionRecord
+
+#: Name of the browser session cookie. Its value is a random session id, never a key.
+SESSION_COOKIE = "repowire_session"
+
+Headers = Iterable[tuple[bytes, bytes]]
+
+
+def header(headers: Headers, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+class Relay:
+    """The shared state of one relay process."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        store: KeyStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.links = LinkRegistry()
+        self.metrics = RelayMetrics()
+        self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
+        self.register_limiter = RateLimiter(
+            settings.register_rate_per_hour / 3600.0, settings.register_burst
+        )
+        self.shutting_down = False
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+
+    # ------------------------------------------------------------------ who is asking
+
+    def _from_trusted_proxy(self, peer: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    def client_address(self, client: tuple[str, int] | None, headers: Headers) -> str:
+        """The browser's address: the socket peer, or X-Forwarded-For's last hop when the peer
+        is a trusted proxy."""
+        peer = client[0] if client else "unknown"
+        if self._from_trusted_proxy(peer):
+            forwarded = header(headers, b"x-forwarded-for")
+            if forwarded:
+                hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+                if hops:
+                    return hops[-1]
+        return peer
+
+    def is_secure(self, scheme: str, client: tuple[str, int] | None, headers: Headers) -> bool:
+        """Whether the browser reached us over TLS (directly, or via a trusted proxy)."""
+        if scheme in ("https", "wss"):
+            return True
+        if self.settings.public_url and self.settings.public_url.startswith("https://"):
+            return True
+        peer = client[0] if client else ""
+        if self._from_trusted_proxy(peer):
+            proto = header(headers, b"x-forwarded-proto")
+            return proto is not None and proto.strip().lower() == b"https"
+        return False
+
+    def origin_allowed(self, headers: Headers, scheme: str) -> bool:
+        """Origin check for WebSocket upgrades and state-changing requests.
+
+        Allowed: no Origin header at all (not a browser), or an Origin equal to the public URL's
+        origin, or (no public URL configured) to the Host the request was sent to.
+        """
+        origin = header(headers, b"origin")
+        if origin is None:
+            return True
+        origin_text = origin.decode("latin-1").strip().lower()
+        if origin_text == "null":
+            return False
+        if self.settings.public_url:
+            public = urlsplit(self.settings.public_url)
+            return origin_text == f"{public.scheme}://{public.netloc}".lower()
+        host = header(headers, b"host")
+        if host is None:
+            return False
+        parsed = urlsplit(origin_text)
+        return parsed.netloc == host.decode("latin-1").strip().lower()
+
+    # ------------------------------------------------------------------ browser sessions
+
+    def session_id_from(self, headers: Headers) -> str | None:
+        cookie_header = header(headers, b"cookie")
+        if not cookie_header:
+            return None
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(cookie_header.decode("latin-1"))
+        except CookieError:
+            return None
+        morsel = jar.get(SESSION_COOKIE)
+        return morsel.value if morsel is not None else None
+
+    def browser_session(self, headers: Headers) -> SessionRecord | None:
+        session_id = self.session_id_from(headers)
+        if session_id is None:
+            return None
+        return self.store.lookup_session(session_id, now=self.clock())
+
+    def cookie_header(self, session_id: str, *, secure: bool) -> str:
+        attributes = f"Path=/; HttpOnly; SameSite=Lax; Max-Age={int(self.settings.session_ttl)}"
+        return f"{SESSION_COOKIE}={session_id}; {attributes}{'; Secure' if secure else ''}"
+
+    def clearing_cookie_header(self, *, secure: bool) -> str:
+        return f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0" + (
+            "; Secure" if secure else ""
+        )

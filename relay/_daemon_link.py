@@ -1,0 +1,147 @@
+"""``/ws/relay``: where daemons connect. Authentication, the link's session, mesh splicing."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import trio
+
+from mux import MuxConfig, MuxSession, MuxStream, SessionClosed, splice
+from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role, SessionConfig
+
+from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
+from ._context import Relay, header
+from ._links import DaemonLink
+
+log = logging.getLogger("repowire.relay")
+
+DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+async def handle_daemon_link(
+    relay: Relay, scope: dict[str, object], receive: Receive, send: Send
+) -> None:
+    """Serve one daemon link from the WebSocket handshake to its end.
+
+    The WebSocket is accepted first so that every refusal carries a close code the connector
+    can act on (see ``protocol.CloseCode``).
+    """
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    headers = scope["headers"]
+    assert isinstance(headers, list)
+    client = scope.get("client")
+    address = relay.client_address(client if isinstance(client, tuple) else None, headers)
+    await send(
+        {
+            "type": "websocket.accept",
+            "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
+        }
+    )
+    transport = AsgiWebSocketTransport(receive, send)
+
+    if relay.shutting_down:
+        await transport.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
+        return
+    version = (header(headers, b"repowire-protocol") or b"").decode("latin-1").strip()
+    if version != str(PROTOCOL_VERSION):
+        await transport.aclose(
+            CloseCode.INCOMPATIBLE_VERSION,
+            f"relay speaks protocol {PROTOCOL_VERSION}, daemon sent {version[:16] or 'none'}",
+        )
+        return
+    now = relay.clock()
+    if relay.auth_limiter.retry_after(address, now) > 0:
+        relay.metrics.rate_limited.labels("link").inc()
+        await transport.aclose(CloseCode.INVALID_KEY, "too many failed attempts; slow down")
+        return
+    authorization = (header(headers, b"authorization") or b"").decode("latin-1")
+    scheme, _, key = authorization.partition(" ")
+    record = relay.store.verify_key(key.strip(), now=now) if scheme.lower() == "bearer" else None
+    if record is None:
+        relay.auth_limiter.allow(address, now)
+        relay.metrics.auth_failures.labels("link").inc()
+        log.info("daemon link refused from %s: invalid key", address)
+        await transport.aclose(CloseCode.INVALID_KEY, "invalid API key")
+        return
+    daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
+    if not DAEMON_ID.match(daemon_id):
+        await transport.aclose(CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
+        return
+    daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
+
+    settings = relay.settings
+    session = MuxSession(
+        transport,
+        Role.RELAY,
+        MuxConfig(
+            protocol=SessionConfig(max_concurrent_streams=settings.max_streams_per_link),
+            keepalive_interval=settings.link_ping_interval,
+            keepalive_timeout=settings.link_ping_timeout,
+        ),
+    )
+    link = DaemonLink(
+        daemon_id=daemon_id,
+        scope_id=record.scope_id,
+        key_id=record.key_id,
+        session=session,
+        connected_at=now,
+        version=daemon_version,
+        remote_address=address,
+    )
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(session.run)
+        except SessionClosed as exc:
+            log.info("daemon %s: handshake failed: %s", daemon_id, exc.reason)
+            return
+        replaced = relay.links.add(link)
+        relay.store.record_daemon(record.scope_id, daemon_id, now=now)
+        relay.metrics.daemons_connected.set(len(relay.links))
+        log.info("daemon %s connected from %s", daemon_id, address)
+        if replaced is not None:
+            await replaced.session.aclose(CloseCode.REPLACED, "replaced by a newer connection")
+        try:
+            await _serve_mesh(relay, link)
+        finally:
+            relay.links.remove(link)
+            relay.metrics.daemons_connected.set(len(relay.links))
+            if session.close_reason and "protocol error" in session.close_reason:
+                relay.metrics.rejected_frames.inc()
+            log.info("daemon %s disconnected: %s", daemon_id, session.close_reason)
+
+
+async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:
+    """Accept the streams the daemon opens (mesh streams) until the session ends."""
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await link.session.accept_stream()
+            except SessionClosed:
+                return
+            nursery.start_soon(_route_mesh_stream, relay, link, stream)
+
+
+async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream) -> None:
+    if stream.metadata.get("kind") != "mesh":
+        stream.reset(ErrorCode.FORBIDDEN)
+        return
+    target_id = stream.metadata.get("target", "")
+    target = relay.links.get(source.scope_id, target_id)
+    if target is None:
+        known = {d for d, _, _ in relay.store.known_daemons(source.scope_id)}
+        stream.reset(ErrorCode.TARGET_OFFLINE if target_id in known else ErrorCode.UNKNOWN_TARGET)
+        return
+    try:
+        outbound = await target.session.open_stream({"kind": "mesh", "from": source.daemon_id})
+    except SessionClosed:
+        stream.reset(ErrorCode.TARGET_OFFLINE)
+        return
+    relay.metrics.streams_total.labels("mesh").inc()
+    relay.metrics.streams_open.inc()
+    try:
+        await splice(stream, outbound)
+    finally:
+        relay.metrics.streams_open.dec()

@@ -1,0 +1,49 @@
+"""Prometheus metrics of one relay (a registry per relay, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class RelayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.daemons_connected = Gauge(
+            "repowire_relay_daemons_connected", "Daemon links currently connected", registry=r
+        )
+        self.streams_open = Gauge(
+            "repowire_relay_streams_open", "Tunneled and mesh streams currently open", registry=r
+        )
+        self.streams_total = Counter(
+            "repowire_relay_streams", "Streams opened, by kind", ["kind"], registry=r
+        )
+        self.bytes_to_daemon = Counter(
+            "repowire_relay_bytes_to_daemon", "Bytes tunneled towards daemons", registry=r
+        )
+        self.bytes_from_daemon = Counter(
+            "repowire_relay_bytes_from_daemon", "Bytes tunneled back from daemons", registry=r
+        )
+        self.auth_failures = Counter(
+            "repowire_relay_auth_failures",
+            "Rejected credentials, by where",
+            ["where"],
+            registry=r,
+        )
+        self.registrations = Counter(
+            "repowire_relay_registrations", "New scopes registered", registry=r
+        )
+        self.rejected_frames = Counter(
+            "repowire_relay_rejected_frames",
+            "Daemon links closed for protocol violations",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "repowire_relay_rate_limited", "Requests refused by a rate limit", ["where"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

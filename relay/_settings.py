@@ -1,0 +1,60 @@
+"""The relay's settings: what `repowire relay start` resolves its flags into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+MIB = 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class RelaySettings:
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests); the bound address is printed and reported.
+    port: int = 8000
+    #: Holds ``relay.sqlite3`` (the key store).
+    data_dir: Path = attrs.field(converter=Path)
+    #: A static export to serve instead of the bundled dashboard.
+    dashboard_dir: Path | None = None
+    #: The URL browsers use (``https://relay.example``). An https URL makes cookies Secure and
+    #: is the Origin that state-changing requests and WebSocket upgrades must come from.
+    public_url: str | None = None
+    registration: Literal["open", "closed"] = "open"
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Largest request body tunneled to a daemon; larger ones get 413.
+    max_body_size: int = 256 * MIB
+    #: Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (a TLS proxy in front).
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: Browser session lifetime, seconds.
+    session_ttl: float = 7 * 24 * 3600
+    #: On shutdown, seconds in-flight streams get to finish after the go-away.
+    shutdown_grace: float = 10.0
+    #: Largest request head (request line + headers) accepted from a browser, bytes.
+    max_header_size: int = 16 * 1024
+    #: Seconds a client may take to send its request head (slowloris).
+    header_timeout: float = 10.0
+    #: Keepalive on daemon links: ping interval and timeout, seconds.
+    link_ping_interval: float = 15.0
+    link_ping_timeout: float = 10.0
+    #: How many concurrent streams a daemon link carries (more wait for a slot).
+    max_streams_per_link: int = 1024
+    #: Attempts per client address: /auth and bad keys on /ws/relay (per minute, burst).
+    auth_rate_per_minute: float = 10.0
+    auth_burst: int = 10
+    #: Registrations per client address (per hour, burst).
+    register_rate_per_hour: float = 5.0
+    register_burst: int = 3
+
+    def __attrs_post_init__(self) -> None:
+        if self.registration not in ("open", "closed"):
+            raise ValueError("registration must be 'open' or 'closed'")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("--certfile and --keyfile go together")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("public URL must start with http:// or https://")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range")
