@@ -39,7 +39,12 @@ class RelayApp:
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.web = create_web_app(relay)
+        self._quart = create_web_app(relay)
+
+    async def web(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """The Quart app of the relay's own routes (typed loosely: ASGI dicts pass through)."""
+        app: Any = self._quart
+        await app(scope, receive, send)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]

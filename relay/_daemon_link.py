@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -124,8 +125,29 @@ async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:
             nursery.start_soon(_route_mesh_stream, relay, link, stream)
 
 
+async def _answer_directory(relay: Relay, source: DaemonLink, stream: MuxStream) -> None:
+    """A ``directory`` stream: the relay answers with the scope's online daemons, as JSON."""
+    listing = {
+        "daemons": [
+            {"daemon_id": link.daemon_id, "connected_since": link.connected_at}
+            for link in relay.links.for_scope(source.scope_id)
+        ]
+    }
+    try:
+        await stream.send_all(json.dumps(listing).encode())
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
 async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream) -> None:
-    if stream.metadata.get("kind") != "mesh":
+    kind = stream.metadata.get("kind")
+    if kind == "directory":
+        await _answer_directory(relay, source, stream)
+        return
+    if kind != "mesh":
         stream.reset(ErrorCode.FORBIDDEN)
         return
     target_id = stream.metadata.get("target", "")

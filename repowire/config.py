@@ -260,14 +260,8 @@ def load_settings(
     text = _read_text(path)
     values = _FileValues() if text is None else _file_values(_parse(text, path), path)
 
-    daemon_id = flags.daemon_id
-    if daemon_id is not None:
-        _check_daemon_id(daemon_id, "--daemon-id")
-    elif values.daemon_id is not None:
-        daemon_id = values.daemon_id
-    else:
-        daemon_id = ensure_daemon_id(home)
-
+    if flags.daemon_id is not None:
+        _check_daemon_id(flags.daemon_id, "--daemon-id")
     env_url = _env(env, ENV_RELAY_URL)
     if env_url is not None:
         _check_relay_url(env_url, ENV_RELAY_URL)
@@ -289,6 +283,9 @@ def load_settings(
     ca_file: Path | None = flags.ca_file
     if ca_file is None and values.relay_ca_file is not None:
         ca_file = _resolve_ca_file(values.relay_ca_file, home, path)
+
+    # Last, once everything else is known to be valid: this may write the file.
+    daemon_id = _first_optional(flags.daemon_id, values.daemon_id) or ensure_daemon_id(home)
 
     daemon = DaemonConfig(
         host=_first(flags.daemon_host, values.daemon_host, DEFAULT_DAEMON_HOST),

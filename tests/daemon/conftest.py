@@ -298,6 +298,24 @@ def _parse_block(block: str) -> SseMessage:
     return SseMessage(data="\n".join(data), **fields)
 
 
+# -- waiting ------------------------------------------------------------------------------
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, tries: int = 1000, interval: float = 0.005
+) -> None:
+    """Return once ``predicate()`` holds; fail after ``tries`` short sleeps.
+
+    For state the server changes on its own schedule (a subscription released after the
+    client left), where there is no event to wait on. Callers still wrap it in fail_after.
+    """
+    for _ in range(tries):
+        if predicate():
+            return
+        await trio.sleep(interval)
+    raise AssertionError(f"condition still false after {tries} checks")
+
+
 # -- servers ------------------------------------------------------------------------------
 
 

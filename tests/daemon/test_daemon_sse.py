@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import trio
 import trio.testing
-from conftest import DaemonFactory, SseReader, http_request, open_http_stream
+from conftest import DaemonFactory, SseReader, eventually, http_request, open_http_stream
 
 from repowire.daemon import DaemonSettings, DaemonState
 
 JSON = [("Content-Type", "application/json")]
-
-
-async def wait_for_subscribers(state: DaemonState, count: int) -> None:
-    """Until the daemon holds ``count`` subscriptions (bounded by the caller's fail_after)."""
-    while state.subscriber_count != count:
-        await trio.sleep(0.005)
 
 
 async def test_events_arrive_one_by_one_as_posted(daemon_factory: DaemonFactory) -> None:
@@ -134,7 +128,7 @@ async def test_client_going_away_releases_the_subscription(
                 await SseReader(stream).next_message()
                 assert daemon.state.subscriber_count == 1
             # The socket is closed; the server notices, ends the generator, unsubscribes.
-            await wait_for_subscribers(daemon.state, 0)
+            await eventually(lambda: daemon.state.subscriber_count == 0)
         # Publishing afterwards reaches nobody and costs nothing.
         daemon.state.publish("message", {})
         assert daemon.state.subscriber_count == 0
@@ -156,12 +150,12 @@ async def test_slow_stream_is_dropped_without_blocking_others(
             slow_reader, fast_reader = SseReader(slow), SseReader(fast)
             await slow_reader.next_message()
             await fast_reader.next_message()
-            await wait_for_subscribers(state, 2)
+            await eventually(lambda: state.subscriber_count == 2)
             fast_ids: list[int] = []
             for i in range(total):
                 event = state.publish("message", {"i": i, "pad": payload})
                 # The fast reader keeps up with every event while the slow one reads nothing.
-                fast_ids.append(int((await fast_reader.next_event()).id))
+                fast_ids.append(int((await fast_reader.next_event()).id or 0))
                 assert fast_ids[-1] == event.id
             assert state.subscriber_count == 1
             # The slow client now reads: a prefix of the events, then a clear end.

@@ -7,13 +7,8 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import DaemonFactory, http_request, open_websocket
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from conftest import DaemonFactory, eventually, http_request, open_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from repowire.daemon import DaemonState
 
@@ -29,16 +24,11 @@ async def send_json(ws: WebSocketConnection, value: object) -> None:
     await ws.send_message(json.dumps(value))
 
 
-async def wait_for_subscribers(state: DaemonState, count: int) -> None:
-    while state.subscriber_count != count:
-        await trio.sleep(0.005)
-
-
 async def test_events_are_pushed(daemon_factory: DaemonFactory) -> None:
     with trio.fail_after(10):
         daemon = await daemon_factory()
         async with open_websocket(daemon.address, "/ws") as ws:
-            await wait_for_subscribers(daemon.state, 1)
+            await eventually(lambda: daemon.state.subscriber_count == 1)
             for name in ("bob", "carol"):
                 posted = await http_request(
                     daemon.address, "POST", "/peers", json_body={"name": name}
@@ -159,7 +149,7 @@ async def test_keeps_receiving_while_events_are_pushed(daemon_factory: DaemonFac
         results: list[dict[str, Any]] = []
         events = 0
         async with open_websocket(daemon.address, "/ws") as ws:
-            await wait_for_subscribers(daemon.state, 1)
+            await eventually(lambda: daemon.state.subscriber_count == 1)
             async with trio.open_nursery() as nursery:
 
                 async def publish_constantly() -> None:
@@ -189,12 +179,12 @@ async def test_feed_that_falls_behind_is_ended_clearly(daemon_factory: DaemonFac
         async with open_websocket(
             daemon.address, "/ws", message_queue_size=1, max_message_size=1024 * 1024
         ) as ws:
-            await wait_for_subscribers(state, 1)
+            await eventually(lambda: state.subscriber_count == 1)
             # Nothing is read meanwhile; publishing must not block.
             for i in range(60):
                 state.publish("message", {"i": i, "pad": payload})
                 await trio.sleep(0.001)
-            await wait_for_subscribers(state, 0)
+            await eventually(lambda: state.subscriber_count == 0)
             ids: list[int] = []
             while True:
                 message = await receive_json(ws)
@@ -240,8 +230,8 @@ async def test_same_host_and_loopback_origins_are_accepted(
         same_host = f"http://{daemon.address[0]}:{daemon.address[1]}"
         for origin in (same_host, "http://localhost:3000", "http://127.0.0.1"):
             async with open_websocket(daemon.address, "/ws", origin=origin):
-                await wait_for_subscribers(daemon.state, 1)
-            await wait_for_subscribers(daemon.state, 0)
+                await eventually(lambda: daemon.state.subscriber_count == 1)
+            await eventually(lambda: daemon.state.subscriber_count == 0)
 
 
 async def test_closing_releases_the_subscription(daemon_factory: DaemonFactory) -> None:
@@ -249,5 +239,5 @@ async def test_closing_releases_the_subscription(daemon_factory: DaemonFactory) 
         daemon = await daemon_factory()
         for _ in range(3):
             async with open_websocket(daemon.address, "/ws"):
-                await wait_for_subscribers(daemon.state, 1)
-            await wait_for_subscribers(daemon.state, 0)
+                await eventually(lambda: daemon.state.subscriber_count == 1)
+            await eventually(lambda: daemon.state.subscriber_count == 0)

@@ -10,12 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-
-from relay._keys import generate_key, mask_key
-from repowire import cli
-from repowire.cli import format_time, main
-
-from ._support import (
+from cli_support import (
     NETWORK_TEST_TIMEOUT,
     FakeHttpServer,
     Reply,
@@ -24,6 +19,10 @@ from ._support import (
     run_cli,
     write_config,
 )
+
+from relay._keys import generate_key, mask_key
+from repowire import cli
+from repowire.cli import format_time, main
 
 
 def point_at(home: Path, server_port: int, extra: str = "") -> None:

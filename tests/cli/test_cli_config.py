@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cli_support import assert_no_full_key, one_line, write_config
 
 from relay._keys import generate_key, mask_key
 from repowire.cli import main
@@ -24,8 +25,6 @@ from repowire.config import (
     repowire_home,
     update_config,
 )
-
-from ._support import assert_no_full_key, one_line, write_config
 
 COMMENTED = """\
 # Top comment: my settings
@@ -222,6 +221,7 @@ def test_bad_environment_values_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         load_settings(home, environ={name: value})
+    assert not home.exists()  # not even a daemon id was written
 
 
 def test_bad_environment_value_exits_3_in_one_line(

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-
-from relay._keys import generate_key, mask_key
-from repowire.cli import main
-from repowire.config import load_settings
-
-from ._support import (
+from cli_support import (
     NETWORK_TEST_TIMEOUT,
     FakeHttpServer,
     Reply,
@@ -24,6 +19,10 @@ from ._support import (
     run_cli,
     write_config,
 )
+
+from relay._keys import generate_key, mask_key
+from repowire.cli import main
+from repowire.config import load_settings
 
 
 def main_setup(extra: list[str]) -> int:

@@ -1,0 +1,393 @@
+"""The connector: keeps one outbound link to the relay and serves the streams it carries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import trio
+import trio_websocket
+
+from mux import MuxConfig, MuxSession, MuxStream, SessionClosed, StreamReset, WebSocketTransport
+from protocol import (
+    PROTOCOL_VERSION,
+    Backoff,
+    BackoffConfig,
+    DisconnectReason,
+    ErrorCode,
+    Role,
+)
+
+from ._mesh_types import MeshError, MeshResponse
+from ._pipe import pipe_to_daemon
+from ._status import ConnectorStatus, LinkState
+
+log = logging.getLogger("repowire.connector")
+
+#: The daemon routes other daemons may reach through the mesh.
+DEFAULT_MESH_ALLOWLIST: frozenset[tuple[str, str]] = frozenset(
+    {("POST", "/notify"), ("POST", "/broadcast")}
+)
+#: Largest WebSocket message accepted from the relay.
+LINK_MAX_MESSAGE = 4 * 1024 * 1024
+#: Largest mesh response body read by :meth:`Connector.request`.
+MAX_MESH_RESPONSE = 8 * 1024 * 1024
+
+
+def link_url(relay_url: str) -> str:
+    """The daemon endpoint for a relay URL: ``wss://host`` → ``wss://host/ws/relay``."""
+    parts = urlsplit(relay_url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"relay URL must start with ws:// or wss://, not {relay_url!r}")
+    if not parts.hostname:
+        raise ValueError(f"relay URL has no host: {relay_url!r}")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/ws/relay"):
+        path += "/ws/relay"
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+@attrs.frozen(kw_only=True)
+class ConnectorConfig:
+    relay_url: str = attrs.field()
+    api_key: str = attrs.field(repr=False)
+    daemon_id: str
+    daemon_host: str = "127.0.0.1"
+    daemon_port: int = 8377
+    #: A CA bundle to trust for a self-signed relay (system trust otherwise).
+    ca_file: Path | None = None
+    version: str = "0.0.0"
+    backoff: BackoffConfig = attrs.field(factory=BackoffConfig)
+    mux: MuxConfig = attrs.field(factory=MuxConfig)
+    connect_timeout: float = 10.0
+    #: Seconds a mesh request may take before it fails with ``timeout``.
+    mesh_timeout: float = 30.0
+    mesh_allowlist: frozenset[tuple[str, str]] = DEFAULT_MESH_ALLOWLIST
+
+    @relay_url.validator
+    def _check_url(self, attribute: object, value: str) -> None:
+        link_url(value)
+
+
+class _Refused(Exception):
+    """The dial ended before a session started, with a close code when the relay sent one."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connector:
+    """The outbound side of relay access.
+
+    ``await nursery.start(connector.run)`` returns at once (state ``connecting``); the
+    connector then dials, serves the link, and reconnects with the protocol's backoff machine
+    until cancelled, or until the relay says another connection replaced it or the versions are
+    incompatible (then it stays ``down`` and says why). :meth:`status` is a snapshot at any
+    moment. Mesh calls fail with :class:`MeshError`, never silently.
+    """
+
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._rand = rand
+        self._backoff = Backoff(config.backoff)
+        self._session: MuxSession | None = None
+        self._state = LinkState.CONNECTING
+        self._connected_since: float | None = None
+        self._last_connected_at: float | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._attempts = 0
+        self._next_retry_at: float | None = None
+        self._retrying = True
+        self._connected_event = trio.Event()
+        self._state_changed = trio.Event()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> ConnectorStatus:
+        session = self._session
+        rtt = session.rtt if session is not None and session.rtt is not None else None
+        return ConnectorStatus(
+            state=self._state,
+            relay_url=self.config.relay_url,
+            daemon_id=self.config.daemon_id,
+            connected_since=self._connected_since,
+            last_connected_at=self._last_connected_at,
+            last_error=self._last_error,
+            last_error_at=self._last_error_at,
+            rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
+            attempts=self._attempts,
+            next_retry_at=self._next_retry_at,
+            retrying=self._retrying,
+        )
+
+    async def wait_state(self, state: LinkState) -> None:
+        """Wait until the connector is in ``state`` (for tests and tools)."""
+        while self._state is not state:
+            event = self._state_changed = trio.Event()
+            await event.wait()
+
+    def _set_state(self, state: LinkState) -> None:
+        self._state = state
+        self._state_changed.set()
+
+    # ------------------------------------------------------------------ the reconnect loop
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Connector] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started(self)
+        while True:
+            self._attempts += 1
+            self._next_retry_at = None
+            self._set_state(LinkState.CONNECTING)
+            reason, detail = await self._connect_once()
+            now = self._clock()
+            decision = self._backoff.disconnected(trio.current_time(), reason, self._rand())
+            self._last_error = f"{detail}; {decision.message}" if detail else decision.message
+            self._last_error_at = now
+            self._connected_since = None
+            self._session = None
+            if not decision.retry:
+                self._retrying = False
+                self._set_state(LinkState.DOWN)
+                log.warning("relay link stopped: %s", self._last_error)
+                await trio.sleep_forever()
+            self._next_retry_at = now + decision.delay
+            self._set_state(LinkState.DOWN)
+            log.info("relay link down (%s); retrying in %.1f s", detail, decision.delay)
+            await trio.sleep(decision.delay)
+
+    async def _connect_once(self) -> tuple[DisconnectReason, str]:
+        """One dial and, if it works, the link's whole life. Returns why it ended."""
+        config = self.config
+        url = link_url(config.relay_url)
+        headers = [
+            (b"authorization", b"Bearer " + config.api_key.encode("ascii", "replace")),
+            (b"repowire-daemon-id", config.daemon_id.encode("ascii", "replace")),
+            (b"repowire-protocol", str(PROTOCOL_VERSION).encode()),
+            (b"repowire-version", config.version.encode("ascii", "replace")),
+        ]
+        ssl_context: ssl.SSLContext | None = None
+        if url.startswith("wss://"):
+            ssl_context = ssl.create_default_context(
+                cafile=str(config.ca_file) if config.ca_file else None
+            )
+        try:
+            async with trio_websocket.open_websocket_url(
+                url,
+                ssl_context=ssl_context,
+                extra_headers=headers,
+                max_message_size=LINK_MAX_MESSAGE,
+                message_queue_size=4,
+                connect_timeout=config.connect_timeout,
+                disconnect_timeout=2,
+            ) as connection:
+                return await self._serve_link(connection)
+        except trio_websocket.ConnectionRejected as exc:
+            return DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {exc.status_code})"
+        except trio_websocket.HandshakeError as exc:
+            return (
+                DisconnectReason.NETWORK,
+                f"handshake with the relay failed: {type(exc).__name__}",
+            )
+        except _Refused as exc:
+            if exc.code is None:
+                return DisconnectReason.NETWORK, exc.reason
+            return DisconnectReason.from_close_code(
+                exc.code
+            ), f"relay closed the link ({exc.code}: {exc.reason})"
+        except (OSError, trio.BrokenResourceError, trio_websocket.ConnectionClosed) as exc:
+            return DisconnectReason.NETWORK, f"cannot reach the relay: {exc or type(exc).__name__}"
+
+    async def _serve_link(
+        self, connection: trio_websocket.WebSocketConnection
+    ) -> tuple[DisconnectReason, str]:
+        session = MuxSession(WebSocketTransport(connection), Role.CONNECTOR, self.config.mux)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(session.run)
+            except SessionClosed as exc:
+                closed = session.transport_closed
+                raise _Refused(
+                    closed.code if closed else None,
+                    closed.reason if closed and closed.reason else exc.reason,
+                ) from None
+            self._session = session
+            now = self._clock()
+            self._connected_since = now
+            self._last_connected_at = now
+            self._backoff.connected(trio.current_time())
+            self._set_state(LinkState.CONNECTED)
+            log.info("relay link up: %s as %s", self.config.relay_url, self.config.daemon_id)
+            nursery.start_soon(self._accept_streams, session)
+            await session.wait_ended()
+            nursery.cancel_scope.cancel()
+        closed = session.transport_closed
+        if closed is not None and closed.code is not None:
+            reason = DisconnectReason.from_close_code(closed.code)
+            return reason, f"relay closed the link ({closed.code}: {closed.reason or 'no reason'})"
+        if session.peer_goaway is not None:
+            return DisconnectReason.SHUTTING_DOWN, "relay went away"
+        return DisconnectReason.NETWORK, session.close_reason or "link lost"
+
+    async def _accept_streams(self, session: MuxSession) -> None:
+        config = self.config
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await session.accept_stream()
+                except SessionClosed:
+                    return
+                nursery.start_soon(
+                    partial(
+                        pipe_to_daemon,
+                        stream,
+                        daemon_host=config.daemon_host,
+                        daemon_port=config.daemon_port,
+                        mesh_allowlist=config.mesh_allowlist,
+                    )
+                )
+
+    # ------------------------------------------------------------------ mesh
+
+    def _live_session(self) -> MuxSession:
+        session = self._session
+        if session is None or session.ended:
+            raise MeshError("relay_down", "The relay link is down; see `repowire status`.")
+        return session
+
+    async def open_mesh_stream(self, daemon_id: str) -> MuxStream:
+        """A raw stream to another daemon of this scope (the relay splices it)."""
+        session = self._live_session()
+        try:
+            return await session.open_stream({"kind": "mesh", "target": daemon_id})
+        except SessionClosed:
+            raise MeshError("relay_down", "The relay link closed; see `repowire status`.") from None
+
+    async def request(
+        self,
+        daemon_id: str,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> MeshResponse:
+        """One HTTP request to another daemon of the scope, answered whole.
+
+        Raises :class:`MeshError`: ``unknown_daemon``, ``daemon_offline``, ``forbidden`` (the
+        target's allowlist or the relay refused), ``relay_down``, ``timeout``.
+        """
+        with trio.move_on_after(self.config.mesh_timeout) as scope:
+            stream = await self.open_mesh_stream(daemon_id)
+            try:
+                return await _http_exchange(stream, method, path, body, headers)
+            except StreamReset as exc:
+                raise _mesh_error(exc.code, daemon_id) from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                raise MeshError(
+                    "relay_down", f"The link to {daemon_id} broke during the request."
+                ) from None
+            finally:
+                await trio.aclose_forcefully(stream)
+        assert scope.cancelled_caught
+        raise MeshError(
+            "timeout", f"{daemon_id} did not answer within {self.config.mesh_timeout:g} s."
+        )
+
+    async def other_daemons(self) -> list[str]:
+        """Ids of the other daemons of this scope that are online now (asked of the relay)."""
+        session = self._live_session()
+        try:
+            stream = await session.open_stream({"kind": "directory"})
+        except SessionClosed:
+            raise MeshError("relay_down", "The relay link closed; see `repowire status`.") from None
+        try:
+            with trio.fail_after(self.config.mesh_timeout):
+                data = bytearray()
+                while chunk := await stream.receive_some():
+                    data += chunk
+                    if len(data) > MAX_MESH_RESPONSE:
+                        raise MeshError("relay_down", "The relay's daemon list is too large.")
+        except trio.TooSlowError:
+            raise MeshError("timeout", "The relay did not list the daemons in time.") from None
+        except trio.BrokenResourceError:
+            raise MeshError("relay_down", "The relay link broke while listing daemons.") from None
+        finally:
+            await trio.aclose_forcefully(stream)
+        try:
+            listing = json.loads(data)
+            ids = [str(d["daemon_id"]) for d in listing["daemons"]]
+        except (ValueError, KeyError, TypeError):
+            raise MeshError("relay_down", "The relay sent a malformed daemon list.") from None
+        return [d for d in ids if d != self.config.daemon_id]
+
+
+def _mesh_error(code: int, daemon_id: str) -> MeshError:
+    if code == ErrorCode.UNKNOWN_TARGET:
+        return MeshError("unknown_daemon", f"No daemon {daemon_id} in this scope.")
+    if code == ErrorCode.TARGET_OFFLINE:
+        return MeshError("daemon_offline", f"Daemon {daemon_id} is offline.")
+    if code == ErrorCode.FORBIDDEN:
+        return MeshError("forbidden", f"The relay refused the stream to {daemon_id}.")
+    return MeshError("relay_down", f"The stream to {daemon_id} was reset (code {code}).")
+
+
+async def _http_exchange(
+    stream: MuxStream,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: Sequence[tuple[str, str]],
+) -> MeshResponse:
+    conn = h11.Connection(h11.CLIENT)
+    request_headers = [("host", "repowire-daemon"), ("connection", "close")]
+    request_headers += [
+        (k, v) for k, v in headers if k.lower() not in ("host", "connection", "content-length")
+    ]
+    request_headers.append(("content-length", str(len(body))))
+    data = conn.send(h11.Request(method=method, target=path, headers=request_headers)) or b""
+    if body:
+        data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)
+    status = 0
+    response_headers: list[tuple[str, str]] = []
+    response_body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some())
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            response_headers = [
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+            ]
+        elif isinstance(event, h11.Data):
+            response_body += event.data
+            if len(response_body) > MAX_MESH_RESPONSE:
+                raise h11.RemoteProtocolError("mesh response too large")
+        elif isinstance(event, h11.EndOfMessage):
+            return MeshResponse(status=status, headers=response_headers, body=bytes(response_body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("the stream ended before the response")

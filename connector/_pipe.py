@@ -1,0 +1,156 @@
+"""Piping a stream accepted from the relay to the local daemon.
+
+The connector stays generic: it reads the request head (to decide what the stream may reach and
+to set or strip the mesh header), writes it to a fresh TCP connection to the daemon, then splices
+the rest of the stream both ways without looking at it again, so bodies, Server-Sent Events and
+upgraded WebSockets all flow through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection
+
+import trio
+
+from mux import MuxStream, splice
+from protocol import ErrorCode
+
+from ._mesh_types import MESH_FROM_HEADER
+
+log = logging.getLogger("repowire.connector")
+
+#: Largest request head (request line and headers) accepted on a tunneled stream.
+MAX_HEAD_SIZE = 32 * 1024
+#: Seconds the relay gets to deliver a request head.
+HEAD_TIMEOUT = 30.0
+_MESH_HEADER = MESH_FROM_HEADER.lower().encode()
+
+
+class HeadError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+async def read_head(
+    stream: trio.abc.ReceiveStream, limit: int = MAX_HEAD_SIZE
+) -> tuple[bytes, bytes]:
+    """Read up to the end of the request head. Returns ``(head, rest)``: the head including its
+    final blank line, and whatever followed it. Raises :class:`HeadError` past ``limit`` bytes or
+    on end of stream."""
+    buffer = bytearray()
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            return bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
+        if len(buffer) > limit:
+            raise HeadError(431, "head_too_large", "The request head is too large.")
+        data = await stream.receive_some(16 * 1024)
+        if not data:
+            raise HeadError(400, "bad_request", "The stream ended before a full request head.")
+        buffer += data
+
+
+def parse_request_line(head: bytes) -> tuple[str, str]:
+    """``(method, path)`` of a request head (the path without its query)."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise HeadError(400, "bad_request", "Malformed request line.")
+    method = parts[0].decode("ascii", "replace")
+    path = parts[1].split(b"?", 1)[0].decode("latin-1")
+    return method, path
+
+
+def rewrite_head(head: bytes, *, mesh_from: str | None) -> bytes:
+    """Drop any mesh header the sender supplied; add ours when the stream is a mesh stream."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        name = line.split(b":", 1)[0].strip().lower()
+        if name != _MESH_HEADER:
+            kept.append(line)
+    if mesh_from is not None:
+        kept.append(MESH_FROM_HEADER.encode() + b": " + mesh_from.encode("ascii"))
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+async def answer(
+    stream: trio.abc.HalfCloseableStream, status: int, error: str, detail: str
+) -> None:
+    """Write a complete JSON error response on the stream and close our side."""
+    body = json.dumps({"error": error, "detail": detail}).encode()
+    reason = {
+        400: "Bad Request",
+        403: "Forbidden",
+        431: "Request Header Fields Too Large",
+        502: "Bad Gateway",
+    }.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    try:
+        await stream.send_all(head + body)
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def pipe_to_daemon(
+    stream: MuxStream,
+    *,
+    daemon_host: str,
+    daemon_port: int,
+    mesh_allowlist: Collection[tuple[str, str]],
+) -> None:
+    """Serve one stream the relay opened: check it, then splice it to the local daemon.
+
+    ``kind=http`` streams (browsers, through the relay) may reach any route of the daemon;
+    ``kind=mesh`` streams (other daemons of the scope) only the ``(method, path)`` pairs of
+    ``mesh_allowlist``. Anything else is reset with ``FORBIDDEN``.
+    """
+    kind = stream.metadata.get("kind")
+    if kind not in ("http", "mesh"):
+        stream.reset(ErrorCode.FORBIDDEN)
+        return
+    try:
+        with trio.fail_after(HEAD_TIMEOUT):
+            head, rest = await read_head(stream)
+        method, path = parse_request_line(head)
+        mesh_from: str | None = None
+        if kind == "mesh":
+            mesh_from = stream.metadata.get("from", "")
+            if (method, path) not in mesh_allowlist:
+                raise HeadError(
+                    403, "forbidden", f"{method} {path} is not reachable from other daemons."
+                )
+        head = rewrite_head(head, mesh_from=mesh_from)
+    except HeadError as exc:
+        await answer(stream, exc.status, exc.error, exc.detail)
+        await trio.aclose_forcefully(stream)
+        return
+    except trio.TooSlowError:
+        stream.reset(ErrorCode.CANCEL)
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await trio.aclose_forcefully(stream)
+        return
+    try:
+        daemon = await trio.open_tcp_stream(daemon_host, daemon_port)
+    except OSError as exc:
+        log.warning("local daemon at %s:%d not reachable: %s", daemon_host, daemon_port, exc)
+        await answer(stream, 502, "daemon_unreachable", "The local daemon is not answering.")
+        await trio.aclose_forcefully(stream)
+        return
+    try:
+        await daemon.send_all(head + rest)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await trio.aclose_forcefully(daemon)
+        stream.reset(ErrorCode.UPSTREAM_FAILED)
+        return
+    await splice(stream, daemon)

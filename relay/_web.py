@@ -1,0 +1,690 @@
+"""The relay's own web routes: the sign-in form, the dashboard's files, the JSON API, health
+and metrics, as one QuartTrio app.
+
+The relay's ASGI dispatcher hands this app every path the relay itself answers. Paths under
+``/d/<daemon_id>/`` arrive with that prefix removed and ``scope["repowire.daemon_id"]`` set;
+root paths arrive as they are. Every answer carries the security headers of
+:data:`SECURITY_HEADERS` and a Content-Security-Policy (:data:`PAGE_CSP`, or
+:data:`DASHBOARD_CSP` for the dashboard's files).
+
+Secrets: an API key reaches this app only in the sign-in form or an ``Authorization: Bearer``
+header, and leaves it only in the answers of ``/api/v1/register`` and ``/api/v1/keys/rotate``.
+Nothing here logs a key, a session id or a cookie, or puts one in a URL.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import mimetypes
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+from quart import Response, render_template, request, send_file
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+import repowire.dashboard
+from protocol import CloseCode
+
+from ._context import Relay
+from ._store import KeyRecord, StoreError, UnknownRecordError
+
+logger = logging.getLogger("relay.web")
+
+#: Content-Security-Policy of the sign-in form, the error pages and the JSON answers.
+PAGE_CSP: Final = "default-src 'self'; frame-ancestors 'none'; form-action 'self'"
+
+#: Content-Security-Policy of the dashboard's files (the page talks only to its own origin).
+DASHBOARD_CSP: Final = "default-src 'self'; connect-src 'self'; frame-ancestors 'none'"
+
+#: Headers set on every answer of this app.
+SECURITY_HEADERS: Final[Mapping[str, str]] = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+#: Largest request body this app reads (the sign-in form, a registration), bytes. Larger
+#: bodies get 413 before they are buffered.
+MAX_BODY_SIZE: Final = 16 * 1024
+
+#: Key of the ASGI scope entry the dispatcher sets for paths under ``/d/<daemon_id>/``.
+DAEMON_ID_SCOPE_KEY: Final = "repowire.daemon_id"
+
+#: The file served for the dashboard's directory.
+INDEX_FILE: Final = "index.html"
+
+#: Shown by the sign-in form when a valid key has no daemon connected.
+NO_DAEMON_MESSAGE: Final = (
+    "No daemon is connected with this key. Run `repowire serve --relay` on the daemon's "
+    "machine, then try again."
+)
+
+_DAEMON_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TEMPLATE: Final = "page.html"
+_STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
+
+# Types of the files a static export holds. Explicit, so the answer does not depend on the
+# host's mime.types; anything else falls back to the mimetypes module, then to bytes.
+_CONTENT_TYPES: Final[Mapping[str, str]] = {
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".ico": "image/x-icon",
+    ".woff": "font/woff",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain",
+}
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("repowire")
+    except importlib.metadata.PackageNotFoundError:
+        # A source tree that was never installed.
+        return "0.0.0"
+
+
+def create_web_app(relay: Relay) -> QuartTrio:
+    """Build the app serving the relay's own routes for ``relay``.
+
+    The dashboard's files come from ``relay.settings.dashboard_dir`` when set, else from
+    :data:`repowire.dashboard.STATIC_DIR`. Raises FileNotFoundError, naming the directory,
+    when that directory has no ``index.html``: a broken installation fails at startup rather
+    than answering 404 later.
+    """
+    dashboard_dir = relay.settings.dashboard_dir or repowire.dashboard.STATIC_DIR
+    index = dashboard_dir / INDEX_FILE
+    if not index.is_file():
+        raise FileNotFoundError(f"the dashboard's static files are missing: no {index}")
+
+    app = QuartTrio("relay.web", static_folder=None, template_folder="templates")
+    # The import name does not locate the package; point Quart at it for the templates.
+    app.root_path = str(Path(__file__).resolve().parent)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_SIZE
+    # No redirects invented by the router: they would carry an absolute URL built from the
+    # Host header, which is wrong under /d/<id>/. "//" in a path is simply not found.
+    app.url_map.merge_slashes = False
+
+    routes = _Routes(
+        relay=relay,
+        dashboard_root=dashboard_dir.resolve(strict=True),
+        version=_package_version(),
+    )
+    rules: list[tuple[str, str, Any, list[str]]] = [
+        ("/", "landing", routes.landing, ["GET"]),
+        ("/auth", "auth", routes.auth, ["POST"]),
+        ("/logout", "logout", routes.logout, ["POST"]),
+        ("/static/<path:name>", "static_file", routes.static_file, ["GET"]),
+        ("/dashboard", "dashboard", routes.dashboard_redirect, ["GET"]),
+        ("/dashboard/", "dashboard_index", routes.dashboard_index, ["GET"]),
+        ("/dashboard/<path:asset>", "dashboard_file", routes.dashboard_file, ["GET"]),
+        ("/health", "health", routes.health, ["GET"]),
+        ("/metrics", "metrics", routes.metrics, ["GET"]),
+        ("/api/v1/register", "register", routes.register, ["POST"]),
+        ("/api/v1/daemons", "daemons", routes.daemons, ["GET"]),
+        ("/api/v1/keys/rotate", "rotate", routes.rotate, ["POST"]),
+    ]
+    for rule, endpoint, view, methods in rules:
+        app.add_url_rule(rule, endpoint, view, methods=methods)
+    app.register_error_handler(_Refusal, routes.refusal)
+    app.register_error_handler(HTTPException, routes.http_error)
+    app.register_error_handler(StoreError, routes.store_error)
+    app.register_error_handler(Exception, routes.internal_error)
+    app.after_request(_add_security_headers)
+    return app
+
+
+async def _add_security_headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers[name] = value
+    # Pages and API answers depend on who asks; only the dashboard's files may be kept.
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+class _Refusal(Exception):
+    """An API request refused with a JSON error (raised inside a route, answered by
+    :meth:`_Routes.refusal`)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+@attrs.frozen(kw_only=True)
+class _Caller:
+    """Who an API request comes from. ``session_id`` is set when the browser cookie was used."""
+
+    scope_id: str
+    key_id: str
+    session_id: str | None
+
+
+def _json(
+    body: Mapping[str, object], status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=True)
+    return Response(text, status=status, content_type="application/json", headers=headers)
+
+
+def _redirect(location: str, status: int) -> Response:
+    return Response("", status=status, headers={"Location": location})
+
+
+def _retry_after(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))
+
+
+def _is_api_path() -> bool:
+    return request.path == "/api" or request.path.startswith("/api/")
+
+
+def _resolve_file(root: Path, name: str) -> Path | None:
+    """The regular file under ``root`` (already resolved) that the URL path ``name`` names, or
+    None.
+
+    Refused: empty, ``.``, ``..`` or hidden segments, backslashes, NUL, colons (drive letters,
+    alternate streams), and anything that lands outside ``root`` once symlinks are followed.
+    """
+    if "\\" in name or "\x00" in name:
+        return None
+    parts = name.split("/")
+    if any(part in ("", ".", "..") or part.startswith(".") or ":" in part for part in parts):
+        return None
+    try:
+        resolved = root.joinpath(*parts).resolve(strict=True)
+    except (OSError, RuntimeError):
+        # Missing, unreadable, or a symlink loop.
+        return None
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        return None
+    return resolved
+
+
+def _content_type(path: Path) -> str:
+    known = _CONTENT_TYPES.get(path.suffix.lower())
+    if known is not None:
+        return known
+    guessed, _ = mimetypes.guess_type(path.name)
+    return guessed or "application/octet-stream"
+
+
+class _Routes:
+    def __init__(self, *, relay: Relay, dashboard_root: Path, version: str) -> None:
+        self._relay = relay
+        self._dashboard_root = dashboard_root
+        self._static_root = _STATIC_DIR
+        self._version = version
+
+    # -- who is asking --------------------------------------------------------------------
+
+    @property
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        return list(request.scope["headers"])
+
+    @property
+    def _client(self) -> tuple[str, int] | None:
+        client = request.scope.get("client")
+        return (client[0], client[1]) if client else None
+
+    def _address(self) -> str:
+        return self._relay.client_address(self._client, self._headers)
+
+    def _secure(self) -> bool:
+        return self._relay.is_secure(request.scheme, self._client, self._headers)
+
+    def _origin_ok(self) -> bool:
+        return self._relay.origin_allowed(self._headers, request.scheme)
+
+    def _daemon_id(self) -> str | None:
+        """The daemon id of the ``/d/<id>/`` prefix, or None at the root.
+
+        Raises a 404 refusal for an id the dispatcher should never have passed.
+        """
+        scope: Mapping[str, object] = request.scope
+        value = scope.get(DAEMON_ID_SCOPE_KEY)
+        if value is None:
+            return None
+        if not isinstance(value, str) or _DAEMON_ID.fullmatch(value) is None:
+            raise _Refusal(404, "not_found", "There is nothing at this address.")
+        return value
+
+    def _prefix(self) -> str:
+        daemon_id = self._daemon_id()
+        return "" if daemon_id is None else f"/d/{daemon_id}"
+
+    def _bearer(self) -> str | None:
+        """The key of an ``Authorization: Bearer`` header; "" for any other Authorization
+        value (refused, never ignored); None without the header."""
+        value = request.headers.get("Authorization")
+        if value is None:
+            return None
+        scheme, _, credentials = value.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return ""
+        return credentials.strip()
+
+    def _api_caller(self, *, where: str, cookie_needs_origin: bool) -> _Caller:
+        """Authenticate an API request by its Bearer key or, without one, its session cookie.
+
+        A Bearer header, when present, is the credential (a bad one is not rescued by a
+        cookie). Failed keys count against the client address's auth limit; when it is spent,
+        further attempts are refused before the key is even checked. With
+        ``cookie_needs_origin`` a cookie only counts on a request that carries an allowed
+        Origin header (a state-changing call from a browser always does).
+        Raises :class:`_Refusal` (401, 403 or 429).
+        """
+        relay = self._relay
+        now = relay.clock()
+        key = self._bearer()
+        if key is not None:
+            address = self._address()
+            wait = relay.auth_limiter.retry_after(address, now)
+            if wait > 0:
+                relay.metrics.rate_limited.labels(where).inc()
+                raise _Refusal(
+                    429,
+                    "rate_limited",
+                    "Too many failed attempts from this address; try again later.",
+                    headers={"Retry-After": _retry_after(wait)},
+                )
+            record = relay.store.verify_key(key, now=now)
+            if record is None:
+                relay.auth_limiter.allow(address, now)
+                relay.metrics.auth_failures.labels(where).inc()
+                raise _unauthorized("The API key is malformed, unknown or revoked.")
+            return _Caller(scope_id=record.scope_id, key_id=record.key_id, session_id=None)
+        session_id = relay.session_id_from(self._headers)
+        session = relay.browser_session(self._headers)
+        if session is None or session_id is None:
+            raise _unauthorized("Sign in on the relay's start page, or send a Bearer key.")
+        if cookie_needs_origin and request.headers.get("Origin") is None:
+            raise _Refusal(
+                403, "forbidden", "A browser request must carry an Origin header for this."
+            )
+        return _Caller(scope_id=session.scope_id, key_id=session.key_id, session_id=session_id)
+
+    # -- pages ----------------------------------------------------------------------------
+
+    async def _page(
+        self,
+        *,
+        status: int = 200,
+        title: str = "Sign in",
+        error: str | None = None,
+        message: str | None = None,
+        show_form: bool = True,
+        signed_in: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """The sign-in page (with an optional inline error), the signed-in page, or (without
+        the form) a short message page. Everything shown is escaped by the template."""
+        body = await render_template(
+            _TEMPLATE,
+            title=title,
+            error=error,
+            message=message,
+            show_form=show_form and not signed_in,
+            signed_in=signed_in,
+        )
+        return Response(body, status=status, content_type="text/html", headers=headers)
+
+    async def landing(self) -> Response:
+        signed_in = self._relay.browser_session(self._headers) is not None
+        return await self._page(title="Repowire relay", signed_in=signed_in)
+
+    async def auth(self) -> Response:
+        relay = self._relay
+        if not self._origin_ok():
+            return await self._forbidden_page()
+        now = relay.clock()
+        address = self._address()
+        wait = relay.auth_limiter.retry_after(address, now)
+        if wait > 0:
+            relay.metrics.rate_limited.labels("auth").inc()
+            seconds = _retry_after(wait)
+            return await self._page(
+                status=429,
+                error=f"Too many attempts from your address. Try again in {seconds} seconds.",
+                headers={"Retry-After": seconds},
+            )
+        form = await request.form
+        key = (form.get("api_key") or "").strip()
+        if not key:
+            return await self._page(status=400, error="Enter your API key.")
+        record = relay.store.verify_key(key, now=now)
+        if record is None:
+            # Only wrong keys are charged: signing in correctly never locks anyone out.
+            relay.auth_limiter.allow(address, now)
+            relay.metrics.auth_failures.labels("auth").inc()
+            return await self._page(
+                status=401, error="This API key is not valid: it is malformed, unknown or revoked."
+            )
+        if not relay.links.for_scope(record.scope_id):
+            return await self._page(status=409, error=NO_DAEMON_MESSAGE)
+        try:
+            session_id = relay.store.create_session(
+                record, now=now, ttl=relay.settings.session_ttl
+            )
+        except UnknownRecordError:
+            # Revoked between the check above and now.
+            relay.metrics.auth_failures.labels("auth").inc()
+            return await self._page(
+                status=401, error="This API key is not valid: it is malformed, unknown or revoked."
+            )
+        previous = relay.session_id_from(self._headers)
+        if previous is not None:
+            relay.store.end_session(previous)
+        logger.info("browser session opened for key %s", record.key_id)
+        response = _redirect("/dashboard/", 303)
+        response.headers["Set-Cookie"] = relay.cookie_header(session_id, secure=self._secure())
+        return response
+
+    async def logout(self) -> Response:
+        relay = self._relay
+        if not self._origin_ok():
+            return await self._forbidden_page()
+        session_id = relay.session_id_from(self._headers)
+        if session_id is not None:
+            relay.store.end_session(session_id)
+        response = _redirect("/", 303)
+        response.headers["Set-Cookie"] = relay.clearing_cookie_header(secure=self._secure())
+        return response
+
+    async def _forbidden_page(self) -> Response:
+        return await self._page(
+            status=403,
+            title="Forbidden",
+            message="This request came from another site and was refused.",
+            show_form=False,
+        )
+
+    async def static_file(self, name: str) -> Response:
+        path = _resolve_file(self._static_root, name)
+        if path is None:
+            return await self._not_found()
+        response = await send_file(path, mimetype=_content_type(path), conditional=True)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    # -- dashboard ------------------------------------------------------------------------
+
+    async def dashboard_redirect(self) -> Response:
+        return _redirect(f"{self._prefix()}/dashboard/", 308)
+
+    async def dashboard_index(self) -> Response:
+        relay = self._relay
+        session = relay.browser_session(self._headers)
+        if session is None:
+            return _redirect("/", 303)
+        if self._daemon_id() is None:
+            default = relay.links.default_for(session.scope_id)
+            if default is not None:
+                return _redirect(f"/d/{default.daemon_id}/dashboard/", 303)
+        return await self._dashboard_send(INDEX_FILE)
+
+    async def dashboard_file(self, asset: str) -> Response:
+        self._daemon_id()  # refuses a malformed prefix id
+        if self._relay.browser_session(self._headers) is None:
+            if asset.endswith("/") or asset.rsplit("/", 1)[-1] == INDEX_FILE:
+                return _redirect("/", 303)
+            raise _unauthorized("Sign in on the relay's start page first.")
+        if asset.endswith("/"):
+            asset += INDEX_FILE
+        return await self._dashboard_send(asset)
+
+    async def _dashboard_send(self, name: str) -> Response:
+        path = _resolve_file(self._dashboard_root, name)
+        if path is None:
+            return await self._not_found()
+        response = await send_file(path, mimetype=_content_type(path), conditional=True)
+        # The export's names carry no content hash: always revalidate (cheap, with the ETag).
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers.pop("Expires", None)
+        response.headers["Content-Security-Policy"] = DASHBOARD_CSP
+        return response
+
+    # -- health and metrics ---------------------------------------------------------------
+
+    async def health(self) -> Response:
+        relay = self._relay
+        return _json(
+            {
+                "status": "shutting_down" if relay.shutting_down else "ok",
+                "version": self._version,
+                "daemons_connected": len(relay.links),
+            }
+        )
+
+    async def metrics(self) -> Response:
+        metrics = self._relay.metrics
+        metrics.daemons_connected.set(len(self._relay.links))
+        return Response(metrics.render(), content_type=metrics.content_type)
+
+    # -- API ------------------------------------------------------------------------------
+
+    async def register(self) -> Response:
+        relay = self._relay
+        if relay.settings.registration == "closed":
+            raise _Refusal(
+                403,
+                "registration_closed",
+                "This relay does not register new keys; ask its operator for one.",
+            )
+        if not self._origin_ok():
+            raise _Refusal(403, "forbidden", "This request came from another site.")
+        now = relay.clock()
+        address = self._address()
+        if not relay.register_limiter.allow(address, now):
+            relay.metrics.rate_limited.labels("register").inc()
+            raise _Refusal(
+                429,
+                "rate_limited",
+                "Too many registrations from this address; try again later.",
+                headers={"Retry-After": _retry_after(relay.register_limiter.retry_after(address, now))},
+            )
+        label = await self._registration_label()
+        try:
+            record, key = relay.store.create_scope(label=label, now=now)
+        except ValueError as exc:
+            raise _Refusal(400, "bad_request", str(exc)) from None
+        relay.metrics.registrations.inc()
+        logger.info("registered scope %s with key %s", record.scope_id, record.key_id)
+        return _json(
+            {"api_key": key, "key_id": record.key_id, "scope_id": record.scope_id},
+            status=201,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _registration_label(self) -> str:
+        """The optional ``label`` of a registration body; "" without a body."""
+        raw = await request.get_data(as_text=False)
+        if not raw.strip():
+            return ""
+        if request.mimetype != "application/json":
+            raise _Refusal(415, "unsupported_media_type", "Send the body as application/json.")
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _Refusal(400, "bad_request", "The body is not valid JSON.") from None
+        if not isinstance(document, dict):
+            raise _Refusal(400, "bad_request", 'The body must be a JSON object: {"label": "..."}.')
+        label = document.get("label")
+        if label is None:
+            return ""
+        if not isinstance(label, str):
+            raise _Refusal(400, "bad_request", "label must be a string.")
+        return label
+
+    async def daemons(self) -> Response:
+        relay = self._relay
+        caller = self._api_caller(where="api", cookie_needs_origin=False)
+        online = relay.links.for_scope(caller.scope_id)
+        default = online[0] if online else None
+        entries: list[dict[str, object]] = []
+        for link in online:
+            rtt = link.rtt
+            entries.append(
+                {
+                    "daemon_id": link.daemon_id,
+                    "online": True,
+                    "connected_since": link.connected_at,
+                    "rtt_ms": None if rtt is None else rtt * 1000.0,
+                    "version": link.version,
+                    "default": link is default,
+                }
+            )
+        online_ids = {link.daemon_id for link in online}
+        for daemon_id, _first_seen, _last_seen in relay.store.known_daemons(caller.scope_id):
+            if daemon_id in online_ids:
+                continue
+            entries.append(
+                {
+                    "daemon_id": daemon_id,
+                    "online": False,
+                    "connected_since": None,
+                    "rtt_ms": None,
+                    "version": None,
+                    "default": False,
+                }
+            )
+        current = self._daemon_id()
+        if current is None and default is not None:
+            current = default.daemon_id
+        return _json({"daemons": entries, "current": current})
+
+    async def rotate(self) -> Response:
+        relay = self._relay
+        if not self._origin_ok():
+            raise _Refusal(403, "forbidden", "This request came from another site.")
+        caller = self._api_caller(where="rotate", cookie_needs_origin=True)
+        now = relay.clock()
+        try:
+            record, key = relay.store.rotate_key(caller.key_id, now=now)
+        except UnknownRecordError:
+            # Revoked or rotated by someone else in the meantime.
+            raise _unauthorized("The API key is unknown or revoked.") from None
+        links = relay.links.for_key(caller.key_id)
+        for link in links:
+            await link.session.aclose(int(CloseCode.INVALID_KEY), "key rotated")
+        logger.info(
+            "key %s rotated to %s; closed %d daemon link(s)",
+            caller.key_id,
+            record.key_id,
+            len(links),
+        )
+        response = _json(
+            {"api_key": key, "key_id": record.key_id}, headers={"Cache-Control": "no-store"}
+        )
+        if caller.session_id is not None:
+            # The page that asked keeps working: its old session ended with the old key.
+            response.headers["Set-Cookie"] = self._new_session_cookie(record, now)
+        return response
+
+    def _new_session_cookie(self, record: KeyRecord, now: float) -> str:
+        relay = self._relay
+        session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
+        return relay.cookie_header(session_id, secure=self._secure())
+
+    # -- errors ---------------------------------------------------------------------------
+
+    async def _not_found(self) -> Response:
+        if _is_api_path():
+            return _json({"error": "not_found", "detail": "There is no such API route."}, 404)
+        return await self._page(
+            status=404,
+            title="Not found",
+            message="There is nothing at this address.",
+            show_form=False,
+        )
+
+    async def refusal(self, error: _Refusal) -> Response:
+        if _is_api_path() or request.path.startswith("/dashboard/"):
+            return _json({"error": error.code, "detail": error.detail}, error.status, error.headers)
+        return await self._page(
+            status=error.status,
+            title="Refused",
+            message=error.detail,
+            show_form=False,
+            headers=error.headers,
+        )
+
+    async def http_error(self, error: HTTPException) -> Response:
+        status = error.code or 500
+        if status == 404:
+            return await self._not_found()
+        headers: dict[str, str] = {}
+        if status == 405:
+            allowed = error.get_response().headers.get("Allow")
+            if allowed:
+                headers["Allow"] = allowed
+        code = {
+            400: "bad_request",
+            405: "method_not_allowed",
+            413: "too_large",
+            415: "unsupported_media_type",
+        }.get(status, "http_error")
+        detail = {
+            400: "The request is malformed.",
+            405: "This address does not accept that method.",
+            413: f"The request body is larger than {MAX_BODY_SIZE} bytes.",
+            415: "The request body has an unsupported type.",
+        }.get(status, "The request could not be served.")
+        if _is_api_path():
+            return _json({"error": code, "detail": detail}, status, headers)
+        return await self._page(
+            status=status, title="Error", message=detail, show_form=False, headers=headers
+        )
+
+    async def store_error(self, error: StoreError) -> Response:
+        # StoreError messages never hold a secret; the path holds none either.
+        logger.error("key store failure on %s %s: %s", request.method, request.path, error)
+        detail = "The relay's key store is unavailable; try again shortly."
+        if _is_api_path():
+            return _json({"error": "store_unavailable", "detail": detail}, 503)
+        return await self._page(status=503, title="Unavailable", message=detail, show_form=False)
+
+    async def internal_error(self, error: Exception) -> Response:
+        # The traceback goes to the log, never to the client. Only the path is named (the
+        # query string is the client's and is not logged).
+        logger.error(
+            "unhandled error on %s %s", request.method, request.path, exc_info=error
+        )
+        detail = "The relay failed to answer this request."
+        if _is_api_path():
+            return _json({"error": "internal_error", "detail": detail}, 500)
+        return await self._page(status=500, title="Error", message=detail, show_form=False)
+
+
+def _unauthorized(detail: str) -> _Refusal:
+    return _Refusal(
+        401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="repowire"'}
+    )
