@@ -186,22 +186,41 @@ class Connector:
             (b"repowire-protocol", str(PROTOCOL_VERSION).encode()),
             (b"repowire-version", config.version.encode("ascii", "replace")),
         ]
-        ssl_context: ssl.SSLContext | None = None
-        if url.startswith("wss://"):
-            ssl_context = ssl.create_default_context(
-                cafile=str(config.ca_file) if config.ca_file else None
-            )
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
         try:
-            async with trio_websocket.open_websocket_url(
-                url,
-                ssl_context=ssl_context,
-                extra_headers=headers,
-                max_message_size=LINK_MAX_MESSAGE,
-                message_queue_size=4,
-                connect_timeout=config.connect_timeout,
-                disconnect_timeout=2,
-            ) as connection:
-                return await self._serve_link(connection)
+            with trio.fail_after(config.connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+            stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+            if secure:
+                context = ssl.create_default_context(
+                    cafile=str(config.ca_file) if config.ca_file else None
+                )
+                stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            # The TCP (or TLS) stream is ours to close: trio-websocket's own client can leave
+            # the socket open when the server starts the close.
+            async with stream, trio.open_nursery() as nursery:
+                with trio.fail_after(config.connect_timeout):
+                    connection = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        stream,
+                        parts.netloc,
+                        parts.path,
+                        extra_headers=headers,
+                        max_message_size=LINK_MAX_MESSAGE,
+                        message_queue_size=4,
+                    )
+                try:
+                    return await self._serve_link(connection)
+                finally:
+                    with trio.move_on_after(2) as scope:
+                        scope.shield = True
+                        await connection.aclose()
+                    nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            return DisconnectReason.NETWORK, "timed out connecting to the relay"
         except trio_websocket.ConnectionRejected as exc:
             return DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {exc.status_code})"
         except trio_websocket.HandshakeError as exc:
@@ -212,9 +231,10 @@ class Connector:
         except _Refused as exc:
             if exc.code is None:
                 return DisconnectReason.NETWORK, exc.reason
-            return DisconnectReason.from_close_code(
-                exc.code
-            ), f"relay closed the link ({exc.code}: {exc.reason})"
+            return (
+                DisconnectReason.from_close_code(exc.code),
+                f"relay closed the link ({exc.code}: {exc.reason})",
+            )
         except (OSError, trio.BrokenResourceError, trio_websocket.ConnectionClosed) as exc:
             return DisconnectReason.NETWORK, f"cannot reach the relay: {exc or type(exc).__name__}"
 

@@ -192,7 +192,9 @@ def _json(
     body: Mapping[str, object], status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=True)
-    return Response(text, status=status, content_type="application/json", headers=headers)
+    return Response(
+        text, status=status, content_type="application/json", headers=dict(headers or {})
+    )
 
 
 def _redirect(location: str, status: int) -> Response:
@@ -355,7 +357,7 @@ class _Routes:
             show_form=show_form and not signed_in,
             signed_in=signed_in,
         )
-        return Response(body, status=status, content_type="text/html", headers=headers)
+        return Response(body, status=status, content_type="text/html", headers=dict(headers or {}))
 
     async def landing(self) -> Response:
         signed_in = self._relay.browser_session(self._headers) is not None
@@ -391,9 +393,7 @@ class _Routes:
         if not relay.links.for_scope(record.scope_id):
             return await self._page(status=409, error=NO_DAEMON_MESSAGE)
         try:
-            session_id = relay.store.create_session(
-                record, now=now, ttl=relay.settings.session_ttl
-            )
+            session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
         except UnknownRecordError:
             # Revoked between the check above and now.
             relay.metrics.auth_failures.labels("auth").inc()
@@ -509,7 +509,9 @@ class _Routes:
                 429,
                 "rate_limited",
                 "Too many registrations from this address; try again later.",
-                headers={"Retry-After": _retry_after(relay.register_limiter.retry_after(address, now))},
+                headers={
+                    "Retry-After": _retry_after(relay.register_limiter.retry_after(address, now))
+                },
             )
         label = await self._registration_label()
         try:
@@ -526,7 +528,8 @@ class _Routes:
 
     async def _registration_label(self) -> str:
         """The optional ``label`` of a registration body; "" without a body."""
-        raw = await request.get_data(as_text=False)
+        data = await request.get_data(as_text=False)
+        raw = data.encode("utf-8") if isinstance(data, str) else data
         if not raw.strip():
             return ""
         if request.mimetype != "application/json":
@@ -675,9 +678,7 @@ class _Routes:
     async def internal_error(self, error: Exception) -> Response:
         # The traceback goes to the log, never to the client. Only the path is named (the
         # query string is the client's and is not logged).
-        logger.error(
-            "unhandled error on %s %s", request.method, request.path, exc_info=error
-        )
+        logger.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
         detail = "The relay failed to answer this request."
         if _is_api_path():
             return _json({"error": "internal_error", "detail": detail}, 500)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Final
-from urllib.parse import urlsplit
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from ._settings import MAX_JSON_BODY
@@ -21,8 +22,11 @@ DEFAULT_PORT: Final = 8377
 #: the server is asked to stop; then they are cancelled.
 GRACEFUL_SHUTDOWN_TIMEOUT: Final = 2.0
 
-#: hypercorn's own messages (startup, errors) go here, never an access log: request lines can
-#: carry query strings and headers are not logged by design.
+#: Pending connections the kernel queues before the server accepts them.
+LISTEN_BACKLOG: Final = 128
+
+#: hypercorn's own messages (startup, errors) go here. There is no access log: request lines
+#: can carry query strings, and nothing here logs headers or bodies.
 server_logger = logging.getLogger("repowire.daemon.server")
 
 
@@ -35,7 +39,24 @@ def make_config(host: str, port: int, *, graceful_timeout: float) -> Config:
     config.graceful_timeout = graceful_timeout
     config.websocket_max_message_size = MAX_JSON_BODY
     config.include_server_header = False
+    config.backlog = LISTEN_BACKLOG
     return config
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; closed again if binding fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_daemon(
@@ -51,37 +72,39 @@ async def serve_daemon(
     Use with ``await nursery.start(serve_daemon, app)``: it reports the bound ``(host, port)``
     (the real port when ``port`` is 0) once the socket listens. On cancellation it stops
     accepting, gives open connections ``graceful_timeout`` seconds, then cancels them and
-    returns (re-raising the cancellation). Raises OSError if the address cannot be bound.
+    lets the cancellation through. Raises OSError (before reporting) if the address cannot be
+    bound.
     """
     config = make_config(host, port, graceful_timeout=graceful_timeout)
-    stop = trio.Event()
-    # The server runs shielded so the caller's cancellation becomes a graceful stop (below)
-    # instead of cutting every connection at once; the deadline bounds how long that takes.
-    server_scope = trio.CancelScope(shield=True)
+    # The socket is ours, so it is closed on every path, a failed bind included.
+    with _listen(host, port) as sock:
+        bound_host, bound_port = sock.getsockname()[:2]
+        stop = trio.Event()
+        # The server runs shielded so the caller's cancellation becomes a graceful stop
+        # (below) instead of cutting every connection at once.
+        server_scope = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
 
-    async with trio.open_nursery() as nursery:
+            async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+                with server_scope:
+                    await worker_serve(
+                        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                        config,
+                        sockets=Sockets(
+                            secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]
+                        ),
+                        shutdown_trigger=stop.wait,
+                        task_status=task_status,
+                    )
+                # The server only ends by itself if something stopped it; then so do we.
+                nursery.cancel_scope.cancel()
 
-        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-            with server_scope:
-                await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
-            # The server only ends by itself if something stopped it; then so do we.
-            nursery.cancel_scope.cancel()
-
-        binds: list[str] = await nursery.start(run)
-        task_status.started(_bound_address(binds, host))
-        try:
-            await trio.sleep_forever()
-        finally:
-            stop.set()
-            # hypercorn cancels connections after graceful_timeout itself; this is a backstop
-            # in case its own shutdown (the app's lifespan) hangs.
-            server_scope.deadline = trio.current_time() + graceful_timeout + 1.0
-
-
-def _bound_address(binds: list[str], host: str) -> tuple[str, int]:
-    """The ``(host, port)`` of hypercorn's first bind, e.g. from ``http://127.0.0.1:51234``."""
-    for bind in binds:
-        parts = urlsplit(bind)
-        if parts.port is not None:
-            return parts.hostname or host, parts.port
-    raise RuntimeError(f"the server reported no usable address: {binds!r}")
+            await nursery.start(run)
+            task_status.started((bound_host, bound_port))
+            try:
+                await trio.sleep_forever()
+            finally:
+                stop.set()
+                # hypercorn cancels connections after graceful_timeout itself; this is the
+                # backstop in case its own shutdown (the app's lifespan) hangs.
+                server_scope.deadline = trio.current_time() + graceful_timeout + 1.0

@@ -12,8 +12,8 @@ import trio
 from conftest import SseReader, http_request, open_http_stream
 
 from repowire.daemon import DaemonState, create_app, serve_daemon
-from repowire.daemon._server import make_config
 from repowire.daemon._mesh import MeshResponse
+from repowire.daemon._server import make_config
 
 
 def make_app(dashboard_dir: Path, state: DaemonState | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
