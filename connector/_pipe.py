@@ -150,7 +150,12 @@ async def pipe_to_daemon(
     try:
         await daemon.send_all(head + rest)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        await trio.aclose_forcefully(daemon)
         stream.reset(ErrorCode.UPSTREAM_FAILED)
+        await trio.aclose_forcefully(daemon)
         return
+    except BaseException:
+        # Cancelled (the link went down): the socket must not outlive this task.
+        stream.reset(ErrorCode.CANCEL)
+        await trio.aclose_forcefully(daemon)
+        raise
     await splice(stream, daemon)

@@ -9,7 +9,9 @@ back in time. All three live in the nursery of :meth:`MuxSession.run`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import deque
 from collections.abc import Mapping
 
 import attrs
@@ -85,7 +87,12 @@ class MuxSession:
         self.peer_goaway: GoAwayReceived | None = None
         self._streams: dict[int, MuxStream] = {}
         self._send_waiting: set[MuxStream] = set()
-        self._incoming_send, self._incoming = trio.open_memory_channel[MuxStream](math.inf)
+        # Peer-opened streams not yet accepted; bounded by the protocol's accept backlog (a
+        # stream reset before it is accepted leaves the queue at once).
+        self._accept_queue: deque[MuxStream] = deque()
+        self._accept_event = trio.Event()
+        #: The chunk the writer took from the protocol and has not finished sending.
+        self._unsent = b""
         self._handshake_done = trio.Event()
         self._ended = trio.Event()
         self._writer_event = trio.Event()
@@ -135,8 +142,7 @@ class MuxSession:
             self._wake_writer()
         with trio.move_on_after(grace):
             while self.protocol.open_streams and not self._ended.is_set():
-                event = self._stream_closed_event = trio.Event()
-                await self._wait_either(event, self._ended)
+                await self._wait_either(self._stream_closed_event, self._ended)
 
     @property
     def ended(self) -> bool:
@@ -161,8 +167,7 @@ class MuxSession:
                 raise SessionClosed("the session is going away")
             if protocol.can_open_stream():
                 break
-            event = self._slot_event = trio.Event()
-            await self._wait_either(event, self._ended)
+            await self._wait_either(self._slot_event, self._ended)
         stream_id = protocol.open_stream(metadata)
         stream = MuxStream(self, stream_id, dict(metadata or {}), local=True)
         self._streams[stream_id] = stream
@@ -173,11 +178,14 @@ class MuxSession:
     async def accept_stream(self) -> MuxStream:
         """The next stream opened by the peer. Raises :class:`SessionClosed` once the session
         has ended and no accepted stream is left."""
-        try:
-            stream = await self._incoming.receive()
-        except trio.EndOfChannel:
-            raise SessionClosed(self.close_reason or "session ended") from None
+        while not self._accept_queue:
+            if self._ended.is_set():
+                raise SessionClosed(self.close_reason or "session ended")
+            await self._wait_either(self._accept_event, self._ended)
+        stream = self._accept_queue.popleft()
+        stream._accepted = True
         self.protocol.accept_stream(stream.stream_id)
+        await trio.lowlevel.checkpoint()
         return stream
 
     async def ping(self) -> float:
@@ -229,7 +237,10 @@ class MuxSession:
             while True:
                 data = protocol.data_to_send(limit)
                 if data:
+                    # Kept until sent: if this send is cancelled, the final flush sends it.
+                    self._unsent = data
                     await self.transport.send_message(data)
+                    self._unsent = b""
                 else:
                     event = self._writer_event = trio.Event()
                     await event.wait()
@@ -266,7 +277,8 @@ class MuxSession:
         if isinstance(event, StreamOpened):
             stream = MuxStream(self, event.stream_id, event.metadata, local=False)
             self._streams[event.stream_id] = stream
-            self._incoming_send.send_nowait(stream)
+            self._accept_queue.append(stream)
+            self._notify("_accept_event")
         elif isinstance(event, WindowUpdated):
             if event.stream_id == 0:
                 for waiting in list(self._send_waiting):
@@ -284,6 +296,11 @@ class MuxSession:
         elif isinstance(event, StreamReset):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
+                if not stream._eof_received:
+                    # An aborted transfer: drop what was buffered and give its budget back.
+                    self.protocol.acknowledge_received_data(
+                        event.stream_id, stream._discard_buffer()
+                    )
                 stream._on_reset(int(event.code), event.remote)
             self._forget(event.stream_id)
         elif isinstance(event, PongReceived):
@@ -292,10 +309,10 @@ class MuxSession:
                 waiter.set()
         elif isinstance(event, GoAwayReceived):
             self.peer_goaway = event
-            self._slot_event.set()
+            self._notify("_slot_event")
         elif isinstance(event, HandshakeCompleted):
             self._handshake_done.set()
-            self._slot_event.set()
+            self._notify("_slot_event")
         # PingReceived: the protocol has queued the pong already.
 
     # ------------------------------------------------------------------ called by streams
@@ -343,7 +360,7 @@ class MuxSession:
     def _reset_stream(self, stream: MuxStream, code: int) -> None:
         if self._ended.is_set():
             return
-        stream._discard_buffer()
+        self.protocol.acknowledge_received_data(stream.stream_id, stream._discard_buffer())
         self.protocol.reset_stream(stream.stream_id, code)
         self._wake_writer()
         self._forget(stream.stream_id)
@@ -360,9 +377,20 @@ class MuxSession:
         self._wake_writer()
 
     def _forget(self, stream_id: int) -> None:
-        if self._streams.pop(stream_id, None) is not None:
-            self._slot_event.set()
-            self._stream_closed_event.set()
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            if not stream.local and not stream._accepted:
+                # Reset before anyone accepted it: it must not wait in the accept queue.
+                with contextlib.suppress(ValueError):
+                    self._accept_queue.remove(stream)
+            self._notify("_slot_event")
+            self._notify("_stream_closed_event")
+
+    def _notify(self, name: str) -> None:
+        """Wake every task waiting on the event ``name`` and arm a fresh one."""
+        event: trio.Event = getattr(self, name)
+        setattr(self, name, trio.Event())
+        event.set()
 
     def _end(self, reason: str, code: int) -> None:
         if self._ended.is_set():
@@ -374,9 +402,9 @@ class MuxSession:
         for stream in list(self._streams.values()):
             stream._on_break(error)
         self._streams.clear()
-        self._incoming_send.close()
-        self._slot_event.set()
-        self._stream_closed_event.set()
+        self._notify("_slot_event")
+        self._notify("_stream_closed_event")
+        self._notify("_accept_event")
         self._writer_event.set()
 
     async def _shutdown_transport(self) -> None:
@@ -385,7 +413,8 @@ class MuxSession:
             try:
                 if self.transport_closed is None:
                     # Flush what is queued (a GOAWAY saying why), then close.
-                    data = self.protocol.data_to_send()
+                    data = self._unsent + self.protocol.data_to_send()
+                    self._unsent = b""
                     if data:
                         await self.transport.send_message(data)
             except TransportClosed:

@@ -53,5 +53,7 @@ async def splice(
             nursery.start_soon(direction, a, b, count_a_to_b)
             nursery.start_soon(direction, b, a, count_b_to_a)
     finally:
-        for stream in (a, b):
-            await trio.aclose_forcefully(stream)
+        try:
+            await trio.aclose_forcefully(a)
+        finally:
+            await trio.aclose_forcefully(b)

@@ -43,6 +43,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self.metadata = metadata
         #: True when this side opened the stream.
         self.local = local
+        self._accepted = local
         self._chunks: deque[bytes] = deque()
         self._eof_received = False
         self._eof_sent = False

@@ -114,9 +114,9 @@ def create_web_app(relay: Relay) -> QuartTrio:
     if not index.is_file():
         raise FileNotFoundError(f"the dashboard's static files are missing: no {index}")
 
-    app = QuartTrio("relay.web", static_folder=None, template_folder="templates")
-    # The import name does not locate the package; point Quart at it for the templates.
-    app.root_path = str(Path(__file__).resolve().parent)
+    # Quart finds templates/ beside this module. Quart's own logger takes the module's name,
+    # separate from "relay.web", and reports only failures inside Quart itself.
+    app = QuartTrio(__name__, static_folder=None, template_folder="templates")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_SIZE
     # No redirects invented by the router: they would carry an absolute URL built from the
     # Host header, which is wrong under /d/<id>/. "//" in a path is simply not found.

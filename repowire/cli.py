@@ -624,7 +624,8 @@ def status_document(report: StatusReport) -> dict[str, Any]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    settings = load_settings(repowire_home())
+    overrides = Overrides(daemon_host=args.host, daemon_port=args.port)
+    settings = load_settings(repowire_home(), overrides)
     report = collect_status(settings)
     code = status_exit_code(report)
     if args.json:
@@ -1035,6 +1036,10 @@ def build_parser() -> argparse.ArgumentParser:
         **common,
     )
     status.add_argument("--json", action="store_true", help="print one JSON document")
+    status.add_argument("--host", metavar="H", help="the daemon's address (default: as configured)")
+    status.add_argument(
+        "--port", type=_port_arg, metavar="P", help="the daemon's port (default: as configured)"
+    )
     status.set_defaults(handler=_cmd_status)
 
     serve = commands.add_parser(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._app import create_app as create_app
 from ._errors import MESH_ERROR_STATUS as MESH_ERROR_STATUS
+from ._mesh import MESH_ERROR_CODES as MESH_ERROR_CODES
 from ._mesh import MESH_FROM_HEADER as MESH_FROM_HEADER
 from ._mesh import MeshClient as MeshClient
 from ._mesh import MeshError as MeshError
@@ -12,6 +13,7 @@ from ._mesh import MeshResponse as MeshResponse
 from ._server import DEFAULT_HOST as DEFAULT_HOST
 from ._server import DEFAULT_PORT as DEFAULT_PORT
 from ._server import GRACEFUL_SHUTDOWN_TIMEOUT as GRACEFUL_SHUTDOWN_TIMEOUT
+from ._server import STALLED_CLIENT_TIMEOUT as STALLED_CLIENT_TIMEOUT
 from ._server import serve_daemon as serve_daemon
 from ._settings import DaemonSettings as DaemonSettings
 from ._state import MAX_EVENTS as MAX_EVENTS

@@ -44,7 +44,9 @@ def create_app(
 
     ``mesh`` is None when the relay is disabled (then ``peer@other`` targets answer 503
     ``relay_disabled`` and broadcasts stay local); ``relay_status`` gives the connector's
-    status for ``/health``. Raises ValueError if ``daemon_id`` is not a valid id.
+    status for ``/health`` as a JSON-ready mapping (None: ``{"state": "disabled"}``).
+    ``dashboard_dir`` holds the dashboard's static files. Raises ValueError if ``daemon_id``
+    is not a valid id.
     """
     if not is_valid_name(daemon_id):
         raise ValueError(f"daemon id {daemon_id!r} must match [A-Za-z0-9._-]{{1,64}}")
@@ -134,17 +136,15 @@ class _Routes:
         return value
 
     @staticmethod
-    def _decimal(value: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    def _decimal(value: str | None, name: str, *, default: int, low: int = 0, high: int = 0) -> int:
+        """``value`` as a whole number in ``[low, high]`` (no upper bound if ``high`` is 0)."""
         if value is None:
             return default
-        if _DECIMAL.fullmatch(value) is None or not low <= int(value) <= high:
-            bound = f"at most {high}" if high < 10**18 else "no larger than it must be"
-            raise ApiError(
-                400,
-                "bad_request",
-                f"The parameter '{name}' must be a whole number of at least {low}, {bound}.",
-            )
-        return int(value)
+        number = int(value) if _DECIMAL.fullmatch(value) else -1
+        if number < low or (high and number > high):
+            bound = f"from {low} to {high}" if high else f"of at least {low}"
+            raise ApiError(400, "bad_request", f"'{name}' must be a whole number {bound}.")
+        return number
 
     # -- routes -------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class _Routes:
         return self._app.response_class("", status=204)
 
     async def events(self) -> Response:
-        after = self._decimal(request.args.get("after"), "after", default=0, low=0, high=10**18)
+        after = self._decimal(request.args.get("after"), "after", default=0)
         limit = self._decimal(
             request.args.get("limit"),
             "limit",
@@ -208,16 +208,13 @@ class _Routes:
     async def event_stream(self) -> Response:
         # An EventSource sends Last-Event-ID when it reconnects; that is newer than the
         # ?after= it was first opened with, so it wins.
-        last_event_id = request.headers.get("Last-Event-ID")
-        if last_event_id is not None:
-            after = self._decimal(last_event_id, "Last-Event-ID", default=0, low=0, high=10**18)
+        last_event_id = request.headers.get("Last-Event-ID", "").strip()
+        # An empty value means "no id yet" (the SSE spec lets an id field reset it).
+        if last_event_id:
+            after = self._decimal(last_event_id, "Last-Event-ID", default=0)
         else:
             after = self._decimal(
-                request.args.get("after"),
-                "after",
-                default=self._state.last_event_id,
-                low=0,
-                high=10**18,
+                request.args.get("after"), "after", default=self._state.last_event_id
             )
         response = self._app.response_class(
             event_stream(
@@ -283,11 +280,7 @@ class _Routes:
         if not _origin_allowed(origin, websocket.headers.get("Host")):
             raise ApiError(403, "forbidden", "WebSocket connections from this origin are refused.")
         after_arg = websocket.args.get("after")
-        after = (
-            None
-            if after_arg is None
-            else self._decimal(after_arg, "after", default=0, low=0, high=10**18)
-        )
+        after = None if after_arg is None else self._decimal(after_arg, "after", default=0)
         await websocket.accept()
         session = WebSocketSession(
             WebSocketLink(receive=websocket.receive, send=websocket.send, close=websocket.close),

@@ -1,48 +1,21 @@
 """The daemon's view of the mesh: how it reaches other daemons of its scope.
 
-The connector implements :class:`MeshClient`; the daemon only calls it. Keeping the interface
-here (and tiny) lets the daemon be tested with a fake and run without a relay at all.
+The connector implements :class:`MeshClient`; the daemon only calls it. The error and
+response types are the connector's own (re-exported here), so an ``except MeshError`` in the
+daemon catches exactly what the connector raises. Keeping the interface tiny lets the daemon
+be tested with a fake and run without a relay at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Literal, Protocol, get_args
+from typing import Protocol
 
-import attrs
-
-MeshErrorCode = Literal["unknown_daemon", "daemon_offline", "relay_down", "forbidden", "timeout"]
-
-MESH_ERROR_CODES: Final[frozenset[str]] = frozenset(get_args(MeshErrorCode))
-
-#: The header the connector adds to a request that arrived over the mesh; its value is the id of
-#: the daemon that sent it. The connector strips it from every other request, so its presence
-#: means "this came from another daemon of the scope".
-MESH_FROM_HEADER: Final = "Repowire-Mesh-From"
-
-
-class MeshError(Exception):
-    """A mesh request could not reach the other daemon, or was refused on the way.
-
-    ``code`` is one of :data:`MESH_ERROR_CODES`; ``detail`` is one sentence for a human. Neither
-    may contain a secret: both end up in HTTP error bodies.
-    """
-
-    def __init__(self, code: MeshErrorCode, detail: str) -> None:
-        if code not in MESH_ERROR_CODES:
-            raise ValueError(f"unknown mesh error code {code!r}")
-        super().__init__(f"{code}: {detail}")
-        self.code: MeshErrorCode = code
-        self.detail = detail
-
-
-@attrs.frozen(kw_only=True)
-class MeshResponse:
-    """The other daemon's HTTP answer, whole. Header names are as received."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
+from connector import MESH_ERROR_CODES as MESH_ERROR_CODES
+from connector import MESH_FROM_HEADER as MESH_FROM_HEADER
+from connector import MeshError as MeshError
+from connector import MeshErrorCode as MeshErrorCode
+from connector import MeshResponse as MeshResponse
 
 
 class MeshClient(Protocol):

@@ -22,6 +22,12 @@ DEFAULT_PORT: Final = 8377
 #: the server is asked to stop; then they are cancelled.
 GRACEFUL_SHUTDOWN_TIMEOUT: Final = 2.0
 
+#: Seconds a client may accept no data at all (a zero receive window, or no acknowledgement)
+#: before the kernel aborts its connection (TCP_USER_TIMEOUT, where the platform has it).
+#: hypercorn's socket writes cannot be cancelled, so without this a client that stops reading
+#: holds its response task -- and the daemon's shutdown -- for as long as it likes.
+STALLED_CLIENT_TIMEOUT: Final = 30.0
+
 #: Pending connections the kernel queues before the server accepts them.
 LISTEN_BACKLOG: Final = 128
 
@@ -43,13 +49,18 @@ def make_config(host: str, port: int, *, graceful_timeout: float) -> Config:
     return config
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, *, stalled_timeout: float) -> socket.socket:
     """A listening TCP socket on ``host:port``; closed again if binding fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            # Inherited by accepted connections: see STALLED_CLIENT_TIMEOUT.
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(stalled_timeout * 1000))
+            )
         sock.bind((host, port))
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -65,6 +76,7 @@ async def serve_daemon(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     graceful_timeout: float = GRACEFUL_SHUTDOWN_TIMEOUT,
+    stalled_client_timeout: float = STALLED_CLIENT_TIMEOUT,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` until cancelled.
@@ -72,12 +84,13 @@ async def serve_daemon(
     Use with ``await nursery.start(serve_daemon, app)``: it reports the bound ``(host, port)``
     (the real port when ``port`` is 0) once the socket listens. On cancellation it stops
     accepting, gives open connections ``graceful_timeout`` seconds, then cancels them and
-    lets the cancellation through. Raises OSError (before reporting) if the address cannot be
-    bound.
+    lets the cancellation through; a connection stuck writing to a client that reads nothing
+    ends within ``stalled_client_timeout`` seconds. Raises OSError (before reporting) if the
+    address cannot be bound.
     """
     config = make_config(host, port, graceful_timeout=graceful_timeout)
     # The socket is ours, so it is closed on every path, a failed bind included.
-    with _listen(host, port) as sock:
+    with _listen(host, port, stalled_timeout=stalled_client_timeout) as sock:
         bound_host, bound_port = sock.getsockname()[:2]
         stop = trio.Event()
         # The server runs shielded so the caller's cancellation becomes a graceful stop

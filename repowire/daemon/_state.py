@@ -216,8 +216,10 @@ class DaemonState:
         which case nothing changes.
         """
         if not is_valid_name(name):
+            # Only the start of an overlong name is echoed back.
+            shown = name if len(name) <= 80 else name[:80] + "..."
             raise InvalidPeerName(
-                f"peer name {name!r} must be 1 to 64 characters from A-Z, a-z, 0-9, '.', '_', '-'"
+                f"peer name {shown!r} must be 1 to 64 characters from A-Z, a-z, 0-9, '.', '_', '-'"
             )
         created = name not in self._peers
         if created and len(self._peers) >= self._max_peers:

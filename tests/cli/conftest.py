@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from cli_support import FakeHttpServer, SelfSigned, serve_fake
 
 from relay._keys import generate_key
+
+from .cli_support import FakeHttpServer, SelfSigned, serve_fake
 
 _ENV_NAMES = (
     "REPOWIRE_HOME",

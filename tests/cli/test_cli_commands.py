@@ -14,7 +14,14 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from cli_support import (
+
+import relay
+from relay._keys import generate_key, looks_like_key, mask_key
+from repowire import cli
+from repowire.cli import main
+from repowire.config import Settings, load_settings
+
+from .cli_support import (
     NETWORK_TEST_TIMEOUT,
     FakeHttpServer,
     assert_no_full_key,
@@ -23,12 +30,6 @@ from cli_support import (
     run_cli,
     write_config,
 )
-
-import relay
-from relay._keys import generate_key, looks_like_key, mask_key
-from repowire import cli
-from repowire.cli import main
-from repowire.config import Settings, load_settings
 
 # -- help, version, usage errors --------------------------------------------------------------
 

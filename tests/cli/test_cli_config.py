@@ -8,7 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from cli_support import assert_no_full_key, one_line, write_config
 
 from relay._keys import generate_key, mask_key
 from repowire.cli import main
@@ -25,6 +24,8 @@ from repowire.config import (
     repowire_home,
     update_config,
 )
+
+from .cli_support import assert_no_full_key, one_line, write_config
 
 COMMENTED = """\
 # Top comment: my settings

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import trio
-from cli_support import NETWORK_TEST_TIMEOUT, FakeHttpServer, Reply, SelfSigned
 
 from repowire._httpclient import MAX_RESPONSE_BYTES, HttpError, request_json, safe_url
+
+from .cli_support import NETWORK_TEST_TIMEOUT, FakeHttpServer, Reply, SelfSigned
 
 
 async def call(

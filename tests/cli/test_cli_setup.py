@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from cli_support import (
+
+from relay._keys import generate_key, mask_key
+from repowire.cli import main
+from repowire.config import load_settings
+
+from .cli_support import (
     NETWORK_TEST_TIMEOUT,
     FakeHttpServer,
     Reply,
@@ -19,10 +24,6 @@ from cli_support import (
     run_cli,
     write_config,
 )
-
-from relay._keys import generate_key, mask_key
-from repowire.cli import main
-from repowire.config import load_settings
 
 
 def main_setup(extra: list[str]) -> int:

@@ -10,7 +10,12 @@ from typing import Any
 
 import pytest
 import trio
-from cli_support import (
+
+from relay._keys import generate_key, mask_key
+from repowire import cli
+from repowire.cli import format_time, main
+
+from .cli_support import (
     NETWORK_TEST_TIMEOUT,
     FakeHttpServer,
     Reply,
@@ -19,10 +24,6 @@ from cli_support import (
     run_cli,
     write_config,
 )
-
-from relay._keys import generate_key, mask_key
-from repowire import cli
-from repowire.cli import format_time, main
 
 
 def point_at(home: Path, server_port: int, extra: str = "") -> None:
@@ -200,6 +201,22 @@ async def test_environment_port_is_where_status_looks(
     with trio.fail_after(NETWORK_TEST_TIMEOUT):
         assert await run_cli(["status"]) == 0
     assert "relay:           disabled" in capsys.readouterr().out
+
+
+async def test_port_flag_beats_environment(
+    home: Path,
+    http_server: FakeHttpServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    closed_port: int,
+) -> None:
+    point_at(home, closed_port)
+    monkeypatch.setenv("REPOWIRE_DAEMON_PORT", str(closed_port))
+    http_server.reply_json("GET", "/health", 200, health({"state": "connected"}))
+    with trio.fail_after(NETWORK_TEST_TIMEOUT):
+        code = await run_cli(["status", "--host", "127.0.0.1", "--port", str(http_server.port)])
+    assert code == 0
+    assert "relay:           connected" in capsys.readouterr().out
 
 
 def test_format_time_accepts_epoch_and_iso() -> None:

@@ -6,17 +6,15 @@ import json
 
 import pytest
 import trio
-from conftest import DaemonFactory, open_http_stream
 
-from repowire.daemon import DaemonSettings, DaemonState
+from repowire.daemon import DaemonSettings, DaemonState, Peer
+
+from .daemon_support import DaemonFactory, HttpResponse, open_http_stream
 
 JSON = [("Content-Type", "application/json")]
 
 
-def assert_error(response: object, status: int, code: str) -> None:
-    from conftest import HttpResponse
-
-    assert isinstance(response, HttpResponse)
+def assert_error(response: HttpResponse, status: int, code: str) -> None:
     assert response.status == status, response.body
     assert response.header("content-type") == "application/json"
     body = response.json()
@@ -366,7 +364,7 @@ async def test_handler_crash_is_a_json_500_without_traceback(
     daemon_factory: DaemonFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     class ExplodingState(DaemonState):
-        def peers(self):  # type: ignore[no-untyped-def]
+        def peers(self) -> list[Peer]:
             raise RuntimeError("secret internal detail")
 
     with trio.fail_after(10):
@@ -378,3 +376,11 @@ async def test_handler_crash_is_a_json_500_without_traceback(
     # The crash is logged for the operator, without the query string.
     assert any("RuntimeError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
     assert not any("token=abc" in r.getMessage() for r in caplog.records)
+
+
+async def test_overlong_peer_name_is_not_echoed_whole(daemon_factory: DaemonFactory) -> None:
+    with trio.fail_after(10):
+        daemon = await daemon_factory()
+        response = await daemon.request("POST", "/peers", json_body={"name": "n" * 100_000})
+    assert_error(response, 400, "bad_request")
+    assert len(response.body) < 1000

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import DaemonFactory, HttpResponse, LoopbackMesh, RunningDaemon
 
 from repowire.daemon import DaemonSettings, MeshError, MeshErrorCode, MeshResponse
+
+from .daemon_support import DaemonFactory, HttpResponse, LoopbackMesh, RunningDaemon
 
 Handler = Callable[[str, str, str, bytes], Awaitable[MeshResponse]]
 

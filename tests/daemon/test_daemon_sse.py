@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import trio
 import trio.testing
-from conftest import DaemonFactory, SseReader, eventually, http_request, open_http_stream
 
 from repowire.daemon import DaemonSettings, DaemonState
+
+from .daemon_support import DaemonFactory, SseReader, eventually, http_request, open_http_stream
 
 JSON = [("Content-Type", "application/json")]
 
@@ -87,6 +88,18 @@ async def test_stream_resumes_after_query_parameter(daemon_factory: DaemonFactor
             reader = SseReader(stream)
             ids = [(await reader.next_event()).id for _ in range(2)]
     assert ids == ["2", "3"]
+
+
+async def test_empty_last_event_id_falls_back_to_the_query(daemon_factory: DaemonFactory) -> None:
+    with trio.fail_after(10):
+        daemon = await daemon_factory()
+        for i in range(3):
+            daemon.state.publish("message", {"i": i})
+        async with open_http_stream(
+            daemon.address, "GET", "/events/stream?after=2", headers=[("Last-Event-ID", "")]
+        ) as stream:
+            message = await SseReader(stream).next_event()
+    assert message.id == "3"
 
 
 async def test_stream_bad_position_gets_400(daemon_factory: DaemonFactory) -> None:

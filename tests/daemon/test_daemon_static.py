@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import DaemonFactory
 
 from repowire.daemon._static import resolve_static
+
+from .daemon_support import DaemonFactory
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import DaemonFactory, eventually, http_request, open_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from repowire.daemon import DaemonState
+
+from .daemon_support import DaemonFactory, eventually, http_request, open_websocket
 
 
 async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:

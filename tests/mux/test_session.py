@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import random
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import attrs
 import pytest
@@ -119,8 +120,7 @@ def payload(seed: int, size: int) -> bytes:
 
 
 async def bare_handshake(end: MemoryTransport, peer: Session) -> None:
-    """Send the bare peer's HELLO and read the driver's. The driver must be running (or be
-    started right after the first half: the peer's HELLO is buffered by the transport)."""
+    """Read the driver's HELLO on the bare peer's end (the peer sent its own HELLO already)."""
     events = peer.receive_data(await end.receive_message())
     assert any(isinstance(event, HandshakeCompleted) for event in events)
 
@@ -368,6 +368,16 @@ async def test_reset_reaches_the_peer_with_its_code() -> None:
                 await local.send_all(b"y")
             local.reset(ErrorCode.CANCEL)  # idempotent
 
+            # Bytes the peer has not read yet are dropped with the stream: the reset comes first.
+            local, remote = await open_pair(pair.relay, pair.connector)
+            await local.send_all(b"never read")
+            await trio.testing.wait_all_tasks_blocked()
+            local.reset(ErrorCode.FORBIDDEN)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(mux.StreamReset) as info:
+                await remote.receive_some()
+            assert info.value.code == ErrorCode.FORBIDDEN
+
             # An unknown application code passes through as a number.
             local, remote = await open_pair(pair.connector, pair.relay)
             local.reset(0x1234)
@@ -478,8 +488,27 @@ async def test_transport_closed_by_the_peer_ends_the_session() -> None:
     with trio.fail_after(5):
         async with running_pair() as pair:
             local, remote = await open_pair(pair.connector, pair.relay)
-            # The relay side of the link rejects the connector's key.
-            await pair.relay_end.aclose(4401, "bad key")
+            blocked, _ = await open_pair(pair.connector, pair.relay)
+            failures: list[BaseException] = []
+
+            async def expect_break(operation: Callable[[], Awaitable[object]]) -> None:
+                try:
+                    await operation()
+                except trio.BrokenResourceError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                # Tasks already waiting when the link goes: a sender out of credit, a reader,
+                # an acceptor. Each must be woken with an error, not left hanging.
+                nursery.start_soon(expect_break, partial(blocked.send_all, b"x" * (1024 * 1024)))
+                nursery.start_soon(expect_break, local.receive_some)
+                nursery.start_soon(expect_break, pair.connector.accept_stream)
+                await trio.testing.wait_all_tasks_blocked()
+                assert failures == []
+                # The relay side of the link rejects the connector's key.
+                await pair.relay_end.aclose(4401, "bad key")
+            assert len(failures) == 3
+            assert all(isinstance(exc, mux.SessionClosed) for exc in failures), failures
 
             await pair.connector_done.wait()
             connector = pair.connector
@@ -497,6 +526,10 @@ async def test_transport_closed_by_the_peer_ends_the_session() -> None:
                 await connector.open_stream()
             with pytest.raises(mux.SessionClosed, match="bad key"):
                 await connector.accept_stream()
+            # The relay's own end is closed too: its session ends, its stream breaks.
+            await pair.relay_done.wait()
+            with pytest.raises(trio.BrokenResourceError):
+                await remote.receive_some()
 
 
 async def test_aclose_closes_the_transport_with_its_code() -> None:
@@ -509,6 +542,8 @@ async def test_aclose_closes_the_transport_with_its_code() -> None:
             assert pair.relay.close_reason == "replaced by a newer link"
             assert pair.connector.transport_closed is not None
             assert pair.connector.transport_closed.code == CloseCode.REPLACED
+            with pytest.raises(trio.BrokenResourceError):
+                await local.send_all(b"x")
             with pytest.raises(trio.BrokenResourceError):
                 await remote.receive_some()
             with pytest.raises(mux.SessionClosed):

@@ -1,0 +1,94 @@
+"""`repowire serve`: the local daemon, with the connector beside it when relay access is on."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from connector import Connector, ConnectorConfig
+
+from . import __version__
+from .config import Settings
+from .daemon import DaemonState, create_app, serve_daemon
+from .dashboard import STATIC_DIR
+
+log = logging.getLogger("repowire")
+
+
+def build_connector(settings: Settings) -> Connector | None:
+    """The connector for these settings, or None when relay access is off."""
+    relay = settings.relay
+    if not relay.enabled:
+        return None
+    if relay.api_key is None:
+        raise ValueError("relay access is enabled but no API key is configured")
+    return Connector(
+        ConnectorConfig(
+            relay_url=relay.url,
+            api_key=relay.api_key,
+            daemon_id=settings.daemon.daemon_id,
+            daemon_host=settings.daemon.host,
+            daemon_port=settings.daemon.port,
+            ca_file=relay.ca_file,
+            version=__version__,
+        )
+    )
+
+
+async def run_daemon(
+    settings: Settings,
+    *,
+    task_status: trio.TaskStatus[
+        tuple[tuple[str, int], Connector | None]
+    ] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the daemon (and its connector) until cancelled. Reports ``(address, connector)``.
+
+    The connector starts once the daemon listens, so the first tunneled request finds it.
+    """
+    connector = build_connector(settings)
+
+    def relay_status() -> Mapping[str, object]:
+        assert connector is not None
+        return connector.status().to_json()
+
+    app = create_app(
+        daemon_id=settings.daemon.daemon_id,
+        version=__version__,
+        state=DaemonState(),
+        mesh=connector,
+        relay_status=relay_status if connector is not None else None,
+        dashboard_dir=STATIC_DIR,
+    )
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            lambda task_status: serve_daemon(
+                app, host=settings.daemon.host, port=settings.daemon.port, task_status=task_status
+            )
+        )
+        if connector is not None:
+            # The daemon's real port (it may have been 0) is where tunneled streams go.
+            connector.config = attrs.evolve(connector.config, daemon_port=address[1])
+            await nursery.start(connector.run)
+        task_status.started((address, connector))
+
+
+async def serve(settings: Settings) -> None:
+    """The `repowire serve` command: run until SIGTERM or SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    async with trio.open_nursery() as nursery:
+        (host, port), connector = await nursery.start(run_daemon, settings)
+        print(f"repowire daemon {settings.daemon.daemon_id} listening on http://{host}:{port}")
+        print(f"dashboard: http://{host}:{port}/dashboard/")
+        if connector is not None:
+            print(f"relay access on: connecting to {settings.relay.url}")
+        else:
+            print("relay access off (repowire setup --relay to turn it on)")
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        nursery.cancel_scope.cancel()
