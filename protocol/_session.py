@@ -353,7 +353,7 @@ class Session:
         if stream.state in (_S.OPEN, _S.HALF_CLOSED_LOCAL):
             stream.consumed += amount
             if stream.consumed >= self._stream_credit_threshold:
-                self._grant(stream.id, stream.consumed + 1)
+                self._grant(stream.id, stream.consumed)
                 stream.recv_window += stream.consumed
                 stream.consumed = 0
         elif stream.state is _S.CLOSED and stream.unacked == 0:

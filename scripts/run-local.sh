@@ -9,10 +9,15 @@ export REPOWIRE_HOME="${REPOWIRE_HOME:-$PWD/.repowire-local}"
 .venv/bin/repowire relay start --port 8000 &
 relay_pid=$!
 trap 'kill $relay_pid 2>/dev/null; wait $relay_pid 2>/dev/null' EXIT
-for _ in $(seq 50); do
-    curl -fs http://127.0.0.1:8000/health >/dev/null 2>&1 && break
-    sleep 0.2
-done
+.venv/bin/python - <<'PY'
+import time, urllib.request
+for _ in range(100):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.2)
+PY
 .venv/bin/repowire setup --relay --relay-url ws://127.0.0.1:8000
 echo "Sign in at http://127.0.0.1:8000/ with the relay.api_key from $REPOWIRE_HOME/config.yaml"
 .venv/bin/repowire serve --relay

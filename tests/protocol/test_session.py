@@ -638,6 +638,7 @@ def test_local_misuse_is_refused_and_changes_nothing(pair: Pair) -> None:
 
 def test_errors_are_sticky_and_the_goaway_carries_the_code(pair: Pair) -> None:
     sid = pair.b.open_stream()
+    pair.b.send_data(sid, bytes(200 * KIB))
     pair.pump()
     bad = frame(WINDOW_UPDATE, 0, sid, u32(0))
     with pytest.raises(RemoteProtocolError) as info:
@@ -665,6 +666,9 @@ def test_errors_are_sticky_and_the_goaway_carries_the_code(pair: Pair) -> None:
             call()
         assert local.value.code == ErrorCode.PROTOCOL_ERROR
     assert not pair.a.can_open_stream()
+    # Consuming data after the error returns no credit: the GOAWAY stays the last frame.
+    pair.a.acknowledge_received_data(sid, 200 * KIB)
+    assert pair.a.data_to_send() == b""
     # The peer learns why.
     events = pair.b.receive_data(goaway)
     assert events == [

@@ -50,7 +50,8 @@ async def start_relay(nursery: trio.Nursery, data_dir: Path, **settings: object)
     options: dict[str, object] = dict(FAST)
     options.update(settings)
     running: RunningRelay = await nursery.start(
-        serve_relay, RelaySettings(data_dir=data_dir, port=0, **options)  # type: ignore[arg-type]
+        serve_relay,
+        RelaySettings(data_dir=data_dir, port=0, **options),  # type: ignore[arg-type]
     )
     return RelayHandle(running=running)
 
@@ -89,24 +90,22 @@ async def start_daemon_with_connector(
     wait: bool = True,
     **connector_changes: Any,
 ) -> DaemonHandle:
-    """A real daemon on 127.0.0.1:0 with its connector dialling ``relay``."""
+    """A real daemon on 127.0.0.1:0 with its connector dialling ``relay`` (and serving as the
+    daemon's mesh client, as in `repowire serve --relay`)."""
     state = DaemonState()
-    holder: list[Connector] = []
+    connector = Connector(fast_connector_config(relay, key, daemon_id, 0, **connector_changes))
     app = create_app(
         daemon_id=daemon_id,
         version="test",
         state=state,
-        mesh=None,
-        relay_status=lambda: holder[0].status().to_json(),
+        mesh=connector,
+        relay_status=lambda: connector.status().to_json(),
         dashboard_dir=dashboard_dir,
     )
     address: Address = await nursery.start(
         lambda task_status: serve_daemon(app, port=0, task_status=task_status)
     )
-    connector = Connector(
-        fast_connector_config(relay, key, daemon_id, address[1], **connector_changes)
-    )
-    holder.append(connector)
+    connector.config = attrs.evolve(connector.config, daemon_port=address[1])
     await nursery.start(connector.run)
     if wait:
         with trio.fail_after(5):

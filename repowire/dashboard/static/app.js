@@ -162,8 +162,12 @@ function poller(intervalMs, task) {
 
 const checkHealth = poller(SETTINGS.healthIntervalMs, async () => {
   const answer = await request(apiUrl(ROUTES.health, location.href));
-  if (answer.ok && answer.body !== null && typeof answer.body === "object") {
+  if (answer.ok && typeof answer.body?.daemon_id === "string") {
     daemonOnline(answer.body);
+  } else if (answer.ok) {
+    // At the relay's root with no daemon online, ../health is the relay's own health: it names
+    // no daemon, so no daemon is being shown.
+    daemonOffline({ code: "daemon_offline", detail: "No daemon is connected with this key." });
   } else if (isSignedOut(answer)) {
     signedOut();
   } else {
