@@ -1,0 +1,75 @@
+"""The bundled dashboard as served: by the daemon locally and by the relay under both prefixes.
+
+Every asset fetched over HTTP from each place, with the content type a browser needs, and the
+page's API calls resolving (through the relay) to the daemon's real routes.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import trio
+
+from repowire.dashboard import STATIC_DIR
+from tests.daemon.daemon_support import http_request
+from tests.relay.relay_support import start_daemon_with_connector, start_relay
+
+ASSETS = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
+EXPECTED_TYPES = {
+    ".html": "text/html",
+    ".js": "javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
+
+
+def check_asset(name: str, status: int, content_type: str | None, body: bytes) -> None:
+    assert status == 200, f"{name}: HTTP {status}"
+    assert body == (STATIC_DIR / name).read_bytes(), f"{name}: served bytes differ"
+    suffix = Path(name).suffix
+    assert content_type is not None and EXPECTED_TYPES[suffix] in content_type, (
+        f"{name}: content type {content_type!r}"
+    )
+
+
+async def test_every_asset_is_served_locally_and_through_the_relay(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    assert "index.html" in ASSETS
+    assert all(Path(name).suffix in EXPECTED_TYPES for name in ASSETS), mimetypes.types_map
+    with trio.fail_after(20):
+        relay = await start_relay(nursery, tmp_path / "relay")
+        record, key = relay.new_scope()
+        daemon = await start_daemon_with_connector(nursery, relay, key, "laptop", STATIC_DIR)
+        cookie = relay.session_cookie(record)
+        places = [
+            (daemon.address, "/dashboard/", []),
+            (relay.address, "/d/laptop/dashboard/", [cookie]),
+        ]
+        for address, base, headers in places:
+            for name in ASSETS:
+                response = await http_request(address, "GET", base + name, headers=headers)
+                check_asset(name, response.status, response.header("content-type"), response.body)
+            index = await http_request(address, "GET", base, headers=headers)
+            check_asset("index.html", index.status, index.header("content-type"), index.body)
+
+        # Through the relay, the page's relative API calls reach the daemon's own routes.
+        page = f"http://127.0.0.1:{relay.address[1]}/d/laptop/dashboard/"
+        for relative in ("../health", "../peers", "../events?after=0"):
+            target = urlsplit(urljoin(page, relative))
+            path = target.path + (f"?{target.query}" if target.query else "")
+            answer = await http_request(relay.address, "GET", path, headers=[cookie])
+            assert answer.status == 200, f"{relative}: HTTP {answer.status}"
+        daemons = await http_request(
+            relay.address,
+            "GET",
+            urlsplit(urljoin(page, "../api/v1/daemons")).path,
+            headers=[cookie],
+        )
+        assert daemons.json()["current"] == "laptop"
+
+        # Without a session the relay does not serve the dashboard's assets.
+        refused = await http_request(relay.address, "GET", "/d/laptop/dashboard/app.js")
+        assert refused.status in (401, 303)
