@@ -1,8 +1,14 @@
-"""The relay: daemon links over ``/ws/relay``, the browser auth and dashboard, and the tunnel."""
+"""The relay: daemon links over ``/ws/relay``, the browser auth and dashboard, and the tunnel.
 
-from ._app import RelayApp as RelayApp
-from ._context import SESSION_COOKIE as SESSION_COOKIE
-from ._context import Relay as Relay
+The server parts (hypercorn, Quart, the tunnel) load on first use, so tools that only need the
+key helpers or the store (the CLI's ``status``, ``relay keys``) start quickly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._keys import KEY_PREFIX as KEY_PREFIX
 from ._keys import generate_key as generate_key
 from ._keys import generate_public_id as generate_public_id
@@ -11,12 +17,7 @@ from ._keys import hash_secret as hash_secret
 from ._keys import looks_like_key as looks_like_key
 from ._keys import looks_like_session_id as looks_like_session_id
 from ._keys import mask_key as mask_key
-from ._links import DaemonLink as DaemonLink
-from ._links import LinkRegistry as LinkRegistry
 from ._ratelimit import RateLimiter as RateLimiter
-from ._server import RunningRelay as RunningRelay
-from ._server import serve_relay as serve_relay
-from ._server import serve_relay_main as serve_relay_main
 from ._settings import RelaySettings as RelaySettings
 from ._store import MEMORY as MEMORY
 from ._store import SESSION_CACHE_TTL as SESSION_CACHE_TTL
@@ -26,4 +27,43 @@ from ._store import SessionRecord as SessionRecord
 from ._store import StoreError as StoreError
 from ._store import UnknownRecordError as UnknownRecordError
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+if TYPE_CHECKING:
+    from ._app import RelayApp as RelayApp
+    from ._context import SESSION_COOKIE as SESSION_COOKIE
+    from ._context import Relay as Relay
+    from ._links import DaemonLink as DaemonLink
+    from ._links import LinkRegistry as LinkRegistry
+    from ._server import RunningRelay as RunningRelay
+    from ._server import serve_relay as serve_relay
+    from ._server import serve_relay_main as serve_relay_main
+
+_LAZY = {
+    "RelayApp": "._app",
+    "SESSION_COOKIE": "._context",
+    "Relay": "._context",
+    "DaemonLink": "._links",
+    "LinkRegistry": "._links",
+    "RunningRelay": "._server",
+    "serve_relay": "._server",
+    "serve_relay_main": "._server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'relay' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(
+    [
+        name
+        for name in dir()
+        if not name.startswith("_")
+        and name not in ("annotations", "importlib", "TYPE_CHECKING", "Any")
+    ]
+    + list(_LAZY)
+)
