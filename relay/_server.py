@@ -62,6 +62,9 @@ def hypercorn_config(settings: RelaySettings) -> Config:
     config.errorlog = logging.getLogger("repowire.relay.http")
     config.websocket_max_message_size = LINK_MAX_MESSAGE
     config.h11_max_incomplete_size = settings.max_header_size
+    # hypercorn's idle timer runs from the accept (and between requests) until a whole request
+    # head has arrived: it is the slowloris deadline as well as the keep-alive timeout.
+    config.keep_alive_timeout = settings.header_timeout
     config.graceful_timeout = settings.shutdown_grace
     config.include_server_header = False
     return config

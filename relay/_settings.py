@@ -35,7 +35,8 @@ class RelaySettings:
     shutdown_grace: float = 10.0
     #: Largest request head (request line + headers) accepted from a browser, bytes.
     max_header_size: int = 16 * 1024
-    #: Seconds a client may take to send its request head (slowloris).
+    #: Seconds a client may take to send its request head (slowloris), and the most an idle
+    #: keep-alive connection is kept.
     header_timeout: float = 10.0
     #: Keepalive on daemon links: ping interval and timeout, seconds.
     link_ping_interval: float = 15.0
