@@ -8,7 +8,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +21,7 @@ from protocol import (
     PROTOCOL_VERSION,
     Backoff,
     BackoffConfig,
+    Decision,
     DisconnectReason,
     ErrorCode,
     Role,
@@ -78,15 +78,6 @@ class ConnectorConfig:
         link_url(value)
 
 
-class _Refused(Exception):
-    """The dial ended before a session started, with a close code when the relay sent one."""
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class Connector:
     """The outbound side of relay access.
 
@@ -117,7 +108,7 @@ class Connector:
         self._attempts = 0
         self._next_retry_at: float | None = None
         self._retrying = True
-        self._connected_event = trio.Event()
+        self._ended_with: Decision | None = None
         self._state_changed = trio.Event()
 
     # ------------------------------------------------------------------ status
@@ -142,12 +133,13 @@ class Connector:
     async def wait_state(self, state: LinkState) -> None:
         """Wait until the connector is in ``state`` (for tests and tools)."""
         while self._state is not state:
-            event = self._state_changed = trio.Event()
-            await event.wait()
+            await self._state_changed.wait()
 
     def _set_state(self, state: LinkState) -> None:
         self._state = state
-        self._state_changed.set()
+        # Wake every waiter, then arm a fresh event for the next change.
+        changed, self._state_changed = self._state_changed, trio.Event()
+        changed.set()
 
     # ------------------------------------------------------------------ the reconnect loop
 
@@ -158,26 +150,38 @@ class Connector:
         while True:
             self._attempts += 1
             self._next_retry_at = None
+            self._ended_with = None
             self._set_state(LinkState.CONNECTING)
             reason, detail = await self._connect_once()
-            now = self._clock()
-            decision = self._backoff.disconnected(trio.current_time(), reason, self._rand())
-            self._last_error = f"{detail}; {decision.message}" if detail else decision.message
-            self._last_error_at = now
-            self._connected_since = None
-            self._session = None
+            decision = self._ended_with or self._record_end(reason, detail)
             if not decision.retry:
-                self._retrying = False
-                self._set_state(LinkState.DOWN)
-                log.warning("relay link stopped: %s", self._last_error)
                 await trio.sleep_forever()
-            self._next_retry_at = now + decision.delay
-            self._set_state(LinkState.DOWN)
-            log.info("relay link down (%s); retrying in %.1f s", detail, decision.delay)
             await trio.sleep(decision.delay)
 
+    def _record_end(self, reason: DisconnectReason, detail: str) -> Decision:
+        """The link is down: decide on the retry and report it in the status at once."""
+        now = self._clock()
+        decision = self._backoff.disconnected(trio.current_time(), reason, self._rand())
+        self._ended_with = decision
+        self._last_error = f"{detail}; {decision.message}" if detail else decision.message
+        self._last_error_at = now
+        self._connected_since = None
+        self._session = None
+        self._retrying = decision.retry
+        self._next_retry_at = now + decision.delay if decision.retry else None
+        self._set_state(LinkState.DOWN)
+        if decision.retry:
+            log.info("relay link down (%s); retrying in %.1f s", detail, decision.delay)
+        else:
+            log.warning("relay link stopped: %s", self._last_error)
+        return decision
+
     async def _connect_once(self) -> tuple[DisconnectReason, str]:
-        """One dial and, if it works, the link's whole life. Returns why it ended."""
+        """One dial and, if it works, the link's whole life. Returns why it ended.
+
+        Every failure is turned into a return value where it happens (inside the nurseries),
+        so none escapes as an exception group and brings the daemon down.
+        """
         config = self.config
         url = link_url(config.relay_url)
         headers = [
@@ -193,34 +197,65 @@ class Connector:
         try:
             with trio.fail_after(config.connect_timeout):
                 tcp = await trio.open_tcp_stream(host, port)
-            stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
-            if secure:
+        except trio.TooSlowError:
+            return DisconnectReason.NETWORK, "timed out connecting to the relay"
+        except OSError as exc:
+            return DisconnectReason.NETWORK, f"cannot reach the relay: {exc.strerror or exc}"
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+        if secure:
+            try:
                 context = ssl.create_default_context(
                     cafile=str(config.ca_file) if config.ca_file else None
                 )
-                stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
-            # The TCP (or TLS) stream is ours to close: trio-websocket's own client can leave
-            # the socket open when the server starts the close.
-            async with stream, trio.open_nursery() as nursery:
-                with trio.fail_after(config.connect_timeout):
-                    connection = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        stream,
-                        parts.netloc,
-                        parts.path,
-                        extra_headers=headers,
-                        max_message_size=LINK_MAX_MESSAGE,
-                        message_queue_size=4,
+            except (OSError, ssl.SSLError) as exc:
+                await tcp.aclose()
+                return DisconnectReason.NETWORK, f"cannot load the CA file: {exc}"
+            stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+        # The TCP (or TLS) stream is ours to close: trio-websocket's own client can leave the
+        # socket open when the server starts the close.
+        outcome: tuple[DisconnectReason, str] = (DisconnectReason.NETWORK, "link lost")
+        async with stream:
+            # trio-websocket raises a refused handshake from its reader task too, so failures
+            # can also arrive as a group from this nursery.
+            try:
+                async with trio.open_nursery() as nursery:
+                    outcome = await self._handshake_and_serve(
+                        nursery, stream, parts.netloc, parts.path, headers
                     )
-                try:
-                    return await self._serve_link(connection)
-                finally:
-                    with trio.move_on_after(2) as scope:
-                        scope.shield = True
-                        await connection.aclose()
                     nursery.cancel_scope.cancel()
+            except* trio_websocket.ConnectionRejected as group:
+                status = getattr(group.exceptions[0], "status_code", "?")
+                outcome = DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {status})"
+            except* (
+                trio_websocket.HandshakeError,
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+                OSError,
+            ) as group:
+                outcome = DisconnectReason.NETWORK, f"link failed: {group.exceptions[0]}"
+        return outcome
+
+    async def _handshake_and_serve(
+        self,
+        nursery: trio.Nursery,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        netloc: str,
+        path: str,
+        headers: list[tuple[bytes, bytes]],
+    ) -> tuple[DisconnectReason, str]:
+        try:
+            with trio.fail_after(self.config.connect_timeout):
+                connection = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    netloc,
+                    path,
+                    extra_headers=headers,
+                    max_message_size=LINK_MAX_MESSAGE,
+                    message_queue_size=4,
+                )
         except trio.TooSlowError:
-            return DisconnectReason.NETWORK, "timed out connecting to the relay"
+            return DisconnectReason.NETWORK, "timed out in the handshake with the relay"
         except trio_websocket.ConnectionRejected as exc:
             return DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {exc.status_code})"
         except trio_websocket.HandshakeError as exc:
@@ -228,29 +263,39 @@ class Connector:
                 DisconnectReason.NETWORK,
                 f"handshake with the relay failed: {type(exc).__name__}",
             )
-        except _Refused as exc:
-            if exc.code is None:
-                return DisconnectReason.NETWORK, exc.reason
-            return (
-                DisconnectReason.from_close_code(exc.code),
-                f"relay closed the link ({exc.code}: {exc.reason})",
-            )
         except (OSError, trio.BrokenResourceError, trio_websocket.ConnectionClosed) as exc:
-            return DisconnectReason.NETWORK, f"cannot reach the relay: {exc or type(exc).__name__}"
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            if isinstance(cause, ssl.SSLError):
+                return DisconnectReason.NETWORK, f"TLS handshake with the relay failed: {cause}"
+            return (
+                DisconnectReason.NETWORK,
+                f"cannot reach the relay: {cause or type(cause).__name__}",
+            )
+        transport = WebSocketTransport(connection)
+        try:
+            return await self._serve_link(transport)
+        finally:
+            # The session closed the link already unless we are being cancelled; either way,
+            # do not wait long for a peer that may be gone.
+            with trio.move_on_after(self.config.mux.close_timeout) as scope:
+                scope.shield = True
+                await transport.aclose()
 
-    async def _serve_link(
-        self, connection: trio_websocket.WebSocketConnection
-    ) -> tuple[DisconnectReason, str]:
-        session = MuxSession(WebSocketTransport(connection), Role.CONNECTOR, self.config.mux)
+    async def _serve_link(self, transport: WebSocketTransport) -> tuple[DisconnectReason, str]:
+        session = MuxSession(transport, Role.CONNECTOR, self.config.mux)
+        outcome: tuple[DisconnectReason, str]
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(session.run)
             except SessionClosed as exc:
                 closed = session.transport_closed
-                raise _Refused(
-                    closed.code if closed else None,
-                    closed.reason if closed and closed.reason else exc.reason,
-                ) from None
+                if closed is not None and closed.code is not None:
+                    reason = closed.reason or exc.reason
+                    return (
+                        DisconnectReason.from_close_code(closed.code),
+                        f"relay closed the link ({closed.code}: {reason})",
+                    )
+                return DisconnectReason.NETWORK, exc.reason
             self._session = session
             now = self._clock()
             self._connected_since = now
@@ -260,7 +305,14 @@ class Connector:
             log.info("relay link up: %s as %s", self.config.relay_url, self.config.daemon_id)
             nursery.start_soon(self._accept_streams, session)
             await session.wait_ended()
+            outcome = self._why_ended(session)
+            # Report the loss now; closing the dead link may take a moment more.
+            self._record_end(*outcome)
             nursery.cancel_scope.cancel()
+        return outcome
+
+    @staticmethod
+    def _why_ended(session: MuxSession) -> tuple[DisconnectReason, str]:
         closed = session.transport_closed
         if closed is not None and closed.code is not None:
             reason = DisconnectReason.from_close_code(closed.code)
@@ -270,22 +322,27 @@ class Connector:
         return DisconnectReason.NETWORK, session.close_reason or "link lost"
 
     async def _accept_streams(self, session: MuxSession) -> None:
-        config = self.config
         async with trio.open_nursery() as nursery:
             while True:
                 try:
                     stream = await session.accept_stream()
                 except SessionClosed:
                     return
-                nursery.start_soon(
-                    partial(
-                        pipe_to_daemon,
-                        stream,
-                        daemon_host=config.daemon_host,
-                        daemon_port=config.daemon_port,
-                        mesh_allowlist=config.mesh_allowlist,
-                    )
-                )
+                nursery.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: MuxStream) -> None:
+        """One stream; a failure here is this stream's alone, never the link's."""
+        config = self.config
+        try:
+            await pipe_to_daemon(
+                stream,
+                daemon_host=config.daemon_host,
+                daemon_port=config.daemon_port,
+                mesh_allowlist=config.mesh_allowlist,
+            )
+        except Exception:
+            log.exception("stream %d failed", stream.stream_id)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
 
     # ------------------------------------------------------------------ mesh
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Collection
 
 import trio
@@ -26,6 +27,8 @@ MAX_HEAD_SIZE = 32 * 1024
 #: Seconds the relay gets to deliver a request head.
 HEAD_TIMEOUT = 30.0
 _MESH_HEADER = MESH_FROM_HEADER.lower().encode()
+#: What a daemon id looks like (the relay enforces the same on `/ws/relay`).
+DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class HeadError(Exception):
@@ -67,15 +70,19 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
 
 
 def rewrite_head(head: bytes, *, mesh_from: str | None) -> bytes:
-    """Drop any mesh header the sender supplied; add ours when the stream is a mesh stream."""
+    """Drop any mesh header the sender supplied; on a mesh stream add ours, and force
+    ``Connection: close`` so the stream carries exactly one request (the one checked against
+    the allowlist) and nothing can follow it to the daemon unchecked."""
     lines = head[:-4].split(b"\r\n")
     kept = [lines[0]]
     for line in lines[1:]:
         name = line.split(b":", 1)[0].strip().lower()
-        if name != _MESH_HEADER:
-            kept.append(line)
+        if name == _MESH_HEADER or (mesh_from is not None and name == b"connection"):
+            continue
+        kept.append(line)
     if mesh_from is not None:
         kept.append(MESH_FROM_HEADER.encode() + b": " + mesh_from.encode("ascii"))
+        kept.append(b"Connection: close")
     return b"\r\n".join(kept) + b"\r\n\r\n"
 
 
@@ -125,6 +132,8 @@ async def pipe_to_daemon(
         mesh_from: str | None = None
         if kind == "mesh":
             mesh_from = stream.metadata.get("from", "")
+            if not DAEMON_ID.match(mesh_from):
+                raise HeadError(400, "bad_request", "The mesh stream names no valid sender.")
             if (method, path) not in mesh_allowlist:
                 raise HeadError(
                     403, "forbidden", f"{method} {path} is not reachable from other daemons."

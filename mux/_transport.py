@@ -42,6 +42,7 @@ class WebSocketTransport:
 
     def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
         self.connection = connection
+        self._closing = False
 
     async def send_message(self, data: bytes) -> None:
         try:
@@ -60,9 +61,13 @@ class WebSocketTransport:
         return message
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        with trio.move_on_after(2) as scope:
-            scope.shield = True
-            await self.connection.aclose(code, reason or None)
+        """Close with ``code``; idempotent. Waits for the peer's close reply, bounded only by
+        the caller's deadline (the session gives it ``close_timeout``)."""
+        if self._closing:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closing = True
+        await self.connection.aclose(code, reason or None)
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> TransportClosed:
