@@ -1,17 +1,20 @@
 """Throughput of the sans-IO session: two sessions in one process, bytes pumped by hand, no I/O.
 
-Run as ``python bench/protocol.py`` (``--runs N``, ``--quick``). Two workloads, each measured
-``--runs`` times and reported as the median:
+Run as ``python bench/protocol.py`` (``--runs N``, ``--quick``). Each workload pushes bytes on one
+stream from a connector session to a relay session, which acknowledges what it receives as it
+goes and sends its window updates back. Output is drained as the trio driver drains it, in
+transport messages of at most 1 MiB (``data_to_send(1 MiB)``). Workloads:
 
-- 64 KiB writes: one stream, the sender writes 64 KiB at a time (as much as the window allows),
-  every write is pumped to the receiver at once, which acknowledges what it received and pumps
-  its window updates back.
-- 100-byte writes: the same, with 100-byte writes, so per-frame costs dominate.
-- 100-byte writes, batched: 64 writes are queued before one pump, as a driver that gathers a
-  burst of small writes into one transport message would do.
+- ``write_64KiB``: 64 KiB writes (as much as the window allows), pumped after every write.
+- ``write_100B``: 100-byte writes, pumped after every write: per-frame costs dominate.
+- ``write_100B_batched_64``: 100-byte writes, 64 per pump, as a driver that gathers a burst of
+  small writes into one transport message does.
+- ``write_100B_backlog``: 100-byte writes filling a 16 MiB window before anything is pumped, as
+  when the transport is slower than the writers: the queue is long when it is drained.
 
-Prints MB/s (10**6 bytes of payload per second) and frames/s, and writes the figures with the
-machine's description to ``bench/results/protocol.json``.
+Each workload runs ``--runs`` times; the median is reported, as MB/s (10**6 bytes of payload per
+second) and DATA frames/s, with the machine's description, on stdout and in
+``bench/results/protocol.json``.
 """
 
 from __future__ import annotations
@@ -29,22 +32,28 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol import DataReceived, Role, Session
+from protocol import DataReceived, Role, Session, SessionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "protocol.json"
 
 
-def _handshaken_pair() -> tuple[Session, Session]:
+#: Largest transport message, as the trio driver sends them.
+MESSAGE_LIMIT = 1024 * 1024
+
+
+def _handshaken_pair(config: SessionConfig | None) -> tuple[Session, Session]:
     sender = Session(Role.CONNECTOR)
-    receiver = Session(Role.RELAY)
+    receiver = Session(Role.RELAY, config)
     receiver.receive_data(sender.data_to_send())
     sender.receive_data(receiver.data_to_send())
     return sender, receiver
 
 
-def _push(write_size: int, total: int, writes_per_pump: int) -> tuple[float, int]:
+def _push(
+    write_size: int, total: int, writes_per_pump: int, config: SessionConfig | None = None
+) -> tuple[float, int]:
     """Push ``total`` payload bytes in writes of ``write_size``; return (seconds, DATA frames)."""
-    sender, receiver = _handshaken_pair()
+    sender, receiver = _handshaken_pair(config)
     stream_id = sender.open_stream({"kind": "bench"})
     receiver.receive_data(sender.data_to_send())
     receiver.accept_stream(stream_id)
@@ -59,6 +68,7 @@ def _push(write_size: int, total: int, writes_per_pump: int) -> tuple[float, int
     out_b = receiver.data_to_send
     in_b = receiver.receive_data
     ack = receiver.acknowledge_received_data
+    limit = MESSAGE_LIMIT
     started = time.perf_counter()
     sent = 0
     while received < total:
@@ -71,15 +81,15 @@ def _push(write_size: int, total: int, writes_per_pump: int) -> tuple[float, int
             send(stream_id, chunk if size == write_size else chunk[:size])
             sent += size
             queued += 1
-        for event in in_b(out_a()):
-            if type(event) is DataReceived:
-                size = len(event.data)
-                received += size
-                frames += 1
-                ack(stream_id, size)
-        back = out_b()
-        if back:
-            in_a(back)
+        while message := out_a(limit):
+            for event in in_b(message):
+                if type(event) is DataReceived:
+                    size = len(event.data)
+                    received += size
+                    frames += 1
+                    ack(stream_id, size)
+        while message := out_b(limit):
+            in_a(message)
     elapsed = time.perf_counter() - started
     return elapsed, frames
 
@@ -116,10 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     scale = 10 if args.quick else 1
     big_total = 512 * 1024 * 1024 // scale
     small_total = 100 * 300_000 // scale
+    # Windows large enough for every small write to queue before the first pump.
+    backlog_config = SessionConfig(
+        initial_window_size=32 * 1024 * 1024, session_window_size=32 * 1024 * 1024
+    )
     workloads = {
         "write_64KiB": (lambda: _push(64 * 1024, big_total, 1), big_total),
         "write_100B": (lambda: _push(100, small_total, 1), small_total),
         "write_100B_batched_64": (lambda: _push(100, small_total, 64), small_total),
+        "write_100B_backlog": (
+            lambda: _push(100, small_total, 1 << 30, backlog_config),
+            small_total,
+        ),
     }
     machine = {
         "cores": os.cpu_count(),

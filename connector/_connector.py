@@ -211,6 +211,24 @@ class Connector:
                 await tcp.aclose()
                 return DisconnectReason.NETWORK, f"cannot load the CA file: {exc}"
             stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+            # Handshake here rather than inside trio-websocket, so a certificate problem is
+            # reported as such instead of as a timeout.
+            try:
+                with trio.fail_after(config.connect_timeout):
+                    await stream.do_handshake()
+            except trio.TooSlowError:
+                await trio.aclose_forcefully(stream)
+                return DisconnectReason.NETWORK, "timed out in the TLS handshake with the relay"
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(stream)
+                cause = exc.__cause__
+                if isinstance(cause, ssl.SSLCertVerificationError):
+                    return (
+                        DisconnectReason.NETWORK,
+                        f"TLS certificate of the relay not trusted: {cause.verify_message} "
+                        "(set relay.ca_file for a private CA)",
+                    )
+                return DisconnectReason.NETWORK, f"TLS handshake with the relay failed: {cause}"
         # The TCP (or TLS) stream is ours to close: trio-websocket's own client can leave the
         # socket open when the server starts the close.
         outcome: tuple[DisconnectReason, str] = (DisconnectReason.NETWORK, "link lost")

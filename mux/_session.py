@@ -56,6 +56,9 @@ class MuxConfig:
     max_message_size: int = 256 * 1024
     #: Seconds allowed for the final flush and close when the session ends.
     close_timeout: float = 2.0
+    #: The same when the session is cancelled (the process is stopping): the close frame goes
+    #: out, but the peer's answer is usually unreadable by then, so do not wait for it long.
+    cancelled_close_timeout: float = 0.25
 
 
 class MuxSession:
@@ -124,8 +127,11 @@ class MuxSession:
                     await self._ended.wait()
                     nursery.cancel_scope.cancel()
         finally:
+            cancelled = not self._ended.is_set()
             self._end("session cancelled", 1001)
-            await self._shutdown_transport()
+            await self._shutdown_transport(
+                self.config.cancelled_close_timeout if cancelled else self.config.close_timeout
+            )
         if not self._handshake_done.is_set():
             raise SessionClosed(self.close_reason or "session ended during the handshake")
 
@@ -407,9 +413,9 @@ class MuxSession:
         self._notify("_accept_event")
         self._writer_event.set()
 
-    async def _shutdown_transport(self) -> None:
+    async def _shutdown_transport(self, allowed: float) -> None:
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.config.close_timeout
+            scope.deadline = trio.current_time() + allowed
             try:
                 if self.transport_closed is None:
                     # Flush what is queued (a GOAWAY saying why), then close.

@@ -94,6 +94,8 @@ class StreamInput(enum.Enum):
 
 
 _DATA = int(FrameType.DATA)
+_WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_HEADER_PACK = HEADER.pack
 _FIN = int(Flag.FIN)
 _S = StreamState
 _I = StreamInput
@@ -144,6 +146,7 @@ class Session:
         self._error: ProtocolError | None = None
         self._buffer = bytearray()
         self._outbound: list[bytes] = []
+        self._outbound_size = 0  # bytes in _outbound, so a bounded read is cheap when all fit
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.CONNECTOR else 2
         self._highest_local_id = 0
@@ -213,22 +216,30 @@ class Session:
         out = self._outbound
         if not out:
             return b""
-        if amount is None:
+        if amount is None or self._outbound_size <= amount:
             data = b"".join(out)
             out.clear()
+            self._outbound_size = 0
             return data
+        # Walk the queue and cut it once: popping chunks off the front one by one would make
+        # draining a long queue of small frames quadratic.
         taken: list[bytes] = []
         size = 0
-        while out and size < amount:
-            chunk = out[0]
+        index = 0
+        count = len(out)
+        while index < count and size < amount:
+            chunk = out[index]
             room = amount - size
             if len(chunk) <= room:
-                taken.append(out.pop(0))
+                taken.append(chunk)
                 size += len(chunk)
+                index += 1
             else:
                 taken.append(chunk[:room])
-                out[0] = chunk[room:]
+                out[index] = chunk[room:]
                 size = amount
+        del out[:index]
+        self._outbound_size -= size
         return b"".join(taken)
 
     def open_stream(self, metadata: Mapping[str, str] | None = None) -> int:
@@ -282,7 +293,11 @@ class Session:
         if ``len(data)`` exceeds :meth:`local_flow_control_window`.
         """
         self._check_usable()
-        stream = self._sendable(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is _S.HALF_CLOSED_LOCAL or stream.state is _S.CLOSED:
+            raise StreamClosedError(stream_id, f"stream {stream_id} cannot send any more")
+        if type(data) is not bytes:
+            data = bytes(data)
         size = len(data)
         if size > stream.send_window or size > self._send_session_window:
             raise FlowControlError(
@@ -294,22 +309,22 @@ class Session:
             self._transition(stream, StreamInput.SEND_FIN)
         stream.send_window -= size
         self._send_session_window -= size
-        if type(data) is not bytes:
-            data = bytes(data)
+        out = self._outbound
         limit = self._peer_max_frame
         if size <= limit:
-            flags = _FIN if end_stream else 0
-            self._outbound.append(HEADER.pack(FrameType.DATA, flags, 0, stream_id, size))
+            out.append(_HEADER_PACK(_DATA, _FIN if end_stream else 0, 0, stream_id, size))
             if size:
-                self._outbound.append(data)
+                out.append(data)
+            self._outbound_size += HEADER_SIZE + size
         else:
             view = memoryview(data)
             for start in range(0, size, limit):
                 chunk = view[start : start + limit]
                 last = start + limit >= size
                 flags = _FIN if (end_stream and last) else 0
-                self._outbound.append(HEADER.pack(FrameType.DATA, flags, 0, stream_id, len(chunk)))
-                self._outbound.append(chunk.tobytes())
+                out.append(_HEADER_PACK(_DATA, flags, 0, stream_id, len(chunk)))
+                out.append(chunk.tobytes())
+                self._outbound_size += HEADER_SIZE + len(chunk)
         if end_stream:
             self._after_close(stream)
 
@@ -399,8 +414,25 @@ class Session:
                     raise RemoteProtocolError("transport closed in the middle of a frame")
                 self.state = SessionState.CLOSED
                 return events
-            self._buffer += data
-            self._parse(events)
+            if type(data) is not bytes:
+                data = bytes(data)
+            offset = 0
+            buffer = self._buffer
+            # A frame cut by the previous call: complete it from the head of ``data``, taking
+            # its header first (so it is checked before any payload is taken), then its payload.
+            while buffer and offset < len(data):
+                have = len(buffer)
+                if have < HEADER_SIZE:
+                    need = HEADER_SIZE - have
+                else:
+                    need = HEADER_SIZE + U32.unpack_from(buffer, 8)[0] - have  # the length field
+                buffer += data[offset : offset + need]
+                offset += need
+                del buffer[: self._parse(buffer, 0, events)]
+            if offset < len(data):
+                # The rest is parsed where it lies; only a trailing partial frame is copied.
+                end = self._parse(data, offset, events)
+                buffer += data[end:]
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
@@ -412,18 +444,13 @@ class Session:
         self._outbound.append(header)
         if payload:
             self._outbound.append(payload)
+        self._outbound_size += len(header) + len(payload)
 
     def _check_usable(self) -> None:
         if self._error is not None:
             raise LocalProtocolError(
                 f"the session failed earlier: {self._error.message}", self._error.code
             )
-
-    def _sendable(self, stream_id: int) -> _Stream:
-        stream = self._streams.get(stream_id)
-        if stream is None or stream.state in (_S.HALF_CLOSED_LOCAL, _S.CLOSED):
-            raise StreamClosedError(stream_id, f"stream {stream_id} cannot send any more")
-        return stream
 
     def _transition(self, stream: _Stream, event: StreamInput) -> None:
         try:
@@ -450,8 +477,9 @@ class Session:
                 self._credit_session(unacked)
 
     def _grant(self, stream_id: int, increment: int) -> None:
-        self._outbound.append(HEADER.pack(FrameType.WINDOW_UPDATE, 0, 0, stream_id, 4))
+        self._outbound.append(_HEADER_PACK(_WINDOW_UPDATE, 0, 0, stream_id, 4))
         self._outbound.append(U32.pack(increment))
+        self._outbound_size += HEADER_SIZE + 4
 
     def _credit_session(self, amount: int) -> None:
         self._session_unacked -= amount
@@ -474,51 +502,52 @@ class Session:
         self.state = SessionState.ERROR
         self._error = exc
 
-    def _parse(self, events: list[Event]) -> None:
-        buf = self._buffer
+    def _parse(self, buf: bytes | bytearray, offset: int, events: list[Event]) -> int:
+        """Handle the whole frames in ``buf`` from ``offset``; return where the first incomplete
+        frame starts. Every header is checked as soon as it is complete, payload or not."""
         end = len(buf)
-        offset = 0
         config = self.config
-        try:
-            while end - offset >= HEADER_SIZE:
-                frame_type, flags, reserved, stream_id, length = HEADER.unpack_from(buf, offset)
-                if frame_type == _DATA and not reserved and flags <= _FIN:
-                    # Hot path: validate against the limits before any payload is buffered.
-                    if length > config.max_frame_size:
-                        raise RemoteProtocolError(
-                            f"DATA frame of {length} bytes exceeds the maximum of "
-                            f"{config.max_frame_size}",
-                            ErrorCode.FRAME_SIZE_ERROR,
-                        )
-                    stream = self._streams.get(stream_id)
-                    if stream is None:
-                        self._check_data_target(stream_id)
-                    if length > self._recv_session_window:
-                        raise RemoteProtocolError(
-                            f"DATA frame of {length} bytes exceeds the session window of "
-                            f"{self._recv_session_window}",
-                            ErrorCode.FLOW_CONTROL_ERROR,
-                        )
-                    if stream is not None and length > stream.recv_window:
-                        raise RemoteProtocolError(
-                            f"DATA frame of {length} bytes exceeds the window of stream "
-                            f"{stream_id} ({stream.recv_window})",
-                            ErrorCode.FLOW_CONTROL_ERROR,
-                        )
-                    if end - offset - HEADER_SIZE < length:
-                        break
-                    start = offset + HEADER_SIZE
-                    offset = start + length
-                    self._on_data(stream_id, flags, bytes(buf[start:offset]), events)
-                    continue
-                self._check_header(frame_type, flags, reserved, stream_id, length)
+        while end - offset >= HEADER_SIZE:
+            frame_type, flags, reserved, stream_id, length = HEADER.unpack_from(buf, offset)
+            if frame_type == _DATA and not reserved and flags <= _FIN:
+                # Hot path: validate against the limits before any payload is buffered.
+                if length > config.max_frame_size:
+                    raise RemoteProtocolError(
+                        f"DATA frame of {length} bytes exceeds the maximum of "
+                        f"{config.max_frame_size}",
+                        ErrorCode.FRAME_SIZE_ERROR,
+                    )
+                stream = self._streams.get(stream_id)
+                if stream is None:
+                    self._check_data_target(stream_id)
+                if length > self._recv_session_window:
+                    raise RemoteProtocolError(
+                        f"DATA frame of {length} bytes exceeds the session window of "
+                        f"{self._recv_session_window}",
+                        ErrorCode.FLOW_CONTROL_ERROR,
+                    )
+                if stream is not None and length > stream.recv_window:
+                    raise RemoteProtocolError(
+                        f"DATA frame of {length} bytes exceeds the window of stream "
+                        f"{stream_id} ({stream.recv_window})",
+                        ErrorCode.FLOW_CONTROL_ERROR,
+                    )
                 if end - offset - HEADER_SIZE < length:
                     break
                 start = offset + HEADER_SIZE
                 offset = start + length
-                self._on_frame(frame_type, flags, stream_id, bytes(buf[start:offset]), events)
-        finally:
-            del buf[:offset]
+                payload = buf[start:offset]
+                if type(payload) is not bytes:
+                    payload = bytes(payload)
+                self._on_data(stream_id, flags, payload, events)
+                continue
+            self._check_header(frame_type, flags, reserved, stream_id, length)
+            if end - offset - HEADER_SIZE < length:
+                break
+            start = offset + HEADER_SIZE
+            offset = start + length
+            self._on_frame(frame_type, flags, stream_id, bytes(buf[start:offset]), events)
+        return offset
 
     def _check_header(
         self, frame_type: int, flags: int, reserved: int, stream_id: int, length: int

@@ -16,7 +16,7 @@ from typing import Any
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._daemon_link import handle_daemon_link
-from ._tunnel import deny_websocket, send_json, tunnel_http, tunnel_websocket
+from ._tunnel import deny_websocket, refuse, tunnel_http, tunnel_websocket
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
@@ -32,6 +32,13 @@ def _owned(path: str, *, at_root: bool) -> bool:
         or path.startswith("/api/v1/")
         or path == "/logout"
     )
+
+
+def _head_size(scope: dict[str, Any]) -> int:
+    """Bytes of the request head as the client sent it (near enough: line and headers)."""
+    raw_path = scope.get("raw_path") or b""
+    size = len(raw_path) + len(scope.get("query_string") or b"") + 16
+    return size + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
 
 
 class RelayApp:
@@ -54,6 +61,14 @@ class RelayApp:
         path: str = scope["path"]
         if kind == "websocket" and path == "/ws/relay":
             await handle_daemon_link(self.relay, scope, receive, send)
+            return
+        if _head_size(scope) > self.relay.settings.max_header_size:
+            detail = f"Request heads are limited to {self.relay.settings.max_header_size} bytes."
+            if kind == "websocket":
+                await receive()
+                await deny_websocket(send, scope, 431, "header_too_large", detail)
+            else:
+                await refuse(send, receive, 431, "header_too_large", detail, close=True)
             return
         daemon_id: str | None = None
         rest = path
@@ -95,7 +110,7 @@ class RelayApp:
                     send, scope, 401, "unauthorized", "Sign in on the relay first."
                 )
             else:
-                await send_json(send, 401, "unauthorized", "Sign in on the relay first.")
+                await refuse(send, receive, 401, "unauthorized", "Sign in on the relay first.")
             return
         state_changing = not websocket and scope["method"] not in ("GET", "HEAD", "OPTIONS")
         if (websocket or state_changing) and not relay.origin_allowed(
@@ -105,7 +120,7 @@ class RelayApp:
                 await receive()
                 await deny_websocket(send, scope, 403, "bad_origin", "Cross-site request refused.")
             else:
-                await send_json(send, 403, "bad_origin", "Cross-site request refused.")
+                await refuse(send, receive, 403, "bad_origin", "Cross-site request refused.")
             return
         if daemon_id is None:
             link = relay.links.default_for(session.scope_id)
@@ -118,7 +133,7 @@ class RelayApp:
                 await receive()
                 await deny_websocket(send, scope, 503, "daemon_offline", missing)
             else:
-                await send_json(send, 503, "daemon_offline", missing)
+                await refuse(send, receive, 503, "daemon_offline", missing)
             return
         query = scope.get("query_string") or b""
         target = raw_path + (b"?" + query if query else b"")

@@ -79,20 +79,68 @@ def json_body(error: str, detail: str) -> bytes:
     return json.dumps({"error": error, "detail": detail}).encode()
 
 
-async def send_json(send: Send, status: int, error: str, detail: str) -> None:
+async def send_json(
+    send: Send, status: int, error: str, detail: str, *, close: bool = False
+) -> None:
     body = json_body(error, detail)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+#: Seconds an early answer goes on reading (and dropping) the rest of the request body.
+DISCARD_TIMEOUT = 5.0
+
+
+async def discard_request_body(receive: Receive) -> None:
+    """Read and drop what is left of the request body.
+
+    hypercorn queues body chunks for the application and blocks once its queue is full; an
+    application that answers early and stops reading would leave the connection stuck forever.
+    Bounded by :data:`DISCARD_TIMEOUT`.
+    """
+    with trio.move_on_after(DISCARD_TIMEOUT):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+
+async def send_draining(send: Send, receive: Receive, *messages: dict[str, Any]) -> None:
+    """Send the end of a response while reading and dropping what is left of the request.
+
+    Completing a response makes hypercorn queue ``http.disconnect`` for the application; if
+    unread body chunks have filled its queue, that put (and so our send) would block forever
+    unless something reads at the same time.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(discard_request_body, receive)
+        for message in messages:
+            await send(message)
+
+
+async def refuse(
+    send: Send, receive: Receive, status: int, error: str, detail: str, *, close: bool = False
+) -> None:
+    """Answer a request without tunneling it: a JSON error while the body is read and dropped."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(discard_request_body, receive)
+        await send_json(send, status, error, detail, close=close)
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in ``Connection``: hop-by-hop for this connection only."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
 
 
 def forwarded_headers(relay: Relay, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -101,7 +149,8 @@ def forwarded_headers(relay: Relay, scope: dict[str, Any]) -> list[tuple[bytes, 
     client = scope.get("client")
     address = relay.client_address(client, headers)
     secure = relay.is_secure(scope.get("scheme", "http"), client, headers)
-    out = [(k, v) for k, v in headers if k.lower() not in DROPPED_REQUEST_HEADERS]
+    dropped = DROPPED_REQUEST_HEADERS | connection_tokens(headers)
+    out = [(k, v) for k, v in headers if k.lower() not in dropped]
     host = next((v for k, v in headers if k.lower() == b"host"), b"")
     out.append((b"x-forwarded-for", address.encode("latin-1")))
     out.append((b"x-forwarded-proto", b"https" if secure else b"http"))
@@ -137,16 +186,23 @@ async def tunnel_http(
         try:
             declared_size = int(declared)
         except ValueError:
-            await send_json(send, 400, "bad_request", "Content-Length is not a number.")
+            await refuse(send, receive, 400, "bad_request", "Content-Length is not a number.")
             return
         if declared_size > limit:
-            await send_json(
-                send, 413, "body_too_large", f"Request bodies are limited to {limit} bytes."
+            await refuse(
+                send,
+                receive,
+                413,
+                "body_too_large",
+                f"Request bodies are limited to {limit} bytes.",
+                close=True,
             )
             return
     stream = await open_tunnel_stream(link, "http")
     if stream is None:
-        await send_json(send, 503, "daemon_offline", "The daemon's link just closed; try again.")
+        await refuse(
+            send, receive, 503, "daemon_offline", "The daemon's link just closed; try again."
+        )
         return
     relay.metrics.streams_total.labels("http").inc()
     relay.metrics.streams_open.inc()
@@ -223,9 +279,8 @@ async def _exchange(
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
-                response_headers = [
-                    (k, v) for k, v in event.headers if k not in DROPPED_RESPONSE_HEADERS
-                ]
+                dropped = DROPPED_RESPONSE_HEADERS | connection_tokens(list(event.headers))
+                response_headers = [(k, v) for k, v in event.headers if k not in dropped]
                 await send(
                     {
                         "type": "http.response.start",
@@ -240,7 +295,7 @@ async def _exchange(
                     {"type": "http.response.body", "body": bytes(event.data), "more_body": True}
                 )
             elif isinstance(event, h11.EndOfMessage):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The final (empty) body message is sent once the upload has stopped.
                 return
             else:  # ConnectionClosed before the response finished
                 raise h11.RemoteProtocolError("daemon closed the stream mid-response")
@@ -258,24 +313,33 @@ async def _exchange(
         failure = str(group.exceptions[0])
     if too_large:
         stream.reset(ErrorCode.CANCEL)
-        if not response_started:
-            await send_json(
-                send, 413, "body_too_large", f"Request bodies are limited to {limit} bytes."
-            )
+        if response_started:
+            raise _Aborted("request body over the limit")
+        await refuse(
+            send,
+            receive,
+            413,
+            "body_too_large",
+            f"Request bodies are limited to {limit} bytes.",
+            close=True,
+        )
         return
     if browser_gone:
         stream.reset(ErrorCode.CANCEL)
         return
-    if failure is not None:
-        log.info("tunnel %s request failed: %s", method, failure)
-        stream.reset(ErrorCode.UPSTREAM_FAILED)
-        if not response_started:
-            await send_json(
-                send, 502, "daemon_failed", "The daemon failed before answering this request."
-            )
-        else:
-            # Headers are out: the only honest signal left is an aborted response.
-            raise _Aborted(failure)
+    if failure is None:
+        await send_draining(
+            send, receive, {"type": "http.response.body", "body": b"", "more_body": False}
+        )
+        return
+    log.info("tunnel %s request failed: %s", method, failure)
+    stream.reset(ErrorCode.UPSTREAM_FAILED)
+    if response_started:
+        # Headers are out: the only honest signal left is an aborted response.
+        raise _Aborted(failure)
+    await refuse(
+        send, receive, 502, "daemon_failed", "The daemon failed before answering this request."
+    )
 
 
 class _Aborted(Exception):

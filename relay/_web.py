@@ -46,7 +46,7 @@ DASHBOARD_CSP: Final = "default-src 'self'; connect-src 'self'; frame-ancestors 
 #: Headers set on every answer of this app.
 SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
 }
 
 #: Largest request body this app reads (the sign-in form, a registration), bytes. Larger

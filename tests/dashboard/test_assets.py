@@ -720,7 +720,7 @@ def test_events_are_summarised_as_plain_text(module_dir: Path) -> None:
     assert results[1] == {"title": "<script> joined", "body": ""}
     assert results[2] == {"title": "custom", "body": '{"k":[1,2]}'}
     assert len(results[3]["body"]) == settings["maxEventTextChars"]
-    assert results[4]["title"] == "(no sender given) → (no recipient given)"
+    assert results[4]["title"] == "to (no recipient given)"
 
 
 @needs_node

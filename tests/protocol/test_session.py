@@ -378,6 +378,17 @@ def test_frames_on_closed_streams_are_ignored() -> None:
     assert window_updates(session.data_to_send()) == [(0, 600)]
 
 
+def test_skipped_stream_ids_count_as_closed() -> None:
+    session = raw_peer(config=SessionConfig(session_window_size=64, initial_window_size=64))
+    assert len(session.receive_data(frame(OPEN, 0, 2) + frame(OPEN, 0, 8))) == 2
+    session.data_to_send()
+    # 4 and 6 were skipped: frames on them are late frames for closed streams, not violations.
+    late = frame(DATA, 0, 4, bytes(40)) + frame(RESET, 0, 6, u32(0))
+    assert session.receive_data(late) == []
+    assert window_updates(session.data_to_send()) == [(0, 40)]
+    expect_error(session, frame(DATA, 0, 10, b"x"), ErrorCode.PROTOCOL_ERROR)
+
+
 def test_open_with_the_wrong_parity() -> None:
     error = expect_error(raw_peer(Role.CONNECTOR), frame(OPEN, 0, 1), ErrorCode.PROTOCOL_ERROR)
     assert "parity" in error.message

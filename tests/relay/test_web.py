@@ -208,7 +208,7 @@ def web(make_web: Any) -> Web:
 def assert_page_headers(answer: Answer) -> None:
     assert answer.header("content-security-policy") == PAGE_CSP
     assert answer.header("x-content-type-options") == "nosniff"
-    assert answer.header("referrer-policy") == "no-referrer"
+    assert answer.header("referrer-policy") == "same-origin"
 
 
 # -- the sign-in form ----------------------------------------------------------------------

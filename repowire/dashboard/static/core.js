@@ -224,10 +224,10 @@ export function describeEvent(event) {
   const data = event.data !== null && typeof event.data === "object" ? event.data : {};
   const max = SETTINGS.maxEventTextChars;
   if (event.type === "message") {
-    const from = text(data.from) || "(no sender given)";
+    const from = text(data.from);
     const to = text(data.to) || "(no recipient given)";
     const via = text(data.via);
-    const title = `${from} → ${to}${via ? ` (via ${via})` : ""}`;
+    const title = `${from ? `${from} → ` : "to "}${to}${via ? ` (via ${via})` : ""}`;
     return { title, body: shorten(text(data.text), max) };
   }
   if (event.type === "peer_joined" || event.type === "peer_left") {

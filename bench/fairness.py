@@ -1,0 +1,312 @@
+"""Fairness: 100 concurrent downloads from one daemon, one of whose readers stops.
+
+Run as ``python bench/fairness.py [--quick] [--runs N] [--streams N] [--profile]``. On
+127.0.0.1: a relay (``repowire relay start``), the bench's target server and a connector linking
+it to the relay. A trio client in this process opens ``--streams`` (100) concurrent endless
+downloads (``GET /bytes?n=-1``) and counts what each receives during a measurement window that
+starts after a warm-up. Two kinds of round:
+
+- ``baseline``: every reader reads;
+- ``stalled``: reader 0 reads its first 64 KiB and then stops reading (its connection stays
+  open), for the whole round.
+
+The figure is the aggregate throughput of readers 1..N-1 (the same streams in both kinds), in
+MB/s; the stall's cost is ``1 - stalled / baseline``. Through the relay all downloads are
+streams of one daemon link, so a stalled stream must cost the others nothing but its own
+flow-control window. The same rounds run ``direct`` (to the target server) for comparison.
+During relay rounds the relay's RSS is sampled from /proc every 0.25 s: a stalled reader must
+not make it grow. Each figure is the median of ``--runs`` runs (5; ``--quick``: 3, shorter).
+Output: a table on stdout and ``bench/results/fairness.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    HOST,
+    MB,
+    Bench,
+    WorkerError,
+    add_common_arguments,
+    describe_machine,
+    fmt,
+    goal,
+    machine_line,
+    median,
+    parse_response_head,
+    print_goals,
+    print_table,
+    ratio,
+    request_head,
+    resolve_runs,
+    rounded,
+    rss_bytes,
+    wait_for_links,
+    write_results,
+)
+
+NAME = "fairness"
+DAEMON_ID = "bench-fair"
+#: The stalled reader reads this much of its body, then stops.
+STALL_AFTER = 64 * 1024
+#: Bytes per receive of each reader.
+RECEIVE_SIZE = 256 * 1024
+#: Seconds all streams of a round get to receive their response heads.
+OPEN_TIMEOUT = 60.0
+#: Seconds between RSS samples.
+SAMPLE_INTERVAL = 0.25
+#: Goal: the stalled reader costs the others less than this fraction of their throughput.
+GOAL_COST = 0.10
+
+
+@attrs.frozen(kw_only=True)
+class Round:
+    """One round: healthy readers' aggregate and per-stream MB/s, RSS samples (bytes)."""
+
+    aggregate_mb_per_s: float
+    slowest_mb_per_s: float
+    median_stream_mb_per_s: float
+    rss_samples: list[int]
+    connector_rss_samples: list[int]
+
+
+async def _round(
+    port: int,
+    prefix: str,
+    cookie: str | None,
+    streams: int,
+    stall: bool,
+    warmup: float,
+    window: float,
+    pids: tuple[int, int] | None,
+) -> Round:
+    counts = [0] * streams
+    # All readers open at once and read as soon as their head is in: opened one after the
+    # other, the last ones would wait behind bodies already flowing. (Holding every body back
+    # until all are open is no better: unread streams hold the link's session window, see
+    # the stall-tolerance sweep.)
+    heads = [0]
+    all_heads = trio.Event()
+
+    async def reader(index: int) -> None:
+        stream = await trio.open_tcp_stream(HOST, port)
+        async with stream:
+            await stream.send_all(request_head("GET", f"{prefix}/bytes?n=-1", cookie=cookie))
+            buffer = bytearray()
+            while (end := buffer.find(b"\r\n\r\n")) < 0:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise WorkerError(f"stream {index}: closed before the response head")
+                buffer += data
+            status, _ = parse_response_head(bytes(buffer[:end]))
+            if status != 200:
+                raise WorkerError(f"stream {index}: HTTP {status}")
+            body = len(buffer) - end - 4
+            heads[0] += 1
+            if heads[0] == streams:
+                all_heads.set()
+            if stall and index == 0:
+                while body < STALL_AFTER:
+                    body += len(await stream.receive_some(STALL_AFTER))
+                await trio.sleep_forever()
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise WorkerError(f"stream {index}: the download ended")
+                counts[index] += len(data)
+
+    rss: list[int] = []
+    connector_rss: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for index in range(streams):
+            nursery.start_soon(reader, index)
+        with trio.fail_after(OPEN_TIMEOUT):
+            await all_heads.wait()
+        await trio.sleep(warmup)
+        start_counts = list(counts)
+        started = trio.current_time()
+        deadline = started + window
+        while True:
+            if pids is not None:
+                rss.append(rss_bytes(pids[0]))
+                connector_rss.append(rss_bytes(pids[1]))
+            now = trio.current_time()
+            if now >= deadline:
+                break
+            await trio.sleep(min(SAMPLE_INTERVAL, deadline - now))
+        elapsed = trio.current_time() - started
+        end_counts = list(counts)
+        nursery.cancel_scope.cancel()
+    rates = [(end_counts[i] - start_counts[i]) / elapsed / MB for i in range(1, streams)]
+    return Round(
+        aggregate_mb_per_s=sum(rates),
+        slowest_mb_per_s=min(rates),
+        median_stream_mb_per_s=median(rates),
+        rss_samples=rss,
+        connector_rss_samples=connector_rss,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--streams", type=int, default=100, help="concurrent downloads (100)")
+    args = parser.parse_args(argv)
+    runs = resolve_runs(parser, args)
+    if args.streams < 2:
+        parser.error("--streams must be at least 2")
+    warmup = 1.0
+    window = 2.0 if args.quick else 5.0
+    machine = describe_machine()
+    print(machine_line(machine))
+    print(
+        f"{args.streams} streams; warm-up {warmup:g} s, window {window:g} s; {runs} runs, "
+        "median shown"
+    )
+
+    rounds: dict[tuple[str, str], list[Round]] = {
+        (path, kind): [] for path in ("direct", "relay") for kind in ("baseline", "stalled")
+    }
+    with Bench(NAME, profile=args.profile) as bench:
+        relay = bench.start_relay()
+        [credentials] = bench.credentials()
+        _, target_port = bench.start_target()
+        connector = bench.start_connectors(relay, [(DAEMON_ID, credentials.key)], target_port)
+        wait_for_links(relay, 1, 30)
+        idle_rss = rss_bytes(relay.pid)
+        targets: dict[str, tuple[int, str, str | None]] = {
+            "direct": (target_port, "", None),
+            "relay": (relay.port, f"/d/{DAEMON_ID}", credentials.cookie),
+        }
+        for run in range(runs):
+            kinds = ["baseline", "stalled"] if run % 2 == 0 else ["stalled", "baseline"]
+            for path in ("direct", "relay"):
+                port, prefix, cookie = targets[path]
+                pids = (relay.pid, connector.pid) if path == "relay" else None
+                for kind in kinds:
+                    rounds[(path, kind)].append(
+                        trio.run(
+                            _round,
+                            port,
+                            prefix,
+                            cookie,
+                            args.streams,
+                            kind == "stalled",
+                            warmup,
+                            window,
+                            pids,
+                        )
+                    )
+        final_rss = rss_bytes(relay.pid)
+
+    figures: dict[str, Any] = {}
+    rows: list[list[str]] = []
+    costs: dict[str, float] = {}
+    for path in ("direct", "relay"):
+        base = rounds[(path, "baseline")]
+        stalled = rounds[(path, "stalled")]
+        base_rate = median([r.aggregate_mb_per_s for r in base])
+        stalled_rate = median([r.aggregate_mb_per_s for r in stalled])
+        cost = 1 - ratio(stalled_rate, base_rate)
+        costs[path] = cost
+        entry: dict[str, Any] = {
+            "baseline_mb_per_s": rounded(base_rate, 1),
+            "stalled_mb_per_s": rounded(stalled_rate, 1),
+            "stall_cost": rounded(cost),
+            "baseline_slowest_stream_mb_per_s": rounded(
+                median([r.slowest_mb_per_s for r in base])
+            ),
+            "stalled_slowest_stream_mb_per_s": rounded(
+                median([r.slowest_mb_per_s for r in stalled])
+            ),
+            "stalled_median_stream_mb_per_s": rounded(
+                median([r.median_stream_mb_per_s for r in stalled])
+            ),
+            "runs_baseline_mb_per_s": [round(r.aggregate_mb_per_s, 1) for r in base],
+            "runs_stalled_mb_per_s": [round(r.aggregate_mb_per_s, 1) for r in stalled],
+        }
+        rss_note = ""
+        if path == "relay":
+            for kind, group in (("baseline", base), ("stalled", stalled)):
+                peaks = [max(r.rss_samples) for r in group]
+                growth = [r.rss_samples[-1] - r.rss_samples[0] for r in group]
+                entry[f"{kind}_relay_rss_peak_bytes"] = max(peaks)
+                entry[f"{kind}_relay_rss_growth_in_window_bytes"] = [int(g) for g in growth]
+                entry[f"{kind}_connector_rss_peak_bytes"] = max(
+                    max(r.connector_rss_samples) for r in group
+                )
+            entry["relay_rss_idle_bytes"] = idle_rss
+            entry["relay_rss_after_bytes"] = final_rss
+            rss_note = (
+                f"{idle_rss / 2**20:.0f} idle / {entry['baseline_relay_rss_peak_bytes'] / 2**20:.0f}"
+                f" / {entry['stalled_relay_rss_peak_bytes'] / 2**20:.0f}"
+            )
+        figures[path] = entry
+        rows.append(
+            [
+                path,
+                fmt(base_rate),
+                fmt(stalled_rate),
+                fmt(cost * 100, 1) + " %",
+                fmt(entry["stalled_slowest_stream_mb_per_s"] or float("nan"), 3),
+                rss_note,
+            ]
+        )
+    figures["relay_vs_direct_baseline"] = rounded(
+        ratio(figures["relay"]["baseline_mb_per_s"], figures["direct"]["baseline_mb_per_s"])
+    )
+    print()
+    print_table(
+        [
+            "path",
+            "baseline MB/s",
+            "stalled MB/s",
+            "stall cost",
+            "slowest stream MB/s (stalled)",
+            "relay RSS MiB (idle/peak base/peak stalled)",
+        ],
+        rows,
+    )
+    print(
+        f"relay/direct baseline throughput: {fmt(figures['relay_vs_direct_baseline'] or float('nan'), 3)}"
+    )
+    goals = [
+        goal(
+            "fairness: throughput the stalled reader costs the other streams (relay)",
+            costs["relay"],
+            GOAL_COST,
+            at_least=False,
+        )
+    ]
+    print()
+    print_goals(goals)
+    path_written = write_results(
+        NAME,
+        {
+            "bench": NAME,
+            "machine": machine,
+            "quick": args.quick,
+            "runs": runs,
+            "streams": args.streams,
+            "warmup_s": warmup,
+            "window_s": window,
+            "figures": figures,
+            "goals": goals,
+        },
+        args.output,
+    )
+    print(f"wrote {path_written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
