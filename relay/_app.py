@@ -124,11 +124,10 @@ class RelayApp:
             return
         if daemon_id is None:
             link = relay.links.default_for(session.scope_id)
-            missing = "No daemon is connected with this key: it is offline."
         else:
             link = relay.links.get(session.scope_id, daemon_id)
-            missing = f"Daemon {daemon_id} is offline (or not one of this key's daemons)."
         if link is None:
+            missing = self._offline_detail(session.scope_id, daemon_id)
             if websocket:
                 await receive()
                 await deny_websocket(send, scope, 503, "daemon_offline", missing)
@@ -141,3 +140,12 @@ class RelayApp:
             await tunnel_websocket(relay, scope, receive, send, link, target)
         else:
             await tunnel_http(relay, scope, receive, send, link, target)
+
+    def _offline_detail(self, scope_id: str, daemon_id: str | None) -> str:
+        """Why nothing answers, in one sentence, naming only this scope's own daemons."""
+        if daemon_id is None:
+            return "No daemon is connected with this key."
+        known = {known_id for known_id, _, _ in self.relay.store.known_daemons(scope_id)}
+        if daemon_id in known:
+            return f"Daemon {daemon_id} is offline."
+        return f"No daemon {daemon_id} has connected with this key."
