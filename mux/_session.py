@@ -221,6 +221,9 @@ class MuxSession:
         try:
             while True:
                 message = await transport.receive_message()
+                if not message:
+                    # An empty message carries nothing (to the protocol, b"" would mean EOF).
+                    continue
                 events = protocol.receive_data(message)
                 for event in events:
                     # DataReceived is by far the most common event: test it first.
