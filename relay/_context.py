@@ -50,6 +50,10 @@ class Relay:
         self.shutting_down = False
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
+    def is_shutting_down(self) -> bool:
+        """Whether a graceful shutdown has begun (new daemon links are turned away)."""
+        return self.shutting_down
+
     # ------------------------------------------------------------------ who is asking
 
     def _from_trusted_proxy(self, peer: str) -> bool:

@@ -43,7 +43,7 @@ async def handle_daemon_link(
     )
     transport = AsgiWebSocketTransport(receive, send)
 
-    if relay.shutting_down:
+    if relay.is_shutting_down():
         await transport.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
     version = (header(headers, b"repowire-protocol") or b"").decode("latin-1").strip()
@@ -54,17 +54,18 @@ async def handle_daemon_link(
         )
         return
     now = relay.clock()
-    if relay.auth_limiter.retry_after(address, now) > 0:
-        relay.metrics.rate_limited.labels("link").inc()
-        await transport.aclose(CloseCode.INVALID_KEY, "too many failed attempts; slow down")
-        return
     authorization = (header(headers, b"authorization") or b"").decode("latin-1")
     scheme, _, key = authorization.partition(" ")
     record = relay.store.verify_key(key.strip(), now=now) if scheme.lower() == "bearer" else None
     if record is None:
-        relay.auth_limiter.allow(address, now)
+        # Only wrong keys meet the limiter: a right key always links, whatever others sharing
+        # the address have tried.
         relay.metrics.auth_failures.labels("link").inc()
         log.info("daemon link refused from %s: invalid key", address)
+        if not relay.auth_limiter.allow(address, now):
+            relay.metrics.rate_limited.labels("link").inc()
+            await transport.aclose(CloseCode.INVALID_KEY, "invalid API key; too many attempts")
+            return
         await transport.aclose(CloseCode.INVALID_KEY, "invalid API key")
         return
     daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
@@ -97,6 +98,11 @@ async def handle_daemon_link(
             await nursery.start(session.run)
         except SessionClosed as exc:
             log.info("daemon %s: handshake failed: %s", daemon_id, exc.reason)
+            return
+        if relay.is_shutting_down():
+            # The relay began shutting down during the handshake: this link missed the
+            # go-away sent to the others, so tell it now.
+            await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
             return
         replaced = relay.links.add(link)
         relay.store.record_daemon(record.scope_id, daemon_id, now=now)

@@ -367,26 +367,27 @@ class _Routes:
         relay = self._relay
         if not self._origin_ok():
             return await self._forbidden_page()
-        now = relay.clock()
-        address = self._address()
-        wait = relay.auth_limiter.retry_after(address, now)
-        if wait > 0:
-            relay.metrics.rate_limited.labels("auth").inc()
-            seconds = _retry_after(wait)
-            return await self._page(
-                status=429,
-                error=f"Too many attempts from your address. Try again in {seconds} seconds.",
-                headers={"Retry-After": seconds},
-            )
         form = await request.form
         key = (form.get("api_key") or "").strip()
         if not key:
             return await self._page(status=400, error="Enter your API key.")
+        # From here to the verdict nothing awaits, so concurrent attempts cannot slip past the
+        # limit between its check and its charge. Only wrong keys are limited (and charged): a
+        # right key is never locked out by someone else's guessing from the same address.
+        now = relay.clock()
+        address = self._address()
         record = relay.store.verify_key(key, now=now)
         if record is None:
-            # Only wrong keys are charged: signing in correctly never locks anyone out.
-            relay.auth_limiter.allow(address, now)
             relay.metrics.auth_failures.labels("auth").inc()
+            wait = relay.auth_limiter.retry_after(address, now)
+            if wait > 0 or not relay.auth_limiter.allow(address, now):
+                relay.metrics.rate_limited.labels("auth").inc()
+                seconds = _retry_after(max(wait, relay.auth_limiter.retry_after(address, now)))
+                return await self._page(
+                    status=429,
+                    error=f"Too many attempts from your address. Try again in {seconds} seconds.",
+                    headers={"Retry-After": seconds},
+                )
             return await self._page(
                 status=401, error="This API key is not valid: it is malformed, unknown or revoked."
             )

@@ -76,13 +76,6 @@ CLOSE_TIMEOUT = 2.0
 CONNECTOR_PING_INTERVAL = 5.0
 CONNECTOR_PING_TIMEOUT = 5.0
 
-LATE_LINK_MISSED = (
-    "relay/_server.py _drain_links (about line 107) drains a snapshot of relay.links taken when "
-    "the shutdown starts; a link still in its handshake then (relay/_daemon_link.py checks "
-    "relay.shutting_down only before it, about line 46) registers afterwards and is never sent "
-    "a go-away or 4503: it stays up until hypercorn's graceful_timeout (shutdown_grace) cancels "
-    "it with 1001, and delays the relay's exit by as much"
-)
 
 #: How many connectors see the relay restart.
 HERD = 100
@@ -488,7 +481,6 @@ async def test_a_hundred_connectors_reconnect_spread_out_after_a_relay_restart(l
 # ---------------------------------------------------------------------- shutdown races
 
 
-@pytest.mark.xfail(strict=True, reason=LATE_LINK_MISSED)
 async def test_a_link_finishing_its_handshake_during_shutdown_is_told_to_come_back(
     lab: Lab,
 ) -> None:
