@@ -154,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "relay":
                         gib = size / 2**30
                         cpu[way]["relay"].append((cpu_seconds(relay.pid) - before[0]) / gib)
-                        cpu[way]["connector"].append(
-                            (cpu_seconds(connector.pid) - before[1]) / gib
-                        )
+                        cpu[way]["connector"].append((cpu_seconds(connector.pid) - before[1]) / gib)
 
     figures: dict[str, Any] = {}
     rows: list[list[str]] = []
@@ -197,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     goals = [
         goal(
             f"bulk {way}: relay MB/s / direct MB/s",
-            ratio(median([size / s for s in seconds[way]["relay"]]),
-                  median([size / s for s in seconds[way]["direct"]])),
+            ratio(
+                median([size / s for s in seconds[way]["relay"]]),
+                median([size / s for s in seconds[way]["direct"]]),
+            ),
             GOAL_RATIO,
             at_least=True,
         )
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print()
     print_goals(goals)
-    path = write_results(
+    written = write_results(
         NAME,
         {
             "bench": NAME,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         args.output,
     )
-    print(f"wrote {path}")
+    print(f"wrote {written}")
     return 0
 
 

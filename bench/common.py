@@ -20,13 +20,13 @@ files readable by the owner alone, never through a command line or a log line.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
 import math
 import os
 import platform
-import queue
 import re
 import resource
 import shutil
@@ -73,7 +73,8 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 #: Longest line a worker may write (a bound on what the reader thread buffers).
 MAX_WORKER_LINE = 64 * 1024
-#: Lines a worker may have written that nobody has read yet.
+#: Lines a worker may have written that nobody has read yet; past it the oldest are dropped
+#: (a worker must never block on its stdout: that would freeze everything it runs).
 WORKER_LINE_BACKLOG = 10_000
 
 T = TypeVar("T")
@@ -187,7 +188,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print(line(row))
 
 
-def goal(name: str, value: float, target: float, *, at_least: bool, unit: str = "") -> dict[str, Any]:
+def goal(
+    name: str, value: float, target: float, *, at_least: bool, unit: str = ""
+) -> dict[str, Any]:
     """A goal record for the JSON output: ``met`` is None when the value is missing."""
     met: bool | None = None
     if not math.isnan(value):
@@ -311,7 +314,9 @@ class Worker:
             stderr=self._log,
             env=env,
         )
-        self._lines: queue.Queue[str | None] = queue.Queue(WORKER_LINE_BACKLOG)
+        self._lines: collections.deque[str] = collections.deque(maxlen=WORKER_LINE_BACKLOG)
+        self._eof = False
+        self._arrived = threading.Condition()
         self._reader = threading.Thread(target=self._pump, name=f"{name}-stdout", daemon=True)
         self._reader.start()
 
@@ -323,8 +328,12 @@ class Worker:
         stream = self.process.stdout
         assert stream is not None
         for raw in iter(lambda: stream.readline(MAX_WORKER_LINE), b""):
-            self._lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-        self._lines.put(None)
+            with self._arrived:
+                self._lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._arrived.notify_all()
+        with self._arrived:
+            self._eof = True
+            self._arrived.notify_all()
 
     def expect(self, pick: Callable[[str], T | None], timeout: float, what: str) -> T:
         """Read lines until ``pick`` returns something for one; return that.
@@ -333,15 +342,16 @@ class Worker:
         """
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerError(f"{self.name}: no {what} within {timeout:g} s ({self.log_path})")
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
+            with self._arrived:
+                while not self._lines and not self._eof:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WorkerError(
+                            f"{self.name}: no {what} within {timeout:g} s ({self.log_path})"
+                        )
+                    self._arrived.wait(remaining)
+                line = self._lines.popleft() if self._lines else None
             if line is None:
-                self._lines.put(None)  # later calls see the end too
                 code = self.process.wait()
                 raise WorkerError(
                     f"{self.name} exited with code {code} before {what}; see {self.log_path}"
@@ -349,6 +359,8 @@ class Worker:
             found = pick(line)
             if found is not None:
                 return found
+            if time.monotonic() > deadline:
+                raise WorkerError(f"{self.name}: no {what} within {timeout:g} s ({self.log_path})")
 
     def expect_event(self, event: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         """Wait for the JSON line ``{"event": event, ...}`` and return it."""
@@ -519,8 +531,10 @@ class Bench:
         data_dir = data_dir if data_dir is not None else self.relay_data_dir()
         worker = self.spawn(
             "relay",
-            ["repowire", "relay", "start", "--host", HOST, "--port", str(port)]
-            + ["--data-dir", str(data_dir)],
+            [
+                *("repowire", "relay", "start", "--host", HOST, "--port", str(port)),
+                *("--data-dir", str(data_dir)),
+            ],
         )
 
         def pick(line: str) -> int | None:
@@ -547,6 +561,12 @@ class Bench:
                     Credentials(record=record, key=key, cookie=f"{SESSION_COOKIE}={session}")
                 )
         return out
+
+    def keys(self, count: int, *, data_dir: Path | None = None) -> list[str]:
+        """``count`` new scopes, each with its key (no browser session)."""
+        now = time.time()
+        with self.open_store(data_dir) as store:
+            return [store.create_scope(label=f"bench-{i}", now=now)[1] for i in range(count)]
 
     def keys_file(self, pairs: Sequence[tuple[str, str]]) -> Path:
         """A private file of ``[[daemon_id, key], ...]`` for a worker to read."""
@@ -623,23 +643,34 @@ def http_get(
         connection.close()
 
 
-def relay_daemons_connected(relay: RelayProcess, timeout: float = 10.0) -> int:
-    """The relay's ``repowire_relay_daemons_connected`` gauge (from ``/metrics``)."""
+def relay_metric(relay: RelayProcess, name: str, timeout: float = 10.0) -> float:
+    """The value of the unlabelled metric ``name`` in the relay's ``/metrics``."""
     status, body = http_get(relay.port, "/metrics", timeout=timeout)
     if status != 200:
         raise WorkerError(f"relay /metrics answered {status}")
     for line in body.decode().splitlines():
-        if line.startswith("repowire_relay_daemons_connected "):
-            return int(float(line.split()[1]))
-    raise WorkerError("relay /metrics has no repowire_relay_daemons_connected")
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise WorkerError(f"relay /metrics has no {name}")
+
+
+def relay_daemons_connected(relay: RelayProcess, timeout: float = 10.0) -> int:
+    """The relay's ``repowire_relay_daemons_connected`` gauge."""
+    return int(relay_metric(relay, "repowire_relay_daemons_connected", timeout))
 
 
 def wait_for_links(
-    relay: RelayProcess, count: int, timeout: float, *, poll: float = 0.2
+    relay: RelayProcess,
+    count: int,
+    timeout: float,
+    *,
+    poll: float = 0.2,
+    progress: list[tuple[float, int]] | None = None,
 ) -> float:
     """Poll the relay until ``count`` daemons are connected; return the monotonic time seen.
 
-    Raises :class:`WorkerError` (with the last count) after ``timeout`` seconds.
+    Each answered poll is appended to ``progress`` as ``(monotonic time, links)``. Raises
+    :class:`WorkerError` (with the last count) after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     seen = -1
@@ -649,6 +680,8 @@ def wait_for_links(
         except (OSError, http.client.HTTPException):
             seen = -1  # not listening yet, or too busy to answer this poll
         now = time.monotonic()
+        if progress is not None and seen >= 0:
+            progress.append((now, seen))
         if seen >= count:
             return now
         if now > deadline:

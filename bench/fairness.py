@@ -16,13 +16,21 @@ streams of one daemon link, so a stalled stream must cost the others nothing but
 flow-control window. The same rounds run ``direct`` (to the target server) for comparison.
 During relay rounds the relay's RSS is sampled from /proc every 0.25 s: a stalled reader must
 not make it grow. Each figure is the median of ``--runs`` runs (5; ``--quick``: 3, shorter).
-Output: a table on stdout and ``bench/results/fairness.json``.
+
+Then a stall-tolerance sweep (relay only: direct connections share nothing): for K stalled
+readers (downloads whose readers never read a byte of body), wait for their buffers to fill,
+then time one small request through the same daemon link; a request that gets no answer within
+5 s counts as hung. The design brief says a stalled stream never delays the others, for any K.
+After each K the bench waits for the relay's open-stream gauge to return to zero (nothing
+leaked). Output: tables on stdout and ``bench/results/fairness.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +43,7 @@ from bench.common import (
     HOST,
     MB,
     Bench,
+    RelayProcess,
     WorkerError,
     add_common_arguments,
     describe_machine,
@@ -46,6 +55,7 @@ from bench.common import (
     print_goals,
     print_table,
     ratio,
+    relay_metric,
     request_head,
     resolve_runs,
     rounded,
@@ -64,6 +74,15 @@ RECEIVE_SIZE = 256 * 1024
 OPEN_TIMEOUT = 60.0
 #: Seconds between RSS samples.
 SAMPLE_INTERVAL = 0.25
+#: Stalled-reader counts of the sweep, full and quick.
+SWEEP = (1, 16, 32, 40, 48, 56, 64, 96)
+SWEEP_QUICK = (1, 32, 64, 96)
+#: Seconds the stalled readers' buffers get to fill before the probe.
+SWEEP_SETTLE = 3.0
+#: A probe not answered within this many seconds counts as hung.
+PROBE_TIMEOUT = 5.0
+#: Seconds the relay gets to close every stream of a sweep step.
+DRAIN_TIMEOUT = 20.0
 #: Goal: the stalled reader costs the others less than this fraction of their throughput.
 GOAL_COST = 0.10
 
@@ -156,6 +175,55 @@ async def _round(
     )
 
 
+async def _probe_with_stalled(port: int, prefix: str, cookie: str | None, stalled: int) -> float:
+    """Open ``stalled`` downloads never read, then time one ``/small`` request; returns the
+    seconds it took, or NaN if it got no answer within :data:`PROBE_TIMEOUT`."""
+    streams: list[trio.SocketStream] = []
+    try:
+        for _ in range(stalled):
+            stream = await trio.open_tcp_stream(HOST, port)
+            streams.append(stream)
+            await stream.send_all(request_head("GET", f"{prefix}/bytes?n=-1", cookie=cookie))
+        await trio.sleep(SWEEP_SETTLE)
+        started = trio.current_time()
+        with trio.move_on_after(PROBE_TIMEOUT):
+            probe = await trio.open_tcp_stream(HOST, port)
+            async with probe:
+                await probe.send_all(request_head("GET", f"{prefix}/small", cookie=cookie))
+                buffer = bytearray()
+                while (end := buffer.find(b"\r\n\r\n")) < 0:
+                    data = await probe.receive_some(65536)
+                    if not data:
+                        raise WorkerError("the probe's connection closed before an answer")
+                    buffer += data
+                status, headers = parse_response_head(bytes(buffer[:end]))
+                if status != 200:
+                    raise WorkerError(f"the probe got HTTP {status}")
+                length = int(headers.get(b"content-length", b"0"))
+                while len(buffer) - end - 4 < length:
+                    data = await probe.receive_some(65536)
+                    if not data:
+                        raise WorkerError("the probe's answer was cut short")
+                    buffer += data
+                return trio.current_time() - started
+        return float("nan")
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+def _wait_streams_closed(relay: RelayProcess) -> float:
+    """Wait until the relay has no stream open; return the seconds it took."""
+    started = time.monotonic()
+    while relay_metric(relay, "repowire_relay_streams_open") > 0:
+        if time.monotonic() - started > DRAIN_TIMEOUT:
+            raise WorkerError(
+                f"relay streams still open {DRAIN_TIMEOUT:g} s after the clients left"
+            )
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_common_arguments(parser)
@@ -207,6 +275,24 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
         final_rss = rss_bytes(relay.pid)
+        sweep = SWEEP_QUICK if args.quick else SWEEP
+        passes = 1 if args.quick else 2
+        probes: dict[int, list[float]] = {count: [] for count in sweep}
+        drains: list[float] = []
+        sweep_rss: dict[int, int] = {}
+        for _ in range(passes):
+            for count in sweep:
+                probes[count].append(
+                    trio.run(
+                        _probe_with_stalled,
+                        relay.port,
+                        f"/d/{DAEMON_ID}",
+                        credentials.cookie,
+                        count,
+                    )
+                )
+                sweep_rss[count] = max(sweep_rss.get(count, 0), rss_bytes(relay.pid))
+                drains.append(_wait_streams_closed(relay))
 
     figures: dict[str, Any] = {}
     rows: list[list[str]] = []
@@ -222,9 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_mb_per_s": rounded(base_rate, 1),
             "stalled_mb_per_s": rounded(stalled_rate, 1),
             "stall_cost": rounded(cost),
-            "baseline_slowest_stream_mb_per_s": rounded(
-                median([r.slowest_mb_per_s for r in base])
-            ),
+            "baseline_slowest_stream_mb_per_s": rounded(median([r.slowest_mb_per_s for r in base])),
             "stalled_slowest_stream_mb_per_s": rounded(
                 median([r.slowest_mb_per_s for r in stalled])
             ),
@@ -246,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             entry["relay_rss_idle_bytes"] = idle_rss
             entry["relay_rss_after_bytes"] = final_rss
-            rss_note = (
-                f"{idle_rss / 2**20:.0f} idle / {entry['baseline_relay_rss_peak_bytes'] / 2**20:.0f}"
-                f" / {entry['stalled_relay_rss_peak_bytes'] / 2**20:.0f}"
-            )
+            mib = [
+                idle_rss / 2**20,
+                entry["baseline_relay_rss_peak_bytes"] / 2**20,
+                entry["stalled_relay_rss_peak_bytes"] / 2**20,
+            ]
+            rss_note = " / ".join(f"{value:.0f}" for value in mib)
         figures[path] = entry
         rows.append(
             [
@@ -276,8 +362,43 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    baseline_ratio = figures["relay_vs_direct_baseline"]
+    print(f"relay/direct baseline throughput: {fmt(baseline_ratio or math.nan, 3)}")
+    sweep_rows: list[list[str]] = []
+    sweep_figures: dict[str, Any] = {}
+    first_hung: int | None = None
+    for count, results in probes.items():
+        hung = sum(math.isnan(value) for value in results)
+        answered = [value * 1000 for value in results if not math.isnan(value)]
+        if hung and first_hung is None:
+            first_hung = count
+        sweep_figures[str(count)] = {
+            "probes": len(results),
+            "hung": hung,
+            "probe_ms": [None if math.isnan(v) else round(v * 1000, 2) for v in results],
+            "relay_rss_peak_bytes": sweep_rss[count],
+        }
+        sweep_rows.append(
+            [
+                str(count),
+                f"{hung}/{len(results)}",
+                fmt(median(answered), 1),
+                f"{sweep_rss[count] / 2**20:.0f}",
+            ]
+        )
+    figures["stall_sweep"] = {
+        "steps": sweep_figures,
+        "first_stalled_count_with_a_hung_probe": first_hung,
+        "probe_timeout_s": PROBE_TIMEOUT,
+        "settle_s": SWEEP_SETTLE,
+        "max_seconds_to_close_all_streams": rounded(max(drains)),
+    }
+    print()
+    print("stall tolerance: K stalled readers on the link, then one small request through it")
+    print_table(["stalled readers", "probe hung", "probe ms (median)", "relay RSS MiB"], sweep_rows)
     print(
-        f"relay/direct baseline throughput: {fmt(figures['relay_vs_direct_baseline'] or float('nan'), 3)}"
+        f"every stream closed after each step (relay's open-stream gauge back to 0 within "
+        f"{max(drains):.1f} s)"
     )
     goals = [
         goal(
@@ -285,7 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             costs["relay"],
             GOAL_COST,
             at_least=False,
-        )
+        ),
+        goal(
+            f"design brief: probes answered with up to {max(sweep)} stalled readers on the link",
+            sum(not math.isnan(v) for r in probes.values() for v in r)
+            / sum(len(r) for r in probes.values()),
+            1.0,
+            at_least=True,
+        ),
     ]
     print()
     print_goals(goals)

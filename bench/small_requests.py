@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print_goals(goals)
     if any(figures[str(c)][name]["errors"] for c in CONCURRENCIES for name in PATHS):
         print("warning: wrk counted errors (see the errors column); the figures are suspect")
-    path = write_results(
+    written = write_results(
         NAME,
         {
             "bench": NAME,
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         args.output,
     )
-    print(f"wrote {path}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             order = ["direct", "relay"] if run % 2 == 0 else ["relay", "direct"]
             for name in order:
                 port, path, cookie = targets[name]
-                phases[name].append(
-                    run_phase(relay, daemon, port, path, cookie, args.rate, count)
-                )
+                phases[name].append(run_phase(relay, daemon, port, path, cookie, args.rate, count))
 
     added_p50 = [r.p50 - d.p50 for d, r in zip(phases["direct"], phases["relay"], strict=True)]
     added_p99 = [r.p99 - d.p99 for d, r in zip(phases["direct"], phases["relay"], strict=True)]
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["relay_vs_direct_p50"] = rounded(
         ratio(summary["relay"]["p50_ms"], summary["direct"]["p50_ms"])
     )
-    path = write_results(
+    written = write_results(
         NAME,
         {
             "bench": NAME,
@@ -288,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         args.output,
     )
-    print(f"wrote {path}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -683,7 +683,7 @@ def test_deployment_examples_agree_with_each_other() -> None:
 
     caddyfile = (DEPLOY_DIR / "Caddyfile").read_text()
     assert f"\n{public.hostname} {{\n" in caddyfile
-    assert f"reverse_proxy {LOOPBACK}:{args.port} {{" in caddyfile
+    assert f"reverse_proxy {LOOPBACK}:{args.port}\n" in caddyfile
     assert "encode" not in [line.split()[0] for line in caddyfile.splitlines() if line.strip()]
 
     # The guide's sed command fills in every placeholder of the site, and only those.

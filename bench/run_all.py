@@ -1,0 +1,231 @@
+"""Run every benchmark, one after the other, and write one summary.
+
+Run as ``python bench/run_all.py [--quick] [--runs N] [--only a,b]``. Each bench runs in its own
+process (``python bench/<name>.py``, with ``--quick`` and ``--runs`` passed on) and writes its
+own ``bench/results/<name>.json``; then this script reads them all and writes
+``bench/results/summary.json``: the machine, every goal with its value and verdict, the headline
+figures of each bench, and how long each took. A bench that fails is recorded as failed and the
+others still run; the exit code is 1 if any failed. ``--quick`` runs the whole set in a few
+minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    RESULTS_DIR,
+    describe_machine,
+    machine_line,
+    print_goals,
+    print_table,
+    write_results,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+#: In the order they run: the protocol alone first, the heaviest (scale) last.
+BENCHES = ("protocol", "small_requests", "bulk", "sse", "fairness", "scale")
+
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return "-"
+
+
+def _protocol(data: dict[str, Any]) -> list[tuple[str, str]]:
+    workloads = data.get("workloads") or {}
+    return [
+        (f"protocol {name}", f"{_num(_get(figures, 'mb_per_s'))} MB/s")
+        for name, figures in workloads.items()
+    ]
+
+
+def _small(data: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for concurrency in ("1", "32"):
+        figures = _get(data, "figures", concurrency)
+        rows.append(
+            (
+                f"small requests c={concurrency} (req/s)",
+                f"ceiling {_num(_get(figures, 'ceiling', 'requests_per_s'))}, "
+                f"direct {_num(_get(figures, 'direct', 'requests_per_s'))}, "
+                f"relay {_num(_get(figures, 'relay', 'requests_per_s'))} "
+                f"(x{_num(_get(figures, 'relay_vs_direct', 'requests_per_s'), 3)}); p50 ms "
+                f"direct {_num(_get(figures, 'direct', 'p50_ms'), 2)}, "
+                f"relay {_num(_get(figures, 'relay', 'p50_ms'), 2)}; p99 ms "
+                f"direct {_num(_get(figures, 'direct', 'p99_ms'), 2)}, "
+                f"relay {_num(_get(figures, 'relay', 'p99_ms'), 2)}",
+            )
+        )
+    return rows
+
+
+def _bulk(data: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (
+            f"bulk {way} (MB/s)",
+            f"direct {_num(_get(data, 'figures', way, 'direct_mb_per_s'))}, "
+            f"relay {_num(_get(data, 'figures', way, 'relay_mb_per_s'))} "
+            f"(x{_num(_get(data, 'figures', way, 'relay_vs_direct'), 3)})",
+        )
+        for way in ("download", "upload")
+    ]
+
+
+def _sse(data: dict[str, Any]) -> list[tuple[str, str]]:
+    figures = data.get("figures") or {}
+    return [
+        (
+            f"SSE latency at {_num(data.get('rate_per_s'), 0)}/s (ms)",
+            f"p50 direct {_num(_get(figures, 'direct', 'p50_ms'), 3)}, "
+            f"relay {_num(_get(figures, 'relay', 'p50_ms'), 3)}, "
+            f"added {_num(_get(figures, 'added', 'p50_ms'), 3)}; p99 added "
+            f"{_num(_get(figures, 'added', 'p99_ms'), 3)}; relay feeds dropped "
+            f"{_get(figures, 'relay', 'feeds_dropped')}",
+        )
+    ]
+
+
+def _fairness(data: dict[str, Any]) -> list[tuple[str, str]]:
+    relay = _get(data, "figures", "relay") or {}
+    direct = _get(data, "figures", "direct") or {}
+    return [
+        (
+            "fairness, 99 readers beside a stalled one (MB/s)",
+            f"relay {_num(relay.get('baseline_mb_per_s'))} -> "
+            f"{_num(relay.get('stalled_mb_per_s'))} "
+            f"(cost {_num((relay.get('stall_cost') or 0) * 100)} %); direct "
+            f"{_num(direct.get('baseline_mb_per_s'))} -> {_num(direct.get('stalled_mb_per_s'))}",
+        ),
+        (
+            "fairness, stalled readers until a new request on the link hangs",
+            str(
+                _get(data, "figures", "stall_sweep", "first_stalled_count_with_a_hung_probe")
+                or "none in the sweep"
+            ),
+        ),
+    ]
+
+
+def _scale(data: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        (
+            f"scale {size['links']} idle links",
+            f"{_num(size.get('relay_bytes_per_link', 0) / 1024)} KiB/link, relay RSS "
+            f"{_num(size.get('relay_rss_bytes', 0) / 2**20, 0)} MiB, idle CPU "
+            f"{_num(size.get('relay_cpu_s_per_10s_idle'), 2)} s/10 s, back after restart "
+            f"{_num(size.get('restart_back_after_listen_s'))} s (from listening), "
+            f"{_num(size.get('restart_back_after_sigterm_s'))} s (from SIGTERM)",
+        )
+        for size in data.get("sizes") or []
+    ]
+    rows += [
+        (f"scale {size} links", reason) for size, reason in (data.get("skipped") or {}).items()
+    ]
+    return rows
+
+
+HEADLINES: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
+    "protocol": _protocol,
+    "small_requests": _small,
+    "bulk": _bulk,
+    "sse": _sse,
+    "fairness": _fairness,
+    "scale": _scale,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every bench in its quick form")
+    parser.add_argument("--runs", type=int, default=None, help="passed on to every bench")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHES)}"
+    )
+    args = parser.parse_args(argv)
+    selected = list(BENCHES)
+    if args.only:
+        selected = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in selected if name not in BENCHES]
+        if unknown:
+            parser.error(f"unknown bench: {', '.join(unknown)}")
+    if args.runs is not None and args.runs < 1:
+        parser.error("--runs must be at least 1")
+    machine = describe_machine()
+    print(machine_line(machine), flush=True)
+
+    runs: dict[str, dict[str, Any]] = {}
+    for name in selected:
+        argv_bench = [sys.executable, str(BENCH_DIR / f"{name}.py")]
+        if args.quick:
+            argv_bench.append("--quick")
+        if args.runs is not None:
+            argv_bench += ["--runs", str(args.runs)]
+        print(f"\n=== {name} ===", flush=True)
+        result_path = RESULTS_DIR / f"{name}.json"
+        previous = result_path.stat().st_mtime if result_path.exists() else None
+        started = time.monotonic()
+        code = subprocess.run(argv_bench, check=False).returncode
+        elapsed = time.monotonic() - started
+        entry: dict[str, Any] = {"exit_code": code, "seconds": round(elapsed, 1)}
+        fresh = result_path.exists() and result_path.stat().st_mtime != previous
+        if code == 0 and fresh:
+            entry["results"] = json.loads(result_path.read_text())
+        else:
+            entry["failed"] = f"exit code {code}" if code != 0 else "it wrote no new results file"
+        runs[name] = entry
+
+    print("\n=== summary ===")
+    print(machine_line(machine))
+    rows: list[list[str]] = []
+    goals: list[dict[str, Any]] = []
+    headlines: dict[str, list[dict[str, str]]] = {}
+    for name, entry in runs.items():
+        if "failed" in entry:
+            rows.append([name, f"FAILED ({entry['failed']})"])
+            continue
+        data = entry["results"]
+        lines = HEADLINES[name](data)
+        headlines[name] = [{"figure": label, "value": value} for label, value in lines]
+        rows += [[label, value] for label, value in lines]
+        goals += [{"bench": name, **record} for record in data.get("goals") or []]
+    print_table(["figure", "value"], rows)
+    print()
+    print_goals(goals)
+    written = write_results(
+        "summary",
+        {
+            "machine": machine,
+            "quick": args.quick,
+            "benches": {
+                name: {k: v for k, v in entry.items() if k != "results"}
+                for name, entry in runs.items()
+            },
+            "headlines": headlines,
+            "goals": goals,
+        },
+    )
+    print(f"wrote {written}")
+    return 1 if any("failed" in entry for entry in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Scale: thousands of idle daemon links on one relay process, and a relay restart.
+
+Run as ``python bench/scale.py [--quick] [--runs N] [--sizes 1000,5000,10000] [--profile]``. For
+each size N, on 127.0.0.1: a fresh relay (``repowire relay start``, embedded defaults) and two
+connector processes with N/2 connectors each (production defaults; each daemon has its own
+scope and key), started at a steady rate. Measured, with nothing tunneled:
+
+- memory per daemon link: (relay RSS with N links - relay RSS with none) / N, from /proc;
+- CPU at idle: relay CPU seconds (user + system) over a 10 s window with all N links up
+  (keepalive pings both ways are all that happens), median of ``--runs`` windows; the
+  connector processes' CPU beside it;
+- time until all are back after a relay restart: SIGTERM to the relay (graceful: go-away and
+  close 4503 to every link), the old process exits, a new relay starts on the same port; the
+  time from the new relay listening, and from the SIGTERM, until it counts N links again
+  (``repowire_relay_daemons_connected``). Median of ``--runs`` restarts.
+
+There is no direct figure to put beside these: a direct connection has no relay.
+
+The file descriptor limit is raised to its hard limit (children inherit it); a size needing more
+descriptors than that, or more loopback ports than the ephemeral range, is skipped with the
+reason, and the largest size reached is reported. Default sizes 1,000 / 5,000 / 10,000, 3 runs
+(``--quick``: 500 / 1,000, 1 run, 5 s windows). Output: a table on stdout and
+``bench/results/scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    Bench,
+    RelayProcess,
+    Worker,
+    WorkerError,
+    add_common_arguments,
+    cpu_seconds,
+    describe_machine,
+    fmt,
+    goal,
+    http_get,
+    machine_line,
+    median,
+    print_goals,
+    print_table,
+    raise_fd_limit,
+    resolve_runs,
+    rounded,
+    rss_bytes,
+    wait_for_links,
+    write_results,
+)
+
+NAME = "scale"
+SIZES = (1000, 5000, 10000)
+QUICK_SIZES = (500, 1000)
+CONNECTOR_PROCESSES = 2
+#: Connectors started per second, all processes together (the initial ramp, not the restart).
+RAMP_RATE = 500.0
+#: Seconds of the CPU-at-idle window.
+IDLE_WINDOW = 10.0
+QUICK_IDLE_WINDOW = 5.0
+#: Seconds to wait after all links are up before measuring memory (pings settle, handshake
+#: garbage is collected).
+SETTLE = 5.0
+#: Descriptors kept free beyond one per link in every process (listeners, SQLite, epoll, pipes).
+FD_MARGIN = 512
+#: Seconds a restart may take before the bench gives up on that size.
+RESTART_TIMEOUT = 300.0
+#: The port connectors would pipe streams to: nothing is tunneled in this bench.
+UNUSED_TARGET_PORT = 9
+#: Shares of the links whose return after a restart is timed.
+RECONNECT_SHARES = (0.5, 0.9, 0.99)
+#: Goal: relay RSS for 10,000 idle links under 1 GiB.
+GOAL_BYTES_10K = 2**30
+
+
+def _ephemeral_ports() -> int:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 28_000
+    return high - low + 1
+
+
+def _why_not(size: int, fd_limit: int) -> str | None:
+    """Why ``size`` links cannot be tried on this machine, or None."""
+    if size + FD_MARGIN > fd_limit:
+        return (
+            f"{size} links need about {size + FD_MARGIN} file descriptors in the relay; "
+            f"RLIMIT_NOFILE allows {fd_limit} (hard limit)"
+        )
+    ports = _ephemeral_ports()
+    if size > ports // 2:
+        return f"{size} links (twice over, across a restart) exceed {ports} ephemeral ports"
+    return None
+
+
+def _measure_size(
+    bench: Bench, size: int, keys: list[str], runs: int, idle_window: float
+) -> dict[str, Any]:
+    data_dir = bench.relay_data_dir()
+    relay = bench.start_relay(data_dir=data_dir)
+    http_get(relay.port, "/health")
+    time.sleep(1.0)
+    idle_rss = rss_bytes(relay.pid)
+    pairs = [(f"bench-{index:05d}", keys[index]) for index in range(size)]
+    started = time.monotonic()
+    workers: list[Worker] = [
+        bench.start_connectors(
+            relay,
+            pairs[part::CONNECTOR_PROCESSES],
+            UNUSED_TARGET_PORT,
+            rate=RAMP_RATE / CONNECTOR_PROCESSES,
+            name=f"connectors-{size}-{part}",
+        )
+        for part in range(CONNECTOR_PROCESSES)
+    ]
+    result: dict[str, Any] = {"links": size, "relay_rss_idle_bytes": idle_rss}
+    try:
+        all_up = wait_for_links(relay, size, timeout=size / RAMP_RATE * 3 + 120)
+        result["seconds_to_connect_at_ramp"] = round(all_up - started, 2)
+        time.sleep(SETTLE)
+        rss = rss_bytes(relay.pid)
+        result["relay_rss_bytes"] = rss
+        result["relay_bytes_per_link"] = round((rss - idle_rss) / size)
+        result["connector_rss_bytes_per_link"] = round(
+            sum(rss_bytes(w.pid) for w in workers) / size
+        )
+        cpu: list[float] = []
+        connector_cpu: list[float] = []
+        for _ in range(runs):
+            before = cpu_seconds(relay.pid), [cpu_seconds(w.pid) for w in workers]
+            time.sleep(idle_window)
+            cpu.append((cpu_seconds(relay.pid) - before[0]) * IDLE_WINDOW / idle_window)
+            connector_cpu.append(
+                sum(cpu_seconds(w.pid) - b for w, b in zip(workers, before[1], strict=True))
+                * IDLE_WINDOW
+                / idle_window
+            )
+        result["relay_cpu_s_per_10s_idle"] = round(median(cpu), 3)
+        result["runs_relay_cpu_s_per_10s_idle"] = [round(v, 3) for v in cpu]
+        result["connectors_cpu_s_per_10s_idle"] = round(median(connector_cpu), 3)
+        restarts: list[dict[str, float]] = []
+        for _ in range(runs):
+            record, relay = _restart(bench, relay, size)
+            restarts.append(record)
+        result["restarts"] = restarts
+        result["restart_back_after_listen_s"] = round(
+            median([r["back_after_listen_s"] for r in restarts]), 2
+        )
+        result["restart_back_after_sigterm_s"] = round(
+            median([r["back_after_sigterm_s"] for r in restarts]), 2
+        )
+        for share in RECONNECT_SHARES:
+            key = f"{round(share * 100)}pct_after_listen_s"
+            result[f"restart_{key}"] = round(median([r[key] for r in restarts]), 2)
+        time.sleep(SETTLE)
+        result["relay_rss_after_restart_bytes"] = rss_bytes(relay.pid)
+    finally:
+        for worker in [*workers, relay.worker]:
+            worker.terminate()
+        for worker in [*workers, relay.worker]:
+            worker.stop()
+            bench.forget(worker)
+    return result
+
+
+def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, float], RelayProcess]:
+    """SIGTERM ``relay``, start a new one on its port, wait for every link to come back."""
+    term = time.monotonic()
+    relay.worker.stop(timeout=RESTART_TIMEOUT)
+    bench.forget(relay.worker)
+    exited = time.monotonic()
+    fresh = bench.start_relay(port=relay.port, data_dir=relay.data_dir)
+    listening = time.monotonic()
+    progress: list[tuple[float, int]] = []
+    back = wait_for_links(fresh, size, timeout=RESTART_TIMEOUT, progress=progress)
+    record = {
+        "shutdown_s": round(exited - term, 2),
+        "start_s": round(listening - exited, 2),
+        "back_after_listen_s": round(back - listening, 2),
+        "back_after_sigterm_s": round(back - term, 2),
+    }
+    # How the herd comes back: seconds after listening until each share of the links is up.
+    for share in RECONNECT_SHARES:
+        first = next((t for t, seen in progress if seen >= share * size), back)
+        record[f"{round(share * 100)}pct_after_listen_s"] = round(first - listening, 2)
+    return record, fresh
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--sizes", default=None, help="comma-separated link counts")
+    args = parser.parse_args(argv)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    if runs < 1:
+        parser.error("--runs must be at least 1")
+    resolve_runs(parser, args)
+    try:
+        sizes = (
+            tuple(int(part) for part in args.sizes.split(","))
+            if args.sizes
+            else (QUICK_SIZES if args.quick else SIZES)
+        )
+    except ValueError:
+        parser.error("--sizes takes comma-separated integers, e.g. 1000,5000")
+    if any(size < CONNECTOR_PROCESSES for size in sizes):
+        parser.error(f"every size must be at least {CONNECTOR_PROCESSES}")
+    idle_window = QUICK_IDLE_WINDOW if args.quick else IDLE_WINDOW
+    fd_limit = raise_fd_limit()
+    machine = describe_machine()
+    print(machine_line(machine))
+    print(
+        f"sizes {', '.join(map(str, sizes))}; {CONNECTOR_PROCESSES} connector processes, ramp "
+        f"{RAMP_RATE:g}/s; idle CPU over {idle_window:g} s windows (shown per 10 s); {runs} "
+        f"runs; RLIMIT_NOFILE {fd_limit}"
+    )
+
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    with Bench(NAME, profile=args.profile) as bench:
+        usable = [size for size in sizes if _why_not(size, fd_limit) is None]
+        for size in sizes:
+            reason = _why_not(size, fd_limit)
+            if reason is not None:
+                skipped[str(size)] = reason
+        keys = bench.keys(max(usable)) if usable else []
+        for size in usable:
+            print(f"measuring {size} links ...", flush=True)
+            try:
+                results.append(_measure_size(bench, size, keys, runs, idle_window))
+            except WorkerError as exc:
+                skipped[str(size)] = f"failed: {exc}"
+                print(f"  {size} links: {exc}", flush=True)
+                break
+
+    rows = [
+        [
+            str(r["links"]),
+            fmt(r["seconds_to_connect_at_ramp"], 1),
+            fmt(r["relay_rss_bytes"] / 2**20, 0),
+            fmt(r["relay_bytes_per_link"] / 1024, 1),
+            fmt(r["relay_cpu_s_per_10s_idle"], 2),
+            fmt(r["connectors_cpu_s_per_10s_idle"], 2),
+            fmt(r["restart_50pct_after_listen_s"], 1),
+            fmt(r["restart_90pct_after_listen_s"], 1),
+            fmt(r["restart_back_after_listen_s"], 1),
+            fmt(r["restart_back_after_sigterm_s"], 1),
+            fmt(r["relay_rss_after_restart_bytes"] / 2**20, 0),
+        ]
+        for r in results
+    ]
+    print()
+    print_table(
+        [
+            "links",
+            "connect s",
+            "relay RSS MiB",
+            "KiB/link",
+            "relay CPU s/10 s idle",
+            "connectors CPU s/10 s",
+            "50% back s",
+            "90% back s",
+            "all back s",
+            "back after SIGTERM s",
+            "RSS after restart MiB",
+        ],
+        rows,
+    )
+    for label, reason in skipped.items():
+        print(f"not measured: {label} links: {reason}")
+    largest = max((r["links"] for r in results), default=0)
+    print(f"largest size measured: {largest} links")
+    per_link = [r["relay_bytes_per_link"] for r in results]
+    at_10k = next((r for r in results if r["links"] == 10_000), None)
+    projected = math.nan
+    if at_10k is not None:
+        projected = float(at_10k["relay_rss_bytes"])
+    elif results:
+        projected = float(results[-1]["relay_rss_idle_bytes"] + 10_000 * per_link[-1])
+    goals = [
+        goal(
+            "relay RSS with 10,000 idle links (bytes"
+            + ("" if at_10k is not None else ", projected from the largest size")
+            + ")",
+            projected,
+            GOAL_BYTES_10K,
+            at_least=False,
+        )
+    ]
+    print()
+    print_goals(goals)
+    written = write_results(
+        NAME,
+        {
+            "bench": NAME,
+            "machine": machine,
+            "quick": args.quick,
+            "runs": runs,
+            "fd_limit": fd_limit,
+            "connector_processes": CONNECTOR_PROCESSES,
+            "ramp_per_s": RAMP_RATE,
+            "idle_window_s": idle_window,
+            "sizes": results,
+            "skipped": skipped,
+            "largest_measured": largest,
+            "goals": goals,
+            "relay_rss_per_link_bytes": rounded(median(per_link), 0) if per_link else None,
+        },
+        args.output,
+    )
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
