@@ -134,6 +134,12 @@ async def refuse(
         await send_json(send, status, error, detail, close=close)
 
 
+async def refuse_too_large(send: Send, receive: Receive, limit: int) -> None:
+    """413 for a body over ``limit``; the connection closes rather than read the rest."""
+    detail = f"Request bodies are limited to {limit} bytes."
+    await refuse(send, receive, 413, "body_too_large", detail, close=True)
+
+
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in ``Connection``: hop-by-hop for this connection only."""
     tokens: set[bytes] = set()
@@ -189,14 +195,7 @@ async def tunnel_http(
             await refuse(send, receive, 400, "bad_request", "Content-Length is not a number.")
             return
         if declared_size > limit:
-            await refuse(
-                send,
-                receive,
-                413,
-                "body_too_large",
-                f"Request bodies are limited to {limit} bytes.",
-                close=True,
-            )
+            await refuse_too_large(send, receive, limit)
             return
     stream = await open_tunnel_stream(link, "http")
     if stream is None:
@@ -315,14 +314,7 @@ async def _exchange(
         stream.reset(ErrorCode.CANCEL)
         if response_started:
             raise _Aborted("request body over the limit")
-        await refuse(
-            send,
-            receive,
-            413,
-            "body_too_large",
-            f"Request bodies are limited to {limit} bytes.",
-            close=True,
-        )
+        await refuse_too_large(send, receive, limit)
         return
     if browser_gone:
         stream.reset(ErrorCode.CANCEL)
