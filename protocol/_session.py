@@ -56,6 +56,11 @@ from ._frames import (
     pack_header,
 )
 from ._settings import (
+    DEFAULT_INITIAL_WINDOW_SIZE,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_METADATA_SIZE,
+    DEFAULT_SESSION_WINDOW_SIZE,
     MAX_FRAME_SIZE_LIMIT,
     MIN_FRAME_SIZE,
     PROTOCOL_VERSION,
@@ -664,9 +669,9 @@ class Session:
                 f"peer speaks protocol version {version}; this side speaks {PROTOCOL_VERSION}",
                 ErrorCode.VERSION_MISMATCH,
             )
-        window = settings.get(SettingId.INITIAL_WINDOW_SIZE, 256 * 1024)
-        session_window = settings.get(SettingId.SESSION_WINDOW_SIZE, 16 * 1024 * 1024)
-        max_frame = settings.get(SettingId.MAX_FRAME_SIZE, 64 * 1024)
+        window = settings.get(SettingId.INITIAL_WINDOW_SIZE, DEFAULT_INITIAL_WINDOW_SIZE)
+        session_window = settings.get(SettingId.SESSION_WINDOW_SIZE, DEFAULT_SESSION_WINDOW_SIZE)
+        max_frame = settings.get(SettingId.MAX_FRAME_SIZE, DEFAULT_MAX_FRAME_SIZE)
         if not 1 <= window <= MAX_WINDOW or not 1 <= session_window <= MAX_WINDOW:
             raise RemoteProtocolError("window setting out of range", ErrorCode.FLOW_CONTROL_ERROR)
         if not MIN_FRAME_SIZE <= max_frame <= MAX_FRAME_SIZE_LIMIT:
@@ -674,8 +679,12 @@ class Session:
         self._peer_initial_window = window
         self._send_session_window = session_window
         self._peer_max_frame = max_frame
-        self._peer_max_streams = settings.get(SettingId.MAX_CONCURRENT_STREAMS, 1024)
-        self._peer_max_metadata = settings.get(SettingId.MAX_METADATA_SIZE, 4096)
+        self._peer_max_streams = settings.get(
+            SettingId.MAX_CONCURRENT_STREAMS, DEFAULT_MAX_CONCURRENT_STREAMS
+        )
+        self._peer_max_metadata = settings.get(
+            SettingId.MAX_METADATA_SIZE, DEFAULT_MAX_METADATA_SIZE
+        )
         self.state = SessionState.OPEN
         events.append(HandshakeCompleted(version=version, settings=settings))
 

@@ -33,6 +33,13 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
 MIN_FRAME_SIZE = 1 * KIB
 MAX_FRAME_SIZE_LIMIT = 16 * MIB
 
+# The defaults of the announced settings: also what a HELLO that omits one means.
+DEFAULT_INITIAL_WINDOW_SIZE = 256 * KIB
+DEFAULT_SESSION_WINDOW_SIZE = 64 * MIB
+DEFAULT_MAX_FRAME_SIZE = 64 * KIB
+DEFAULT_MAX_CONCURRENT_STREAMS = 256
+DEFAULT_MAX_METADATA_SIZE = 4 * KIB
+
 
 @attrs.frozen(kw_only=True)
 class SessionConfig:
@@ -40,16 +47,20 @@ class SessionConfig:
 
     #: Receive window of each stream: how many bytes the peer may send on a stream before the
     #: application consumes any. Credit is returned once half of it has been consumed.
-    initial_window_size: int = attrs.field(default=256 * KIB, validator=_window)
+    initial_window_size: int = attrs.field(default=DEFAULT_INITIAL_WINDOW_SIZE, validator=_window)
     #: Session-level receive budget shared by all streams: bounds what the peer can make this
-    #: side buffer in total, whatever the number of streams.
-    session_window_size: int = attrs.field(default=16 * MIB, validator=_window)
+    #: side buffer in total, whatever the number of streams. The default holds every stream's
+    #: full window (256 streams x 256 KiB), so streams whose readers stall can never spend the
+    #: budget the others need: they run into their own windows first.
+    session_window_size: int = attrs.field(default=DEFAULT_SESSION_WINDOW_SIZE, validator=_window)
     #: Largest DATA payload accepted in one frame.
-    max_frame_size: int = attrs.field(default=64 * KIB, validator=_frame_size)
+    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_frame_size)
     #: How many streams opened by the peer may be open at once; further OPENs are refused.
-    max_concurrent_streams: int = attrs.field(default=1024, validator=_non_negative)
+    max_concurrent_streams: int = attrs.field(
+        default=DEFAULT_MAX_CONCURRENT_STREAMS, validator=_non_negative
+    )
     #: Largest OPEN payload (encoded metadata) accepted.
-    max_metadata_size: int = attrs.field(default=4 * KIB, validator=_non_negative)
+    max_metadata_size: int = attrs.field(default=DEFAULT_MAX_METADATA_SIZE, validator=_non_negative)
     #: Local only: peer-opened streams not yet accepted by the application. Past this bound new
     #: streams are refused with REFUSED_STREAM instead of queueing without limit.
     max_accept_backlog: int = attrs.field(default=128, validator=_non_negative)

@@ -42,7 +42,7 @@ class RelaySettings:
     link_ping_interval: float = 15.0
     link_ping_timeout: float = 10.0
     #: How many concurrent streams a daemon link carries (more wait for a slot).
-    max_streams_per_link: int = 1024
+    max_streams_per_link: int = 256
     #: Attempts per client address: /auth and bad keys on /ws/relay (per minute, burst).
     auth_rate_per_minute: float = 10.0
     auth_burst: int = 10
