@@ -46,8 +46,8 @@ class MuxConfig:
     """Driver settings. The protocol's own limits live in ``protocol``'s :class:`SessionConfig`."""
 
     protocol: SessionConfig = attrs.field(factory=SessionConfig)
-    #: Seconds between keepalive pings; ``math.inf`` turns keepalive off.
-    keepalive_interval: float = 5.0
+    #: Seconds of silence on the link before a keepalive ping; ``math.inf`` turns it off.
+    keepalive_interval: float = 10.0
     #: A ping unanswered this long means the link is dead.
     keepalive_timeout: float = 5.0
     #: Seconds to wait for the peer's HELLO.
@@ -102,6 +102,8 @@ class MuxSession:
         self._slot_event = trio.Event()
         self._stream_closed_event = trio.Event()
         self._pongs: dict[bytes, trio.Event] = {}
+        #: When the last transport message arrived (trio clock); set when ``run`` starts.
+        self._last_received = 0.0
         self._ping_counter = 0
         self._close_code = 1000
 
@@ -111,6 +113,7 @@ class MuxSession:
         self, *, task_status: trio.TaskStatus[MuxSession] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Drive the session until it ends. See the class docstring."""
+        self._last_received = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
@@ -221,6 +224,7 @@ class MuxSession:
         try:
             while True:
                 message = await transport.receive_message()
+                self._last_received = trio.current_time()
                 if not message:
                     # An empty message carries nothing (to the protocol, b"" would mean EOF).
                     continue
@@ -258,9 +262,19 @@ class MuxSession:
             self._end(f"link closed: {exc}", exc.code or 1006)
 
     async def _keepalive(self) -> None:
+        """Ping once the link has been quiet for ``keepalive_interval``.
+
+        Anything received proves the peer alive, so a busy link (or one whose peer pings more
+        often) sends no pings of its own: a relay with thousands of idle links answers its
+        connectors' pings instead of doubling them.
+        """
         interval = self.config.keepalive_interval
         while True:
-            await trio.sleep(interval)
+            while True:
+                quiet_until = self._last_received + interval
+                if trio.current_time() >= quiet_until:
+                    break
+                await trio.sleep_until(quiet_until)
             try:
                 await self.ping()
             except trio.TooSlowError:

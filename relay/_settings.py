@@ -38,8 +38,9 @@ class RelaySettings:
     #: Seconds a client may take to send its request head (slowloris), and the most an idle
     #: keep-alive connection is kept.
     header_timeout: float = 10.0
-    #: Keepalive on daemon links: ping interval and timeout, seconds.
-    link_ping_interval: float = 15.0
+    #: Keepalive on daemon links: seconds of silence before the relay pings, and the timeout.
+    #: Connectors ping every 10 s of silence, so a live link never waits for the relay's ping.
+    link_ping_interval: float = 20.0
     link_ping_timeout: float = 10.0
     #: How many concurrent streams a daemon link carries (more wait for a slot).
     max_streams_per_link: int = 256

@@ -28,7 +28,9 @@ import trio_websocket
 from trio_websocket import CloseReason
 
 from connector import Connector, ConnectorConfig, LinkState
+from mux import MuxConfig
 from protocol import BackoffConfig, CloseCode
+from relay import RelaySettings
 from tests.connector.connector_support import free_port
 from tests.daemon.daemon_support import HttpStream, http_request, open_http_stream
 from tests.relay.link_support import (
@@ -66,15 +68,16 @@ MAX_MESSAGES = 10_000
 SLACK = 2.0
 
 #: The relay's link keepalive (RelaySettings defaults; `relay start` has no flag for them).
-RELAY_PING_INTERVAL = 15.0
-RELAY_PING_TIMEOUT = 10.0
+_RELAY_DEFAULTS = RelaySettings(data_dir=Path("unused"))
+RELAY_PING_INTERVAL = _RELAY_DEFAULTS.link_ping_interval
+RELAY_PING_TIMEOUT = _RELAY_DEFAULTS.link_ping_timeout
 #: Seconds a relay's shutdown gives in-flight streams (RelaySettings default).
-RELAY_SHUTDOWN_GRACE = 10.0
+RELAY_SHUTDOWN_GRACE = _RELAY_DEFAULTS.shutdown_grace
 #: The mux driver's final flush-and-close time (MuxConfig default, both ends).
-CLOSE_TIMEOUT = 2.0
+CLOSE_TIMEOUT = MuxConfig().close_timeout
 #: The connector's keepalive (MuxConfig defaults, as `repowire serve` runs it).
-CONNECTOR_PING_INTERVAL = 5.0
-CONNECTOR_PING_TIMEOUT = 5.0
+CONNECTOR_PING_INTERVAL = MuxConfig().keepalive_interval
+CONNECTOR_PING_TIMEOUT = MuxConfig().keepalive_timeout
 
 
 #: How many connectors see the relay restart.
