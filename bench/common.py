@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -106,7 +106,29 @@ def describe_machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "wrk": wrk_version(),
         "load_average": load_average(),
+        "code": code_version(),
     }
+
+
+def code_version() -> str | None:
+    """The checkout's commit, with ``+changes`` when tracked files outside ``bench/`` differ
+    from it (None outside a git checkout). Figures are only comparable between runs of the
+    same code."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    head = subprocess.run(
+        [git, "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        return None
+    changes = subprocess.run(
+        [git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    return head.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
 
 
 def load_average() -> list[float]:
@@ -119,6 +141,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     memory_text = f", {memory / 2**30:.1f} GiB RAM" if isinstance(memory, int) else ""
     load = machine.get("load_average") or []
     load_text = f"; load average at start {load[0]:g}" if load else ""
+    if machine.get("code"):
+        load_text += f"; code {machine['code']}"
     return (
         f"machine: {machine['cores']} cores ({machine['cpu_model']}){memory_text}, "
         f"{machine['implementation']} {machine['python']}, {machine['platform']}{load_text}"
@@ -168,8 +192,9 @@ def fmt(value: float, digits: int = 1) -> str:
     return "-" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Print rows as an aligned table; the first column is left-aligned, the others right."""
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1) -> None:
+    """Print rows as an aligned table: the first ``left`` columns left-aligned, the others
+    right-aligned."""
     widths = [len(h) for h in headers]
     for row in rows:
         for index, cell in enumerate(row):
@@ -177,7 +202,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
     def line(cells: Sequence[str]) -> str:
         parts = [
-            cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+            cell.ljust(widths[i]) if i < left else cell.rjust(widths[i])
             for i, cell in enumerate(cells)
         ]
         return "  ".join(parts).rstrip()
@@ -377,6 +402,16 @@ class Worker:
             return None
 
         return self.expect(pick, timeout, f"'{event}' message")
+
+    def latest_event(self, event: str) -> dict[str, Any] | None:
+        """The newest ``{"event": event, ...}`` line written so far, without waiting; the lines
+        read on the way are consumed."""
+        latest: dict[str, Any] | None = None
+        while True:
+            try:
+                latest = self.expect_event(event, timeout=0.0)
+            except WorkerError:
+                return latest
 
     def send(self, message: dict[str, Any]) -> None:
         """Write one JSON command line to the worker's stdin."""
@@ -602,11 +637,14 @@ class Bench:
         *,
         rate: float = 1000.0,
         name: str = "connectors",
+        keepalive: float | None = None,
     ) -> Worker:
         """One process running a connector per ``(daemon_id, key)``, each piping its streams
-        to ``target_port``; they start at ``rate`` per second. Waits until all are started
+        to ``target_port``; they start at ``rate`` per second. ``keepalive`` overrides the
+        connectors' ping interval (None: the product's default). Waits until all are started
         (not connected: watch the relay's metrics or the worker's progress lines)."""
         keys = self.keys_file(pairs)
+        extra = [] if keepalive is None else ["--keepalive", str(keepalive)]
         worker = self.spawn(
             name,
             [
@@ -620,6 +658,7 @@ class Bench:
                 str(target_port),
                 "--rate",
                 str(rate),
+                *extra,
             ],
         )
         worker.expect_event("started", READY_TIMEOUT + len(pairs) / rate)
@@ -665,27 +704,35 @@ def wait_for_links(
     timeout: float,
     *,
     poll: float = 0.2,
+    poll_timeout: float = 10.0,
     progress: list[tuple[float, int]] | None = None,
 ) -> float:
     """Poll the relay until ``count`` daemons are connected; return the monotonic time seen.
 
-    Each answered poll is appended to ``progress`` as ``(monotonic time, links)``. Raises
-    :class:`WorkerError` (with the last count) after ``timeout`` seconds.
+    A poll the relay does not answer within ``poll_timeout`` seconds (it is not listening yet,
+    or too busy) is skipped. Each answered poll is appended to ``progress`` as
+    ``(monotonic time, links)``. Raises :class:`WorkerError` (with the last count seen, and how
+    many polls went unanswered) after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    seen = -1
+    seen = 0
+    unanswered = 0
     while True:
         try:
-            seen = relay_daemons_connected(relay, timeout=max(1.0, poll * 10))
+            seen = relay_daemons_connected(relay, timeout=poll_timeout)
         except (OSError, http.client.HTTPException):
-            seen = -1  # not listening yet, or too busy to answer this poll
+            unanswered += 1
+        else:
+            if progress is not None:
+                progress.append((time.monotonic(), seen))
         now = time.monotonic()
-        if progress is not None and seen >= 0:
-            progress.append((now, seen))
         if seen >= count:
             return now
         if now > deadline:
-            raise WorkerError(f"only {seen} of {count} daemons connected after {timeout:g} s")
+            raise WorkerError(
+                f"{seen} of {count} daemons connected after {timeout:g} s "
+                f"({unanswered} polls of the relay's /metrics unanswered)"
+            )
         if not relay.worker.alive():
             raise WorkerError(f"the relay exited; see {relay.worker.log_path}")
         time.sleep(poll)
@@ -1078,9 +1125,11 @@ PROGRESS_INTERVAL = 1.0
 async def connectors_main(args: argparse.Namespace) -> None:
     """Bare connectors (production defaults), each pointing its streams at ``target_port``."""
     from connector import Connector, ConnectorConfig, LinkState
+    from mux import MuxConfig
 
     raise_fd_limit()
     pairs = _read_keys(args.keys)
+    mux = MuxConfig() if args.keepalive is None else MuxConfig(keepalive_interval=args.keepalive)
     connectors = [
         Connector(
             ConnectorConfig(
@@ -1089,6 +1138,7 @@ async def connectors_main(args: argparse.Namespace) -> None:
                 daemon_id=daemon_id,
                 daemon_port=args.target_port,
                 version="bench",
+                mux=mux,
             )
         )
         for daemon_id, key in pairs
@@ -1103,9 +1153,23 @@ async def connectors_main(args: argparse.Namespace) -> None:
         async def progress() -> None:
             last = -1
             while True:
-                connected = sum(1 for c in connectors if c.status().state is LinkState.CONNECTED)
+                statuses = [c.status() for c in connectors]
+                connected = sum(1 for st in statuses if st.state is LinkState.CONNECTED)
                 if connected != last:
-                    emit({"event": "progress", "connected": connected, "total": len(connectors)})
+                    # Why the others are not connected: their last errors (never secrets).
+                    reasons = collections.Counter(
+                        (st.last_error or st.state.value)[:120]
+                        for st in statuses
+                        if st.state is not LinkState.CONNECTED
+                    )
+                    emit(
+                        {
+                            "event": "progress",
+                            "connected": connected,
+                            "total": len(connectors),
+                            "not_connected_because": dict(reasons.most_common(3)),
+                        }
+                    )
                     last = connected
                 await trio.sleep(PROGRESS_INTERVAL)
 
@@ -1131,6 +1195,12 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     connectors.add_argument("--keys", type=Path, required=True, help="[[daemon_id, key], ...]")
     connectors.add_argument("--target-port", type=int, required=True)
     connectors.add_argument("--rate", type=float, default=1000.0, help="connectors started/s")
+    connectors.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        help="seconds between each connector's keepalive pings (default: the product's)",
+    )
     args = parser.parse_args(argv)
     main_for_role: dict[str, Callable[[argparse.Namespace], Any]] = {
         "target": target_main,
@@ -1144,22 +1214,6 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     trio.run(main_for_role[args.role], args)
     return 0
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    """``with timed() as elapsed: ...``; ``elapsed()`` is the seconds since entry (frozen at
-    exit)."""
-    start = time.perf_counter()
-    end: float | None = None
-
-    def elapsed() -> float:
-        return (end if end is not None else time.perf_counter()) - start
-
-    try:
-        yield elapsed
-    finally:
-        end = time.perf_counter()
 
 
 def connect_socket(port: int, timeout: float = 30.0) -> socket.socket:

@@ -6,7 +6,8 @@ own ``bench/results/<name>.json``; then this script reads them all and writes
 ``bench/results/summary.json``: the machine, every goal with its value and verdict, the headline
 figures of each bench, and how long each took. A bench that fails is recorded as failed and the
 others still run; the exit code is 1 if any failed. ``--quick`` runs the whole set in a few
-minutes.
+minutes. ``--results-dir`` puts every JSON elsewhere (a quick check that must not replace the
+figures of a full run); ``--no-run`` only rebuilds the summary from the results already there.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def _sse(data: dict[str, Any]) -> list[tuple[str, str]]:
 def _fairness(data: dict[str, Any]) -> list[tuple[str, str]]:
     relay = _get(data, "figures", "relay") or {}
     direct = _get(data, "figures", "direct") or {}
+    sweep = _get(data, "figures", "stall_sweep") or {}
+    first_hung = sweep.get("first_stalled_count_with_a_hung_probe") or "none"
     return [
         (
             "fairness, 99 readers beside a stalled one (MB/s)",
@@ -117,10 +120,7 @@ def _fairness(data: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "fairness, stalled readers until a new request on the link hangs",
-            str(
-                _get(data, "figures", "stall_sweep", "first_stalled_count_with_a_hung_probe")
-                or "none in the sweep"
-            ),
+            f"{first_hung} (swept up to the link's stream limit, {sweep.get('stream_limit')})",
         ),
     ]
 
@@ -160,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHES)}"
     )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"where every bench writes its JSON and this script the summary ({RESULTS_DIR})",
+    )
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="run nothing: summarize the results already in --results-dir",
+    )
     args = parser.parse_args(argv)
     selected = list(BENCHES)
     if args.only:
@@ -174,13 +185,19 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, dict[str, Any]] = {}
     for name in selected:
-        argv_bench = [sys.executable, str(BENCH_DIR / f"{name}.py")]
+        result_path = args.results_dir / f"{name}.json"
+        if args.no_run:
+            if result_path.exists():
+                runs[name] = {"results": json.loads(result_path.read_text())}
+            else:
+                runs[name] = {"failed": f"no results in {result_path}"}
+            continue
+        argv_bench = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--output", str(result_path)]
         if args.quick:
             argv_bench.append("--quick")
         if args.runs is not None:
             argv_bench += ["--runs", str(args.runs)]
         print(f"\n=== {name} ===", flush=True)
-        result_path = RESULTS_DIR / f"{name}.json"
         previous = result_path.stat().st_mtime if result_path.exists() else None
         started = time.monotonic()
         code = subprocess.run(argv_bench, check=False).returncode
@@ -207,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         headlines[name] = [{"figure": label, "value": value} for label, value in lines]
         rows += [[label, value] for label, value in lines]
         goals += [{"bench": name, **record} for record in data.get("goals") or []]
-    print_table(["figure", "value"], rows)
+    print_table(["figure", "value"], rows, left=2)
     print()
     print_goals(goals)
     written = write_results(
@@ -215,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "machine": machine,
             "quick": args.quick,
+            "summarized_only": args.no_run,
             "benches": {
                 name: {k: v for k, v in entry.items() if k != "results"}
                 for name, entry in runs.items()
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "headlines": headlines,
             "goals": goals,
         },
+        args.results_dir / "summary.json",
     )
     print(f"wrote {written}")
     return 1 if any("failed" in entry for entry in runs.values()) else 0
