@@ -138,6 +138,11 @@ def _scale(data: dict[str, Any]) -> list[tuple[str, str]]:
         for size in data.get("sizes") or []
     ]
     rows += [
+        (f"scale {size['links']} links: restart", f"not all back: {size['restart_failed']}")
+        for size in data.get("sizes") or []
+        if "restart_failed" in size
+    ]
+    rows += [
         (f"scale {size} links", reason) for size, reason in (data.get("skipped") or {}).items()
     ]
     return rows

@@ -149,14 +149,9 @@ def _measure_size(
             # Say why: the relay's CPU share (a process near a full core cannot take more
             # links) and what the connectors left out report as their last error.
             share = (cpu_seconds(relay.pid) - cpu_at_start) / (time.monotonic() - started)
-            reasons: collections.Counter[str] = collections.Counter()
-            for worker in workers:
-                latest = worker.latest_event("progress") or {}
-                reasons.update(latest.get("not_connected_because") or {})
-            told = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
             raise WorkerError(
                 f"{exc}; the relay process used {share:.0%} of a core on average meanwhile"
-                + (f"; the connectors left out say: {told}" if told else "")
+                + _left_out(workers)
             ) from None
         result["seconds_to_connect_at_ramp"] = round(all_up - started, 2)
         time.sleep(SETTLE)
@@ -181,10 +176,16 @@ def _measure_size(
         result["runs_relay_cpu_s_per_10s_idle"] = [round(v, 3) for v in cpu]
         result["connectors_cpu_s_per_10s_idle"] = round(median(connector_cpu), 3)
         restarts: list[dict[str, float]] = []
-        for _ in range(runs):
-            record, relay = _restart(bench, relay, size)
-            restarts.append(record)
         result["restarts"] = restarts
+        for _ in range(runs):
+            try:
+                record, relay = _restart(bench, relay, size)
+            except WorkerError as exc:
+                # What was measured before stays; the failure is a figure too.
+                result["restart_failed"] = f"{exc}{_left_out(workers)}"
+                print(f"  {size} links: restart: {result['restart_failed']}", flush=True)
+                return result
+            restarts.append(record)
         result["restart_back_after_listen_s"] = round(
             median([r["back_after_listen_s"] for r in restarts]), 2
         )
@@ -203,6 +204,16 @@ def _measure_size(
             worker.stop()
             bench.forget(worker)
     return result
+
+
+def _left_out(workers: list[Worker]) -> str:
+    """What the connectors not connected report as their last errors (most common first)."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for worker in workers:
+        latest = worker.latest_event("progress") or {}
+        reasons.update(latest.get("not_connected_because") or {})
+    told = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+    return f"; the connectors left out say: {told}" if told else ""
 
 
 def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, float], RelayProcess]:
@@ -287,19 +298,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {size} links: {exc}", flush=True)
                 break
 
+    def cell(record: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1) -> str:
+        value = record.get(key)
+        return fmt(value / scale, digits) if isinstance(value, int | float) else "-"
+
     rows = [
         [
             str(r["links"]),
-            fmt(r["seconds_to_connect_at_ramp"], 1),
-            fmt(r["relay_rss_bytes"] / 2**20, 0),
-            fmt(r["relay_bytes_per_link"] / 1024, 1),
-            fmt(r["relay_cpu_s_per_10s_idle"], 2),
-            fmt(r["connectors_cpu_s_per_10s_idle"], 2),
-            fmt(r["restart_50pct_after_listen_s"], 1),
-            fmt(r["restart_90pct_after_listen_s"], 1),
-            fmt(r["restart_back_after_listen_s"], 1),
-            fmt(r["restart_back_after_sigterm_s"], 1),
-            fmt(r["relay_rss_after_restart_bytes"] / 2**20, 0),
+            cell(r, "seconds_to_connect_at_ramp"),
+            cell(r, "relay_rss_bytes", 2**20, 0),
+            cell(r, "relay_bytes_per_link", 1024),
+            cell(r, "relay_cpu_s_per_10s_idle", digits=2),
+            cell(r, "connectors_cpu_s_per_10s_idle", digits=2),
+            cell(r, "restart_50pct_after_listen_s"),
+            cell(r, "restart_90pct_after_listen_s"),
+            cell(r, "restart_back_after_listen_s"),
+            cell(r, "restart_back_after_sigterm_s"),
+            cell(r, "relay_rss_after_restart_bytes", 2**20, 0),
         ]
         for r in results
     ]
@@ -322,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for label, reason in skipped.items():
         print(f"not measured: {label} links: {reason}")
+    for r in results:
+        if "restart_failed" in r:
+            print(f"restart of the relay with {r['links']} links: {r['restart_failed']}")
     largest = max((r["links"] for r in results), default=0)
     print(f"largest size measured: {largest} links")
     per_link = [r["relay_bytes_per_link"] for r in results]
