@@ -271,6 +271,8 @@ class Connector:
                     extra_headers=headers,
                     max_message_size=LINK_MAX_MESSAGE,
                     message_queue_size=4,
+                    # trio-websocket reads 4 KiB at a time by default: far too little for bulk.
+                    receive_buffer_size=256 * 1024,
                 )
         except trio.TooSlowError:
             return DisconnectReason.NETWORK, "timed out in the handshake with the relay"
