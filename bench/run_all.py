@@ -229,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         headlines[name] = [{"figure": label, "value": value} for label, value in lines]
         rows += [[label, value] for label, value in lines]
         goals += [{"bench": name, **record} for record in data.get("goals") or []]
+    # Separate runs of a bench kept beside its main results (e.g. ``scale_10000.json``, one
+    # size measured alone): summarized too, labelled with their file name.
+    for name in selected:
+        for extra in sorted(args.results_dir.glob(f"{name}_*.json")):
+            data = json.loads(extra.read_text())
+            label = f" [{extra.name}]"
+            lines = HEADLINES[name](data)
+            headlines[extra.stem] = [{"figure": a, "value": b} for a, b in lines]
+            rows += [[a + label, b] for a, b in lines]
+            goals += [
+                {"bench": extra.stem, **record, "goal": record["goal"] + label}
+                for record in data.get("goals") or []
+            ]
     print_table(["figure", "value"], rows, left=2)
     print()
     print_goals(goals)
