@@ -169,10 +169,18 @@ class Session:
         self._recv_session_window = self.config.session_window_size
         self._session_unacked = 0
         self._session_consumed = 0
-        # Credit goes back once half a window is consumed; at least one byte, so that a window
-        # of 1 never sends the zero increment a WINDOW_UPDATE may not carry.
+        # Stream credit goes back once half the stream window is consumed; at least one byte,
+        # so that a window of 1 never sends the zero increment a WINDOW_UPDATE may not carry.
         self._stream_credit_threshold = max(1, self.config.initial_window_size // 2)
-        self._session_credit_threshold = max(1, self.config.session_window_size // 2)
+        # Session credit goes back in steps of half a stream window (half the session window
+        # if that is smaller), not half the session window: bytes held by stalled readers plus
+        # bytes consumed but not yet credited must never use up the shared budget, or live
+        # streams stop for good. With the defaults, 255 stalled streams still leave twice this
+        # step free (half the budget wedged the link from 129 on). SPEC.md, "Stalled streams
+        # and the session budget", has the argument and the cases no threshold can help.
+        self._session_credit_threshold = max(
+            1, min(self.config.session_window_size, self.config.initial_window_size) // 2
+        )
         # Go-away bookkeeping.
         self.goaway_sent = False
         self.goaway_received = False
@@ -351,11 +359,13 @@ class Session:
     def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
         """The application consumed ``amount`` bytes of this stream: return the credit.
 
-        Credit goes back to the peer (WINDOW_UPDATE) once half a window has been consumed, per
-        stream and for the session. Acknowledging a stream that was reset is a no-op (its
-        credit was returned by the reset). Raises :class:`LocalProtocolError` when ``amount``
-        is more than was received and not yet acknowledged. After a session error it does
-        nothing, so the GOAWAY that reported the error stays the last frame sent.
+        Credit goes back to the peer (WINDOW_UPDATE) once half the stream window has been
+        consumed on the stream, and once half a stream window (or half the session window, if
+        smaller) has been consumed on the session, from whichever streams. Acknowledging a
+        stream that was reset is a no-op (its credit was returned by the reset). Raises
+        :class:`LocalProtocolError` when ``amount`` is more than was received and not yet
+        acknowledged. After a session error it does nothing, so the GOAWAY that reported the
+        error stays the last frame sent.
         """
         if amount < 0:
             raise ValueError("amount must not be negative")

@@ -49,9 +49,10 @@ class SessionConfig:
     #: application consumes any. Credit is returned once half of it has been consumed.
     initial_window_size: int = attrs.field(default=DEFAULT_INITIAL_WINDOW_SIZE, validator=_window)
     #: Session-level receive budget shared by all streams: bounds what the peer can make this
-    #: side buffer in total, whatever the number of streams. The default holds every stream's
-    #: full window (256 streams x 256 KiB), so streams whose readers stall can never spend the
-    #: budget the others need: they run into their own windows first.
+    #: side buffer in total, whatever the number of streams. The default holds the full window
+    #: of every stream the peer may open (256 streams x 256 KiB), and credit comes back in
+    #: steps of half a stream window, so stalled readers among those streams leave the others
+    #: room (SPEC.md, "Stalled streams and the session budget", names the limits).
     session_window_size: int = attrs.field(default=DEFAULT_SESSION_WINDOW_SIZE, validator=_window)
     #: Largest DATA payload accepted in one frame.
     max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_frame_size)

@@ -589,10 +589,11 @@ def render_worked_example() -> str:
     relay.send_data(stream_id, b"GET /")
     move(relay, connector)
     connector.accept_stream(stream_id)
-    connector.acknowledge_received_data(stream_id, 5)  # half the window of 8: credit goes back
+    # At least half the stream window of 8, which is also the session's step: both credits.
+    connector.acknowledge_received_data(stream_id, 5)
     connector.send_data(stream_id, b"200 OK", end_stream=True)
     move(connector, relay)
-    relay.acknowledge_received_data(stream_id, 6)  # after the peer's FIN: no stream credit
+    relay.acknowledge_received_data(stream_id, 6)  # after the peer's FIN: session credit only
     relay.end_stream(stream_id)
     relay.ping(b"keepaliv")
     move(relay, connector)

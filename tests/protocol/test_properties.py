@@ -280,9 +280,13 @@ class Scenario:
         self.drain(chunk)
         for index, side in enumerate(self.sides):
             granted = self.sides[1 - index].config
+            stream_window = granted.initial_window_size
+            session_window = granted.session_window_size
+            # The session's step is half a stream window (half the session window if smaller).
+            session_step = max(1, min(session_window, stream_window) // 2)
             floor = min(
-                granted.initial_window_size - max(1, granted.initial_window_size // 2) + 1,
-                granted.session_window_size - max(1, granted.session_window_size // 2) + 1,
+                stream_window - max(1, stream_window // 2) + 1,
+                session_window - session_step + 1,
             )
             for sid in side.streams:
                 state = side.session.stream_state(sid)

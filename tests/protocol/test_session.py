@@ -109,6 +109,49 @@ def raw_peer(role: Role = Role.CONNECTOR, config: SessionConfig | None = None) -
     return session
 
 
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Bytes that differ by position (and by ``seed``), so loss or reordering shows."""
+    block = bytes((seed + i) % 251 for i in range(251))
+    return (block * (size // 251 + 1))[:size]
+
+
+def transfer(
+    sender: Session, receiver: Session, streams: list[int], size: int, read_size: int = 0
+) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
+    """Send ``size`` bytes on each stream as the credit allows, the receiver consuming all it
+    gets at once, ``read_size`` bytes per acknowledgement (0: a whole frame at a time).
+
+    Returns what arrived on each stream and the WINDOW_UPDATEs the receiver sent, in order.
+    Bounded: stops once a round moves nothing, whether because every byte arrived or because
+    the sender has no credit and none is coming (a wedge).
+    """
+    payloads = {sid: pattern(size, sid) for sid in streams}
+    sent = dict.fromkeys(streams, 0)
+    got = {sid: bytearray() for sid in streams}
+    updates: list[tuple[int, int]] = []
+    for _ in range(10_000):
+        for sid in streams:
+            room = min(sender.local_flow_control_window(sid), size - sent[sid])
+            if room:
+                sender.send_data(sid, payloads[sid][sent[sid] : sent[sid] + room])
+                sent[sid] += room
+        data = sender.data_to_send()
+        for event in receiver.receive_data(data) if data else []:
+            if isinstance(event, DataReceived) and event.stream_id in got:
+                got[event.stream_id] += event.data
+                step = read_size or len(event.data)
+                for start in range(0, len(event.data), step):
+                    amount = min(step, len(event.data) - start)
+                    receiver.acknowledge_received_data(event.stream_id, amount)
+        back = receiver.data_to_send()
+        updates += window_updates(back)
+        if back:
+            sender.receive_data(back)
+        if not data and not back:
+            return {sid: bytes(got[sid]) for sid in streams}, updates
+    raise AssertionError("the transfer was still moving after 10,000 rounds")
+
+
 def received(events: list[Event], stream_id: int) -> bytes:
     return b"".join(
         e.data for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id
@@ -471,22 +514,47 @@ def test_credit_is_returned_at_half_the_window(pair: Pair) -> None:
     assert window_updates(pair.a.data_to_send()) == []
     pair.a.acknowledge_received_data(sid, 1)
     credit = pair.a.data_to_send()
-    assert window_updates(credit) == [(sid, 128 * KIB)]
-    assert pair.b.receive_data(credit) == [WindowUpdated(stream_id=sid, increment=128 * KIB)]
+    # Half a stream window is also the session's step, so under one stream both go together.
+    assert window_updates(credit) == [(sid, 128 * KIB), (0, 128 * KIB)]
+    assert pair.b.receive_data(credit) == [
+        WindowUpdated(stream_id=sid, increment=128 * KIB),
+        WindowUpdated(stream_id=0, increment=128 * KIB),
+    ]
     assert pair.b.local_flow_control_window(sid) == 184 * KIB
 
 
-def test_session_credit_is_returned_at_half_the_session_window() -> None:
-    pair = make_pair(a=SessionConfig(session_window_size=64 * KIB, initial_window_size=64 * KIB))
-    first, second = pair.b.open_stream(), pair.b.open_stream()
-    pair.b.send_data(first, bytes(20 * KIB))
-    pair.b.send_data(second, bytes(20 * KIB))
+def test_session_credit_is_returned_in_steps_of_half_a_stream_window() -> None:
+    # A 64 KiB budget over 16 KiB stream windows: the session's step is 8 KiB, whichever
+    # streams the bytes were consumed from, not half the budget (32 KiB).
+    pair = make_pair(a=SessionConfig(session_window_size=64 * KIB, initial_window_size=16 * KIB))
+    streams = [pair.b.open_stream() for _ in range(4)]
+    for sid in streams:
+        pair.b.send_data(sid, bytes(16 * KIB))
     pair.pump()
-    assert pair.b.local_flow_control_window(first) == 24 * KIB  # the session budget is the limit
-    pair.a.acknowledge_received_data(first, 20 * KIB)
-    assert window_updates(pair.a.data_to_send()) == []  # 20 KiB < half of either window
-    pair.a.acknowledge_received_data(second, 12 * KIB)
-    assert window_updates(pair.a.data_to_send()) == [(0, 32 * KIB)]
+    late = pair.b.open_stream()
+    assert pair.b.local_flow_control_window(late) == 0  # the budget is spent
+    pair.a.acknowledge_received_data(streams[0], 5 * KIB)
+    assert window_updates(pair.a.data_to_send()) == []
+    pair.a.acknowledge_received_data(streams[1], 3 * KIB - 1)
+    assert window_updates(pair.a.data_to_send()) == []
+    pair.a.acknowledge_received_data(streams[1], 1)
+    # 8 KiB over two streams: session credit, while neither stream reached its own 8 KiB.
+    credit = pair.a.data_to_send()
+    assert window_updates(credit) == [(0, 8 * KIB)]
+    pair.b.receive_data(credit)
+    assert pair.b.local_flow_control_window(late) == 8 * KIB
+    assert pair.b.local_flow_control_window(streams[0]) == 0
+
+
+def test_session_credit_step_is_half_the_session_window_when_that_is_smaller() -> None:
+    pair = make_pair(a=SessionConfig(session_window_size=8 * KIB, initial_window_size=64 * KIB))
+    sid = pair.b.open_stream()
+    pair.b.send_data(sid, bytes(8 * KIB))
+    pair.pump()
+    pair.a.acknowledge_received_data(sid, 4 * KIB - 1)
+    assert window_updates(pair.a.data_to_send()) == []
+    pair.a.acknowledge_received_data(sid, 1)
+    assert window_updates(pair.a.data_to_send()) == [(0, 4 * KIB)]
 
 
 def test_sender_stalls_at_exactly_the_window(pair: Pair) -> None:
@@ -534,7 +602,117 @@ def test_no_stream_credit_after_the_peers_fin(pair: Pair) -> None:
     pair.b.send_data(sid, bytes(200 * KIB), end_stream=True)
     pair.pump()
     pair.a.acknowledge_received_data(sid, 200 * KIB)
-    assert window_updates(pair.a.data_to_send()) == []
+    # The peer sends nothing more on the stream; the bytes go back to the shared budget only.
+    assert window_updates(pair.a.data_to_send()) == [(0, 200 * KIB)]
+
+
+STALL_CONFIGS = [
+    SessionConfig(
+        initial_window_size=4 * KIB, session_window_size=32 * KIB, max_concurrent_streams=8
+    ),
+    SessionConfig(),  # 255 stalled streams of 256 KiB, as in the fairness benchmark
+]
+
+
+@pytest.mark.parametrize("config", STALL_CONFIGS, ids=["8-streams", "defaults"])
+def test_stalled_streams_do_not_wedge_a_live_stream(config: SessionConfig) -> None:
+    """The peer fills the window of every stream it may open but one, and nobody reads them:
+    the last stream still moves data both ways, well past what was left of the budget."""
+    window = config.initial_window_size
+    limit = config.max_concurrent_streams
+    assert config.session_window_size == limit * window  # as the defaults are sized
+    step = min(config.session_window_size, window) // 2
+    pair = make_pair(config, config)
+    receiver, peer = pair.a, pair.b
+    # The worst start: just under one step consumed and not yet credited back.
+    early = peer.open_stream()
+    peer.send_data(early, bytes(step - 1), end_stream=True)
+    at_receiver, _ = pair.pump()
+    receiver.accept_stream(early)
+    receiver.acknowledge_received_data(early, len(received(at_receiver, early)))
+    receiver.end_stream(early)
+    out = receiver.data_to_send()
+    assert window_updates(out) == []
+    peer.receive_data(out)
+    assert peer.open_streams == receiver.open_streams == 0
+
+    stalled: list[int] = []
+    while len(stalled) < limit - 1:
+        # In batches the accept backlog holds: the application takes the streams, then never
+        # reads them.
+        batch = [
+            peer.open_stream()
+            for _ in range(min(config.max_accept_backlog, limit - 1 - len(stalled)))
+        ]
+        for sid in batch:
+            peer.send_data(sid, pattern(window, sid))
+        at_receiver, _ = pair.pump()
+        for sid in batch:
+            receiver.accept_stream(sid)
+            assert received(at_receiver, sid) == pattern(window, sid)
+        stalled += batch
+
+    live = peer.open_stream()
+    pair.pump()
+    receiver.accept_stream(live)
+    # Four windows: far more than the budget had left (one window less the uncredited bytes),
+    # so this only completes if consuming on the live stream brings session credit back.
+    size = 4 * window
+    assert peer.local_flow_control_window(live) < size
+    got, updates = transfer(peer, receiver, [live], size)
+    assert len(got[live]) == size, "the live stream wedged: no session credit came back"
+    assert got[live] == pattern(size, live)
+    assert sum(increment for sid, increment in updates if sid == 0) >= size - step
+    got, updates = transfer(receiver, peer, [live], size)
+    assert got[live] == pattern(size, live)
+    assert any(sid == 0 for sid, _ in updates)
+
+    # The stalled streams' bytes were kept all along; consuming them now returns the budget.
+    peer.end_stream(live)
+    receiver.end_stream(live)
+    for sid in stalled:
+        receiver.acknowledge_received_data(sid, window)
+    pair.pump()
+    late = peer.open_stream()
+    assert peer.local_flow_control_window(late) == window
+    assert peer.state is SessionState.OPEN and receiver.state is SessionState.OPEN
+
+
+@pytest.mark.parametrize("read_size", [1000, 16 * KIB, 0])
+def test_session_credit_goes_out_once_per_stream_credit_under_one_busy_stream(
+    read_size: int,
+) -> None:
+    pair = make_pair()
+    sid = pair.b.open_stream()
+    pair.pump()
+    size = 8 * 1024 * KIB
+    got, updates = transfer(pair.b, pair.a, [sid], size, read_size)
+    assert got[sid] == pattern(size, sid)
+    session = [increment for stream_id, increment in updates if stream_id == 0]
+    stream = [increment for stream_id, increment in updates if stream_id == sid]
+    # The two counters move in step: one session WINDOW_UPDATE per stream WINDOW_UPDATE, each
+    # for at least half a stream window (128 KiB): at most 64 of each for 8 MiB, 2 KiB of
+    # frames in all.
+    assert session == stream
+    assert all(increment >= 128 * KIB for increment in session)
+    assert len(session) <= size // (128 * KIB)
+    assert sum(session) > size - 128 * KIB  # and less than a step is ever held back
+
+
+def test_session_credit_steps_under_many_busy_streams() -> None:
+    pair = make_pair()
+    streams = [pair.b.open_stream() for _ in range(8)]
+    pair.pump()
+    size = 1024 * KIB
+    got, updates = transfer(pair.b, pair.a, streams, size, 10 * KIB)
+    assert got == {sid: pattern(size, sid) for sid in streams}
+    session = [increment for stream_id, increment in updates if stream_id == 0]
+    stream = [increment for stream_id, increment in updates if stream_id != 0]
+    # Session credit never goes out in steps below half a stream window, so never more often
+    # than the streams' own credit, give or take one per stream (each may hold back a rest).
+    assert all(increment >= 128 * KIB for increment in session)
+    assert len(session) <= len(stream) + len(streams)
+    assert sum(session) > 8 * size - 128 * KIB
 
 
 @pytest.mark.parametrize("resetter", ["local", "remote"])
