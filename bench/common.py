@@ -476,6 +476,10 @@ class DaemonProcess:
     port: int
     daemon_id: str
 
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
+
 
 @attrs.frozen(kw_only=True)
 class Credentials:

@@ -29,6 +29,7 @@ from bench.common import (
     Bench,
     WrkResult,
     add_common_arguments,
+    cpu_seconds,
     describe_machine,
     fmt,
     goal,
@@ -49,6 +50,8 @@ DAEMON_ID = "bench-daemon"
 PATHS = ("ceiling", "direct", "relay")
 #: Seconds of wrk per target before measuring (connections, caches, the relay's session cache).
 WARMUP_SECONDS = 1.0
+#: Concurrency at which CPU time per request is recorded.
+CPU_CONCURRENCY = 32
 #: Goal at concurrency 32: the relay's requests/s at least this fraction of direct.
 GOAL_RATIO = 0.5
 
@@ -86,11 +89,22 @@ def main(argv: list[str] | None = None) -> int:
             "relay": (f"{relay.http_url}/d/{DAEMON_ID}/health", credentials.cookie),
         }
 
+        # CPU time each process spends per request: where a request's cost goes.
+        cpu_per_request: dict[str, dict[str, list[float]]] = {
+            name: {"relay": [], "daemon": []} for name in PATHS
+        }
+
         def measure(name: str, connections: int, seconds: float) -> WrkResult:
             url, cookie = targets[name]
-            return run_wrk(
+            before = {"relay": cpu_seconds(relay.pid), "daemon": cpu_seconds(daemon.pid)}
+            result = run_wrk(
                 url, connections=connections, duration=seconds, workdir=bench.tmp, cookie=cookie
             )
+            if connections == CPU_CONCURRENCY and result.requests:
+                for process, pid in (("relay", relay.pid), ("daemon", daemon.pid)):
+                    spent = cpu_seconds(pid) - before[process]
+                    cpu_per_request[name][process].append(spent / result.requests * 1e6)
+            return result
 
         for name in PATHS:
             measure(name, 32, WARMUP_SECONDS)
@@ -151,6 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    cpu = {
+        name: {process: rounded(median(values), 1) for process, values in spent.items() if values}
+        for name, spent in cpu_per_request.items()
+        if name != "ceiling"
+    }
+    print()
+    print(f"CPU per request at c={CPU_CONCURRENCY}, microseconds (median):")
+    print_table(
+        ["target", "relay process", "daemon process (daemon + connector)"],
+        [
+            [name, fmt(cpu[name].get("relay") or 0.0, 0), fmt(cpu[name].get("daemon") or 0.0, 0)]
+            for name in cpu
+        ],
+    )
     goals = [
         goal(
             "small requests c=32: relay req/s / direct req/s",
@@ -173,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": duration,
             "load_generator": "wrk -t1",
             "figures": figures,
+            "cpu_us_per_request": cpu,
             "goals": goals,
         },
         args.output,

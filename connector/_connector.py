@@ -27,6 +27,7 @@ from protocol import (
     Role,
 )
 
+from ._daemon_pool import DEFAULT_MAX_IDLE, DaemonPool
 from ._mesh_types import MeshError, MeshResponse
 from ._pipe import pipe_to_daemon
 from ._status import ConnectorStatus, LinkState
@@ -72,6 +73,8 @@ class ConnectorConfig:
     #: Seconds a mesh request may take before it fails with ``timeout``.
     mesh_timeout: float = 30.0
     mesh_allowlist: frozenset[tuple[str, str]] = DEFAULT_MESH_ALLOWLIST
+    #: Idle kept-alive connections to the daemon, at most (0: a connection per request).
+    daemon_pool_size: int = attrs.field(default=DEFAULT_MAX_IDLE, validator=attrs.validators.ge(0))
 
     @relay_url.validator
     def _check_url(self, attribute: object, value: str) -> None:
@@ -110,6 +113,7 @@ class Connector:
         self._retrying = True
         self._ended_with: Decision | None = None
         self._state_changed = trio.Event()
+        self._pool: DaemonPool | None = None
 
     # ------------------------------------------------------------------ status
 
@@ -147,16 +151,34 @@ class Connector:
         self, *, task_status: trio.TaskStatus[Connector] = trio.TASK_STATUS_IGNORED
     ) -> None:
         task_status.started(self)
-        while True:
-            self._attempts += 1
-            self._next_retry_at = None
-            self._ended_with = None
-            self._set_state(LinkState.CONNECTING)
-            reason, detail = await self._connect_once()
-            decision = self._ended_with or self._record_end(reason, detail)
-            if not decision.retry:
-                await trio.sleep_forever()
-            await trio.sleep(decision.delay)
+        try:
+            while True:
+                self._attempts += 1
+                self._next_retry_at = None
+                self._ended_with = None
+                self._set_state(LinkState.CONNECTING)
+                reason, detail = await self._connect_once()
+                decision = self._ended_with or self._record_end(reason, detail)
+                if not decision.retry:
+                    await trio.sleep_forever()
+                await trio.sleep(decision.delay)
+        finally:
+            if self._pool is not None:
+                with trio.CancelScope(shield=True):
+                    await self._pool.aclose()
+
+    def _daemon_pool(self) -> DaemonPool:
+        """The pool of connections to the configured daemon (a new one if the address
+        changed; the old one's idle connections are closed)."""
+        config = self.config
+        pool = self._pool
+        if pool is None or (pool.host, pool.port) != (config.daemon_host, config.daemon_port):
+            if pool is not None:
+                pool.close_idle()
+            pool = self._pool = DaemonPool(
+                config.daemon_host, config.daemon_port, max_idle=config.daemon_pool_size
+            )
+        return pool
 
     def _record_end(self, reason: DisconnectReason, detail: str) -> Decision:
         """The link is down: decide on the retry and report it in the status at once."""
@@ -356,8 +378,7 @@ class Connector:
         try:
             await pipe_to_daemon(
                 stream,
-                daemon_host=config.daemon_host,
-                daemon_port=config.daemon_port,
+                pool=self._daemon_pool(),
                 mesh_allowlist=config.mesh_allowlist,
             )
         except Exception:

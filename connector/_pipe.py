@@ -1,9 +1,11 @@
 """Piping a stream accepted from the relay to the local daemon.
 
 The connector stays generic: it reads the request head (to decide what the stream may reach and
-to set or strip the mesh header), writes it to a fresh TCP connection to the daemon, then splices
-the rest of the stream both ways without looking at it again, so bodies, Server-Sent Events and
-upgraded WebSockets all flow through unchanged.
+to set or strip the mesh header) and hands the stream to the daemon unchanged. A plain browser
+request (no upgrade) goes over a kept-alive connection, whose reuse needs only the framing of
+the messages (see :mod:`connector._exchange`); anything else (a WebSocket upgrade, a mesh
+request, a request the framer cannot follow) gets a TCP connection of its own, spliced both ways
+without another look, so upgraded WebSockets flow through untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import trio
 from mux import MuxStream, splice
 from protocol import ErrorCode
 
+from ._daemon_pool import DaemonPool
+from ._exchange import ExchangeError, pooled_exchange
+from ._framing import FramingError, MessageFramer
 from ._mesh_types import MESH_FROM_HEADER
 
 log = logging.getLogger("repowire.connector")
@@ -27,6 +32,7 @@ MAX_HEAD_SIZE = 32 * 1024
 #: Seconds the relay gets to deliver a request head.
 HEAD_TIMEOUT = 30.0
 _MESH_HEADER = MESH_FROM_HEADER.lower().encode()
+_UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:", re.IGNORECASE)
 #: What a daemon id looks like (the relay enforces the same on `/ws/relay`).
 DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -69,15 +75,18 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
     return method, path
 
 
-def rewrite_head(head: bytes, *, mesh_from: str | None) -> bytes:
+def rewrite_head(head: bytes, *, mesh_from: str | None, keep_alive: bool = False) -> bytes:
     """Drop any mesh header the sender supplied; on a mesh stream add ours, and force
     ``Connection: close`` so the stream carries exactly one request (the one checked against
-    the allowlist) and nothing can follow it to the daemon unchecked."""
+    the allowlist) and nothing can follow it to the daemon unchecked. With ``keep_alive`` (a
+    request for a kept connection) the ``Connection`` header goes, so the daemon keeps it open.
+    """
     lines = head[:-4].split(b"\r\n")
     kept = [lines[0]]
+    drop_connection = mesh_from is not None or keep_alive
     for line in lines[1:]:
         name = line.split(b":", 1)[0].strip().lower()
-        if name == _MESH_HEADER or (mesh_from is not None and name == b"connection"):
+        if name == _MESH_HEADER or (drop_connection and name == b"connection"):
             continue
         kept.append(line)
     if mesh_from is not None:
@@ -108,14 +117,26 @@ async def answer(
         pass
 
 
+def framer_for(head: bytes) -> MessageFramer | None:
+    """A request framer that has read ``head``, or ``None`` if the request must have a
+    connection of its own (an upgrade, or framing the connector does not follow)."""
+    if _UPGRADE.search(head):
+        return None
+    framer = MessageFramer(for_request=True)
+    try:
+        framer.feed(head)
+    except FramingError:
+        return None
+    return framer
+
+
 async def pipe_to_daemon(
     stream: MuxStream,
     *,
-    daemon_host: str,
-    daemon_port: int,
+    pool: DaemonPool,
     mesh_allowlist: Collection[tuple[str, str]],
 ) -> None:
-    """Serve one stream the relay opened: check it, then splice it to the local daemon.
+    """Serve one stream the relay opened: check it, then carry it to the local daemon.
 
     ``kind=http`` streams (browsers, through the relay) may reach any route of the daemon;
     ``kind=mesh`` streams (other daemons of the scope) only the ``(method, path)`` pairs of
@@ -138,7 +159,8 @@ async def pipe_to_daemon(
                 raise HeadError(
                     403, "forbidden", f"{method} {path} is not reachable from other daemons."
                 )
-        head = rewrite_head(head, mesh_from=mesh_from)
+        framer = framer_for(head) if mesh_from is None else None
+        head = rewrite_head(head, mesh_from=mesh_from, keep_alive=framer is not None)
     except HeadError as exc:
         await answer(stream, exc.status, exc.error, exc.detail)
         await trio.aclose_forcefully(stream)
@@ -150,9 +172,12 @@ async def pipe_to_daemon(
         await trio.aclose_forcefully(stream)
         return
     try:
-        daemon = await trio.open_tcp_stream(daemon_host, daemon_port)
-    except OSError as exc:
-        log.warning("local daemon at %s:%d not reachable: %s", daemon_host, daemon_port, exc)
+        if framer is not None:
+            await pooled_exchange(stream, pool, head, rest, framer)
+            return
+        daemon = await pool.fresh()
+    except (OSError, ExchangeError) as exc:
+        log.warning("local daemon at %s:%d not reachable: %s", pool.host, pool.port, exc)
         await answer(stream, 502, "daemon_unreachable", "The local daemon is not answering.")
         await trio.aclose_forcefully(stream)
         return

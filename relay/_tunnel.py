@@ -235,11 +235,12 @@ async def _exchange(
     request = h11.Request(method=method, target=target, headers=out_headers)
     response_started = False
     browser_gone = False
+    request_read = False  # the whole request body has been read from hypercorn
     metrics = relay.metrics
     limit = relay.settings.max_body_size
 
     async def upload(cancel: trio.CancelScope) -> None:
-        nonlocal browser_gone
+        nonlocal browser_gone, request_read
         await stream.send_all(conn.send(request) or b"")
         sent = 0
         more = True
@@ -257,6 +258,7 @@ async def _exchange(
                     raise _BodyTooLarge
                 metrics.bytes_to_daemon.inc(len(body))
                 await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+        request_read = True
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         # The request is complete; wait for the browser to go away (hypercorn reports it here)
         # so a closed tab cancels the daemon's work at once.
@@ -320,9 +322,11 @@ async def _exchange(
         stream.reset(ErrorCode.CANCEL)
         return
     if failure is None:
-        await send_draining(
-            send, receive, {"type": "http.response.body", "body": b"", "more_body": False}
-        )
+        end = {"type": "http.response.body", "body": b"", "more_body": False}
+        if request_read:
+            await send(end)  # nothing left to drain: spare the draining task
+        else:
+            await send_draining(send, receive, end)
         return
     log.info("tunnel %s request failed: %s", method, failure)
     stream.reset(ErrorCode.UPSTREAM_FAILED)
