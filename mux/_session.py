@@ -176,8 +176,7 @@ class MuxSession:
                 raise SessionClosed("the session is going away")
             if protocol.can_open_stream():
                 break
-            # _end() notifies this event too: one wait covers both (no nursery per wait).
-            await self._slot_event.wait()
+            await self._wait_either(self._slot_event, self._ended)
         stream_id = protocol.open_stream(metadata)
         stream = MuxStream(self, stream_id, dict(metadata or {}), local=True)
         self._streams[stream_id] = stream
@@ -191,7 +190,7 @@ class MuxSession:
         while not self._accept_queue:
             if self._ended.is_set():
                 raise SessionClosed(self.close_reason or "session ended")
-            await self._accept_event.wait()  # _end() notifies it as well
+            await self._wait_either(self._accept_event, self._ended)
         stream = self._accept_queue.popleft()
         stream._accepted = True
         self.protocol.accept_stream(stream.stream_id)
