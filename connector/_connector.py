@@ -167,6 +167,11 @@ class Connector:
                 with trio.CancelScope(shield=True):
                     await self._pool.aclose()
 
+    @property
+    def daemon_pool(self) -> DaemonPool | None:
+        """The kept-alive connections to the daemon (``None`` before the first stream)."""
+        return self._pool
+
     def _daemon_pool(self) -> DaemonPool:
         """The pool of connections to the configured daemon (a new one if the address
         changed; the old one's idle connections are closed)."""

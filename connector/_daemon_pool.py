@@ -45,7 +45,7 @@ class DaemonPool:
     ) -> None:
         if max_idle < 0:
             raise ValueError(f"max_idle must be >= 0, not {max_idle}")
-        if idle_seconds <= 0:
+        if not idle_seconds > 0:  # NaN included
             raise ValueError(f"idle_seconds must be > 0, not {idle_seconds}")
         self.host = host
         self.port = port
@@ -85,9 +85,12 @@ class DaemonPool:
         """Keep ``connection`` for the next request (it must sit between two messages)."""
         now = self._clock()
         self._expire(now)
-        if self._closed or len(self._idle) >= self.max_idle:
+        if self._closed or not self.max_idle:
             _close_now(connection)
             return
+        if len(self._idle) >= self.max_idle:
+            # Full: the oldest goes (it would expire first), the fresh one stays.
+            _close_now(self._idle.pop(0).connection)
         self._idle.append(_Idle(connection, now))
 
     def _expire(self, now: float) -> None:

@@ -51,6 +51,9 @@ async def pooled_exchange(
         stream.reset(ErrorCode.PROTOCOL_ERROR)
         return
     first = head + rest
+    # Decided now: the first attempt may read the body from the stream, and a retry can only
+    # resend what is in ``first``.
+    retryable = request.complete and request.method in RETRY_METHODS
     try:
         connection, reused = await pool.connect()
     except OSError as exc:
@@ -61,7 +64,7 @@ async def pooled_exchange(
     if await _exchange_on(stream, pool, connection, first, request, kept=True):
         return
     # The kept connection was closed under us before any answer.
-    if not (request.complete and request.method in RETRY_METHODS):
+    if not retryable:
         stream.reset(ErrorCode.UPSTREAM_FAILED)
         return
     try:

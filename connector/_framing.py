@@ -55,7 +55,7 @@ class MessageFramer:
 
     def __init__(self, *, for_request: bool, request_method: bytes = b"GET") -> None:
         self._for_request = for_request
-        self._request_method = request_method.upper()
+        self._request_method = request_method  # methods are case-sensitive (RFC 9110 9.1)
         self._phase = _Phase.HEAD
         self._line = bytearray()  # the head, or a chunk-size/trailer line, as it accumulates
         self._remaining = 0  # bytes left of a known-length body or of a chunk
@@ -156,7 +156,7 @@ class MessageFramer:
             match = _REQUEST_LINE.match(start)
             if match is None:
                 raise FramingError("malformed request line")
-            self.method = match.group(1).upper()
+            self.method = match.group(1)
             minor = match.group(3)
         else:
             match = _RESPONSE_LINE.match(start)
@@ -219,7 +219,8 @@ class MessageFramer:
         line += view
         end = line.find(b"\r\n", start)
         if end < 0:
-            if len(line) > MAX_CHUNK_LINE:
+            # A final CR may be the start of the line's CRLF: it does not count.
+            if len(line) - line.endswith(b"\r") > MAX_CHUNK_LINE:
                 raise FramingError(f"{self._phase.value} too long")
             return len(view)
         if end > MAX_CHUNK_LINE:
