@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import http.client
 import json
 import math
@@ -1130,8 +1131,13 @@ async def connectors_main(args: argparse.Namespace) -> None:
     """Bare connectors (production defaults), each pointing its streams at ``target_port``."""
     from connector import Connector, ConnectorConfig, LinkState
     from mux import MuxConfig
+    from relay._server import GC_THRESHOLDS
 
     raise_fd_limit()
+    # Thousands of connectors in one process: the relay's collector thresholds (see
+    # relay._server.GC_THRESHOLDS), or this process pauses for seconds in full collections
+    # that no real daemon, with its single connector, ever has.
+    gc.set_threshold(*GC_THRESHOLDS)
     pairs = _read_keys(args.keys)
     mux = MuxConfig() if args.keepalive is None else MuxConfig(keepalive_interval=args.keepalive)
     connectors = [

@@ -1,9 +1,9 @@
 """Scale: thousands of idle daemon links on one relay process, and a relay restart.
 
-Run as ``python bench/scale.py [--quick] [--runs N] [--sizes 1000,5000,10000] [--profile]``. For
-each size N, on 127.0.0.1: a fresh relay (``repowire relay start``, embedded defaults) and two
-connector processes with N/2 connectors each (production defaults; each daemon has its own
-scope and key), started at a steady rate. Measured, with nothing tunneled:
+Run as ``python bench/scale.py [--quick] [--runs N] [--sizes 1000,5000,10000] [--profile]
+[--keep]``. For each size N, on 127.0.0.1: a fresh relay (``repowire relay start``, embedded
+defaults) and two connector processes with N/2 connectors each (production defaults; each
+daemon has its own scope and key), started at a steady rate. Measured, with nothing tunneled:
 
 - memory per daemon link: (relay RSS with N links - relay RSS with none) / N, from /proc;
 - CPU at idle: relay CPU seconds (user + system) over a 10 s window with all N links up
@@ -12,7 +12,9 @@ scope and key), started at a steady rate. Measured, with nothing tunneled:
 - time until all are back after a relay restart: SIGTERM to the relay (graceful: go-away and
   close 4503 to every link), the old process exits, a new relay starts on the same port; the
   time from the new relay listening, and from the SIGTERM, until it counts N links again
-  (``repowire_relay_daemons_connected``). Median of ``--runs`` restarts.
+  (``repowire_relay_daemons_connected``). Median of ``--runs`` restarts. Each restart's JSON
+  record also has the links counted over time and how the new relay's ``/health`` answered
+  meanwhile (polled once a second by a separate client: latency, or unanswered within 10 s).
 
 There is no direct figure to put beside these: a direct connection has no relay.
 
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import http.client
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,12 @@ UNUSED_TARGET_PORT = 9
 RECONNECT_SHARES = (0.5, 0.9, 0.99)
 #: Goal: relay RSS for 10,000 idle links under 1 GiB.
 GOAL_BYTES_10K = 2**30
+#: Seconds between the /health polls made while the links come back after a restart.
+HEALTH_INTERVAL = 1.0
+#: Seconds a /health poll may take before it counts as unanswered.
+HEALTH_TIMEOUT = 10.0
+#: Most points of the links-over-time series kept per restart in the JSON.
+PROGRESS_POINTS = 60
 
 
 def _poll_interval(size: int) -> float:
@@ -175,7 +185,7 @@ def _measure_size(
         result["relay_cpu_s_per_10s_idle"] = round(median(cpu), 3)
         result["runs_relay_cpu_s_per_10s_idle"] = [round(v, 3) for v in cpu]
         result["connectors_cpu_s_per_10s_idle"] = round(median(connector_cpu), 3)
-        restarts: list[dict[str, float]] = []
+        restarts: list[dict[str, Any]] = []
         result["restarts"] = restarts
         for _ in range(runs):
             try:
@@ -195,6 +205,9 @@ def _measure_size(
         for share in RECONNECT_SHARES:
             key = f"{round(share * 100)}pct_after_listen_s"
             result[f"restart_{key}"] = round(median([r[key] for r in restarts]), 2)
+        result["restart_health_unanswered"] = sum(r["health_unanswered"] for r in restarts)
+        slowest = [r["health_max_ms"] for r in restarts if r["health_max_ms"] is not None]
+        result["restart_health_max_ms"] = max(slowest) if slowest else None
         time.sleep(SETTLE)
         result["relay_rss_after_restart_bytes"] = rss_bytes(relay.pid)
     finally:
@@ -216,7 +229,55 @@ def _left_out(workers: list[Worker]) -> str:
     return f"; the connectors left out say: {told}" if told else ""
 
 
-def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, float], RelayProcess]:
+class HealthWatch:
+    """Polls a relay's ``/health`` from a thread, once per :data:`HEALTH_INTERVAL`, and keeps
+    each poll's latency (None when it went unanswered within :data:`HEALTH_TIMEOUT`)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.latencies: list[float | None] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-watch", daemon=True)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(HEALTH_TIMEOUT + 1)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _ = http_get(self.port, "/health", timeout=HEALTH_TIMEOUT)
+            except (OSError, http.client.HTTPException):
+                self.latencies.append(None)
+            else:
+                self.latencies.append(time.monotonic() - started if status == 200 else None)
+            self._stop.wait(max(0.0, HEALTH_INTERVAL - (time.monotonic() - started)))
+
+    def summary(self) -> dict[str, Any]:
+        answered = sorted(v for v in self.latencies if v is not None)
+        return {
+            "health_polls": len(self.latencies),
+            "health_unanswered": len(self.latencies) - len(answered),
+            "health_p50_ms": round(median(answered) * 1000, 1) if answered else None,
+            "health_max_ms": round(answered[-1] * 1000, 1) if answered else None,
+        }
+
+
+def _thinned(progress: list[tuple[float, int]], origin: float) -> list[list[float]]:
+    """At most :data:`PROGRESS_POINTS` of ``(seconds after origin, links)``, the last kept."""
+    step = max(1, math.ceil(len(progress) / PROGRESS_POINTS))
+    kept = progress[::step]
+    if progress and kept[-1] is not progress[-1]:
+        kept.append(progress[-1])
+    return [[round(t - origin, 2), seen] for t, seen in kept]
+
+
+def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, Any], RelayProcess]:
     """SIGTERM ``relay``, start a new one on its port, wait for every link to come back."""
     term = time.monotonic()
     relay.worker.stop(timeout=RESTART_TIMEOUT)
@@ -225,10 +286,18 @@ def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, fl
     fresh = bench.start_relay(port=relay.port, data_dir=relay.data_dir)
     listening = time.monotonic()
     progress: list[tuple[float, int]] = []
-    back = wait_for_links(
-        fresh, size, timeout=RESTART_TIMEOUT, poll=_poll_interval(size), progress=progress
-    )
-    record = {
+    with HealthWatch(fresh.port) as health:
+        try:
+            back = wait_for_links(
+                fresh, size, timeout=RESTART_TIMEOUT, poll=_poll_interval(size), progress=progress
+            )
+        except WorkerError as exc:
+            summary = health.summary()
+            raise WorkerError(
+                f"{exc}; meanwhile /health went unanswered {summary['health_unanswered']} of "
+                f"{summary['health_polls']} times"
+            ) from None
+    record: dict[str, Any] = {
         "shutdown_s": round(exited - term, 2),
         "start_s": round(listening - exited, 2),
         "back_after_listen_s": round(back - listening, 2),
@@ -238,6 +307,8 @@ def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, fl
     for share in RECONNECT_SHARES:
         first = next((t for t, seen in progress if seen >= share * size), back)
         record[f"{round(share * 100)}pct_after_listen_s"] = round(first - listening, 2)
+    record.update(health.summary())
+    record["links_after_listen"] = _thinned(progress, listening)
     return record, fresh
 
 
@@ -250,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help="what-if: seconds between each connector's pings (default: the product's)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the bench's temporary directory (the relay's and the workers' logs)",
     )
     args = parser.parse_args(argv)
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
@@ -280,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    with Bench(NAME, profile=args.profile) as bench:
+    with Bench(NAME, profile=args.profile, keep=args.keep) as bench:
         usable = [size for size in sizes if _why_not(size, fd_limit) is None]
         for size in sizes:
             reason = _why_not(size, fd_limit)
@@ -314,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             cell(r, "restart_90pct_after_listen_s"),
             cell(r, "restart_back_after_listen_s"),
             cell(r, "restart_back_after_sigterm_s"),
+            cell(r, "restart_health_max_ms", 1000),
             cell(r, "relay_rss_after_restart_bytes", 2**20, 0),
         ]
         for r in results
@@ -331,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "90% back s",
             "all back s",
             "back after SIGTERM s",
+            "/health max s (restart)",
             "RSS after restart MiB",
         ],
         rows,

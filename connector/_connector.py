@@ -269,8 +269,8 @@ class Connector:
                     )
                     nursery.cancel_scope.cancel()
             except* trio_websocket.ConnectionRejected as group:
-                status = getattr(group.exceptions[0], "status_code", "?")
-                outcome = DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {status})"
+                status = getattr(group.exceptions[0], "status_code", None)
+                outcome = _rejected(status)
             except* (
                 trio_websocket.HandshakeError,
                 trio_websocket.ConnectionClosed,
@@ -304,7 +304,7 @@ class Connector:
         except trio.TooSlowError:
             return DisconnectReason.NETWORK, "timed out in the handshake with the relay"
         except trio_websocket.ConnectionRejected as exc:
-            return DisconnectReason.NETWORK, f"relay refused the upgrade (HTTP {exc.status_code})"
+            return _rejected(exc.status_code)
         except trio_websocket.HandshakeError as exc:
             return (
                 DisconnectReason.NETWORK,
@@ -463,6 +463,15 @@ class Connector:
         except (ValueError, KeyError, TypeError):
             raise MeshError("relay_down", "The relay sent a malformed daemon list.") from None
         return [d for d in ids if d != self.config.daemon_id]
+
+
+def _rejected(status: int | None) -> tuple[DisconnectReason, str]:
+    """Why the relay (or a proxy in front of it) answered the upgrade with an HTTP status.
+    503 and 429 mean busy, not down: back off as from a 1013."""
+    detail = f"relay refused the upgrade (HTTP {status if status is not None else '?'})"
+    if status in (429, 503):
+        return DisconnectReason.RELAY_BUSY, detail
+    return DisconnectReason.NETWORK, detail
 
 
 def _mesh_error(code: int, daemon_id: str) -> MeshError:

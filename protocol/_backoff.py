@@ -15,10 +15,15 @@ in spread for this use.
 The rules, in the order :meth:`Backoff.disconnected` applies them:
 
 1. A link that was up for at least ``stable_after`` seconds (from :meth:`Backoff.connected` to
-   this call) first resets the failure count: a long-lived link that drops reconnects fast.
+   this call) first resets the failure count (and ends a restart window, see 3): a long-lived
+   link that drops reconnects fast.
 2. The reason decides the policy (:data:`POLICIES`):
 
    - ``NETWORK``, ``CLOSED``: full jitter as above; the failure count grows by one.
+   - ``RELAY_BUSY``: the relay is up but turned the link away because too many daemons are
+     connecting at once. Coming back within milliseconds would only add to its load, so the
+     bound is at least ``restart_spread`` and the delay is drawn from its upper half (*equal
+     jitter*: ``[bound / 2, bound)``); the failure count grows by one.
    - ``INVALID_KEY``: the key is wrong or revoked, and retrying soon will not fix it. The delay is
      the cap with jitter, in ``[cap / 2, cap)``; the failure count grows by one.
    - ``REPLACED``, ``INCOMPATIBLE_VERSION``: stop (``retry=False``, ``delay=0.0``). Fighting a
@@ -29,6 +34,16 @@ The rules, in the order :meth:`Backoff.disconnected` applies them:
      is granted once per stable link: a second ``SHUTTING_DOWN`` before a link has again stayed
      up for ``stable_after`` seconds is treated like ``NETWORK`` (normal growth), so a relay that
      keeps announcing a restart cannot make its daemons redial in a tight loop.
+
+3. The prompt reconnect opens a *restart window* of ``restart_window`` seconds. A restart takes
+   a while (the old relay closes its links, the new one starts, then every daemon that was
+   linked dials it at once), so inside the window the bound of every growing delay (``NETWORK``,
+   ``CLOSED``, ``RELAY_BUSY``, a repeated ``SHUTTING_DOWN``) is kept within
+   ``[restart_spread, restart_cap]`` (and never above ``cap``); the failure count still grows.
+   The floor keeps a herd from redialling a relay that is not back yet several times a second
+   (and so from running its failure counts up while it is away); the ceiling keeps the last
+   daemons from sleeping a minute while the new relay sits idle. Outside the window the usual
+   bounds apply.
 
 Messages are one line for ``repowire status``. The machine never sees the API key, so no message
 can contain it.
@@ -60,14 +75,18 @@ class DisconnectReason(enum.Enum):
     INCOMPATIBLE_VERSION = "incompatible version"
     #: Close 4503, or the relay's go-away: the relay is restarting.
     SHUTTING_DOWN = "shutting down"
+    #: Close 1013 (try again later): the relay turned the link away because too many daemons
+    #: were connecting at once.
+    RELAY_BUSY = "relay busy"
 
     @classmethod
     def from_close_code(cls, code: int) -> DisconnectReason:
         """The reason for a WebSocket close code received from the relay.
 
         The link's own codes (:class:`CloseCode`) map one to one. Of the standard codes, 1001
-        (going away) and 1012 (service restart) mean the relay is restarting, 1006 (no close
-        frame: the connection broke) is a network failure, and every other code is ``CLOSED``.
+        (going away) and 1012 (service restart) mean the relay is restarting, 1013 (try again
+        later) that it is busy, 1006 (no close frame: the connection broke) is a network
+        failure, and every other code is ``CLOSED``.
         """
         return _CLOSE_CODE_REASONS.get(code, cls.CLOSED)
 
@@ -82,6 +101,7 @@ _CLOSE_CODE_REASONS: dict[int, DisconnectReason] = {
     1001: DisconnectReason.SHUTTING_DOWN,
     1006: DisconnectReason.NETWORK,
     1012: DisconnectReason.SHUTTING_DOWN,
+    CloseCode.TRY_AGAIN_LATER: DisconnectReason.RELAY_BUSY,
 }
 
 
@@ -90,6 +110,8 @@ class Policy(enum.Enum):
 
     #: Full jitter, failure count grows.
     GROW = "grow"
+    #: Equal jitter over a bound of at least ``restart_spread``, failure count grows.
+    BUSY = "busy"
     #: Cap with jitter in [cap / 2, cap), failure count grows.
     SLOW = "slow"
     #: Do not retry.
@@ -106,6 +128,7 @@ POLICIES: dict[DisconnectReason, Policy] = {
     DisconnectReason.REPLACED: Policy.STOP,
     DisconnectReason.INCOMPATIBLE_VERSION: Policy.STOP,
     DisconnectReason.SHUTTING_DOWN: Policy.PROMPT,
+    DisconnectReason.RELAY_BUSY: Policy.BUSY,
 }
 
 
@@ -127,7 +150,7 @@ class BackoffConfig:
     """Tuning of :class:`Backoff`. All times in seconds.
 
     Raises ``ValueError`` unless every value is positive and finite, ``base <= cap``,
-    ``multiplier >= 1`` and ``restart_spread <= cap``.
+    ``multiplier >= 1``, ``restart_spread <= cap`` and ``restart_spread <= restart_cap``.
     """
 
     #: Bound of the first delay; the bound of the ``n``-th is ``base * multiplier ** n``.
@@ -140,6 +163,11 @@ class BackoffConfig:
     stable_after: float = attrs.field(default=30.0, validator=_positive)
     #: After the relay announces a restart, reconnect within [0, restart_spread).
     restart_spread: float = attrs.field(default=2.0, validator=_positive)
+    #: Seconds after that announcement during which failed dials count as part of the restart:
+    #: their delay bound stays within [restart_spread, min(restart_cap, cap)].
+    restart_window: float = attrs.field(default=60.0, validator=_positive)
+    #: Largest delay bound inside a restart window.
+    restart_cap: float = attrs.field(default=15.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.base > self.cap:
@@ -148,6 +176,11 @@ class BackoffConfig:
             # Otherwise a relay restart could produce a delay above the cap.
             raise ValueError(
                 f"restart_spread ({self.restart_spread}) must not exceed cap ({self.cap})"
+            )
+        if self.restart_spread > self.restart_cap:
+            raise ValueError(
+                f"restart_spread ({self.restart_spread}) must not exceed "
+                f"restart_cap ({self.restart_cap})"
             )
 
     def bound(self, failures: int) -> float:
@@ -162,6 +195,11 @@ class BackoffConfig:
         if failures * math.log(self.multiplier) >= math.log(self.cap / self.base):
             return self.cap
         return min(self.cap, self.base * self.multiplier**failures)
+
+    def restart_bound(self, failures: int) -> float:
+        """:meth:`bound` kept within ``[restart_spread, min(restart_cap, cap)]``: the bound
+        inside a restart window."""
+        return min(max(self.bound(failures), self.restart_spread), self.restart_cap, self.cap)
 
 
 @attrs.frozen(kw_only=True)
@@ -195,6 +233,8 @@ class Backoff:
         self._last_now: float | None = None
         # Whether a SHUTTING_DOWN may still get the prompt reconnect (once per stable link).
         self._prompt_available = True
+        # End of the current restart window (rule 3); None when there is none.
+        self._restart_until: float | None = None
 
     @property
     def config(self) -> BackoffConfig:
@@ -204,6 +244,10 @@ class Backoff:
     def failures(self) -> int:
         """Consecutive failures counted so far (0 after a stable link or :meth:`reset`)."""
         return self._failures
+
+    def in_restart_window(self, now: float) -> bool:
+        """Whether ``now`` falls in a restart window (rule 3 of the module docstring)."""
+        return self._restart_until is not None and now < self._restart_until
 
     def connected(self, now: float) -> None:
         """Record that the link is up at ``now``.
@@ -240,6 +284,7 @@ class Backoff:
             if now - self._connected_at >= config.stable_after:
                 self._failures = 0
                 self._prompt_available = True
+                self._restart_until = None
             self._connected_at = None
 
         if policy is Policy.STOP:
@@ -255,16 +300,28 @@ class Backoff:
             return Decision(retry=True, delay=delay, reason=reason, message=message)
         if policy is Policy.PROMPT and self._prompt_available:
             self._prompt_available = False
+            self._restart_until = now + config.restart_window
             delay = rand * config.restart_spread
             message = f"the relay is restarting; reconnecting in {delay:.1f} s"
             return Decision(retry=True, delay=delay, reason=reason, message=message)
 
-        delay = rand * config.bound(self._failures)
+        restarting = self.in_restart_window(now)
+        failures = self._failures
+        bound = config.restart_bound(failures) if restarting else config.bound(failures)
+        if policy is Policy.BUSY:
+            bound = max(bound, config.restart_spread)
+            delay = bound / 2 + rand * bound / 2
+        else:
+            delay = rand * bound
         self._failures += 1
-        if policy is Policy.PROMPT:
+        if policy is Policy.BUSY:
+            lead = "the relay is busy (too many daemons connecting at once)"
+        elif policy is Policy.PROMPT:
             lead = "the relay is restarting again before the link was stable; backing off"
         elif reason is DisconnectReason.CLOSED:
             lead = "the relay closed the link"
+        elif restarting:
+            lead = "the relay is not back yet after its restart"
         else:
             lead = "relay unreachable or link lost"
         message = f"{lead}; retrying in {delay:.1f} s ({_failures_text(self._failures)})"
@@ -276,6 +333,7 @@ class Backoff:
         self._connected_at = None
         self._last_now = None
         self._prompt_available = True
+        self._restart_until = None
 
     def _check_now(self, now: float) -> None:
         if not math.isfinite(now):

@@ -7,6 +7,8 @@ import enum
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
+    #: RFC 6455's "try again later": the relay is working on too many link handshakes.
+    TRY_AGAIN_LATER = 1013
     PROTOCOL_ERROR = 4400
     INVALID_KEY = 4401
     REPLACED = 4409

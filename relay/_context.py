@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
-from ._links import LinkRegistry
+from ._links import HandshakeLimiter, LinkRegistry
 from ._metrics import RelayMetrics
 from ._ratelimit import RateLimiter
 from ._settings import RelaySettings
@@ -42,6 +42,8 @@ class Relay:
         self.store = store
         self.clock = clock
         self.links = LinkRegistry()
+        #: Daemon-link handshakes in progress, bounded by ``settings.link_handshake_limit``.
+        self.link_handshakes = HandshakeLimiter(settings.link_handshake_limit)
         self.metrics = RelayMetrics()
         self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
         self.register_limiter = RateLimiter(

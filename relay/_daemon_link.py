@@ -14,10 +14,17 @@ from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role, SessionConfig
 from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
+from ._store import StoreError
 
 log = logging.getLogger("repowire.relay")
 
 DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: WebSocket close code 1013, "try again later" (RFC 6455 registry): the relay is working on
+#: ``link_handshake_limit`` links already. The connector backs off (``RELAY_BUSY``).
+TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
+#: The close reason sent with :data:`TRY_AGAIN_LATER`.
+BUSY_REASON = "relay busy: too many daemons connecting at once; try again later"
 
 
 async def handle_daemon_link(
@@ -26,7 +33,11 @@ async def handle_daemon_link(
     """Serve one daemon link from the WebSocket handshake to its end.
 
     The WebSocket is accepted first so that every refusal carries a close code the connector
-    can act on (see ``protocol.CloseCode``).
+    can act on (see ``protocol.CloseCode``): 4503 while shutting down, 4426, 4401 and 4400 for
+    a bad handshake, and :data:`TRY_AGAIN_LATER` (1013) when ``link_handshake_limit`` links
+    are already connecting. The checks that cost next to nothing (version, key, daemon id)
+    come before that limit, so only well-formed links with a valid key hold a slot, and the
+    slot is given back as soon as the protocol HELLOs are exchanged.
     """
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -74,8 +85,41 @@ async def handle_daemon_link(
         return
     daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
 
+    handshakes = relay.link_handshakes
+    if not handshakes.try_enter():
+        # No log line per refusal: in a herd there are thousands; the metric counts them.
+        relay.metrics.rate_limited.labels("link_handshake").inc()
+        await transport.aclose(TRY_AGAIN_LATER, BUSY_REASON)
+        return
+    link = DaemonLink(
+        daemon_id=daemon_id,
+        scope_id=record.scope_id,
+        key_id=record.key_id,
+        session=_link_session(relay, transport),
+        connected_at=now,
+        version=daemon_version,
+        remote_address=address,
+    )
+    in_handshake = True
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(link.session.run)
+            except SessionClosed as exc:
+                log.info("daemon %s: handshake failed: %s", daemon_id, exc.reason)
+                return
+            in_handshake = False
+            handshakes.leave()
+            await _serve_link(relay, link)
+    finally:
+        if in_handshake:
+            handshakes.leave()
+        link.finished.set()
+
+
+def _link_session(relay: Relay, transport: AsgiWebSocketTransport) -> MuxSession:
     settings = relay.settings
-    session = MuxSession(
+    return MuxSession(
         transport,
         Role.RELAY,
         MuxConfig(
@@ -84,40 +128,34 @@ async def handle_daemon_link(
             keepalive_timeout=settings.link_ping_timeout,
         ),
     )
-    link = DaemonLink(
-        daemon_id=daemon_id,
-        scope_id=record.scope_id,
-        key_id=record.key_id,
-        session=session,
-        connected_at=now,
-        version=daemon_version,
-        remote_address=address,
-    )
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(session.run)
-        except SessionClosed as exc:
-            log.info("daemon %s: handshake failed: %s", daemon_id, exc.reason)
-            return
-        if relay.is_shutting_down():
-            # The relay began shutting down during the handshake: this link missed the
-            # go-away sent to the others, so tell it now.
-            await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
-            return
-        replaced = relay.links.add(link)
-        relay.store.record_daemon(record.scope_id, daemon_id, now=now)
+
+
+async def _serve_link(relay: Relay, link: DaemonLink) -> None:
+    """A link whose HELLOs are exchanged: register it, serve its mesh streams, forget it."""
+    session = link.session
+    if relay.is_shutting_down():
+        # The relay began shutting down during the handshake: this link missed the go-away
+        # sent to the others, so tell it now.
+        await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
+        return
+    replaced = relay.links.add(link)
+    try:
+        relay.store.record_daemon(link.scope_id, link.daemon_id, now=link.connected_at)
+    except StoreError as exc:
+        # A last-seen record is bookkeeping: the link works without it.
+        log.warning("daemon %s: not recorded in the key store: %s", link.daemon_id, exc)
+    relay.metrics.daemons_connected.set(len(relay.links))
+    log.info("daemon %s connected from %s", link.daemon_id, link.remote_address)
+    if replaced is not None:
+        await replaced.session.aclose(CloseCode.REPLACED, "replaced by a newer connection")
+    try:
+        await _serve_mesh(relay, link)
+    finally:
+        relay.links.remove(link)
         relay.metrics.daemons_connected.set(len(relay.links))
-        log.info("daemon %s connected from %s", daemon_id, address)
-        if replaced is not None:
-            await replaced.session.aclose(CloseCode.REPLACED, "replaced by a newer connection")
-        try:
-            await _serve_mesh(relay, link)
-        finally:
-            relay.links.remove(link)
-            relay.metrics.daemons_connected.set(len(relay.links))
-            if session.close_reason and "protocol error" in session.close_reason:
-                relay.metrics.rejected_frames.inc()
-            log.info("daemon %s disconnected: %s", daemon_id, session.close_reason)
+        if session.close_reason and "protocol error" in session.close_reason:
+            relay.metrics.rejected_frames.inc()
+        log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
 
 
 async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:

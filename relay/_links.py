@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import trio
 
 from mux import MuxSession
 
@@ -18,10 +19,45 @@ class DaemonLink:
     connected_at: float
     version: str
     remote_address: str
+    #: Set once the link's handler is done: the session has ended and its WebSocket is closed
+    #: (the close frame sent, or the connection gone).
+    finished: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def rtt(self) -> float | None:
         return self.session.rtt
+
+
+class HandshakeLimiter:
+    """Counts the daemon-link handshakes in progress and admits at most ``limit`` at once.
+
+    Not a queue: :meth:`try_enter` answers at once, so a link past the limit is turned away
+    before the relay spends more on it, and its daemon backs off instead of waiting for a
+    handshake that would time out. Single-threaded (the relay's event loop); no awaits.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        self.limit = limit
+        self._in_progress = 0
+
+    @property
+    def in_progress(self) -> int:
+        return self._in_progress
+
+    def try_enter(self) -> bool:
+        """Take a slot and return True, or return False (nothing taken) if all are taken."""
+        if self._in_progress >= self.limit:
+            return False
+        self._in_progress += 1
+        return True
+
+    def leave(self) -> None:
+        """Give back a slot taken by :meth:`try_enter`. Raises RuntimeError if none is taken."""
+        if self._in_progress == 0:
+            raise RuntimeError("HandshakeLimiter.leave() without a matching try_enter()")
+        self._in_progress -= 1
 
 
 class LinkRegistry:

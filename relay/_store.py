@@ -8,6 +8,13 @@ from its event loop. Time is an argument (``now``, epoch seconds); nothing here 
 Several :class:`KeyStore` objects (in one process or several, e.g. ``repowire relay keys``
 beside a running relay) may use the same file: it is in WAL mode, writers take the write lock
 up front and wait for it up to a busy timeout.
+
+Durability differs by table. Scopes, keys and sessions are committed with ``synchronous =
+FULL``: a revocation, once it returns, survives a power cut. The daemons seen (a last-seen
+record written on every daemon connect, thousands of times in a row after a relay restart) are
+committed with ``synchronous = NORMAL``: no fsync of their own, so a power cut may lose the
+latest of them, never the file's consistency nor anything committed with FULL (WAL is
+sequential: the next FULL commit syncs the records before it too).
 """
 
 from __future__ import annotations
@@ -528,7 +535,7 @@ class KeyStore:
         if _DAEMON_ID.fullmatch(daemon_id) is None:
             raise ValueError("daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
         _check_time(now)
-        with self._transaction("recording a daemon") as conn:
+        with self._transaction("recording a daemon", durable=False) as conn:
             row = conn.execute("SELECT 1 FROM scopes WHERE scope_id = ?", (scope_id,)).fetchone()
             if row is None:
                 raise UnknownRecordError(f"no scope {_shown(scope_id)}")
@@ -579,22 +586,32 @@ class KeyStore:
             raise StoreError(f"key store failure while {action}: {exc}") from exc
 
     @contextlib.contextmanager
-    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed if the body returns, rolled back if it raises."""
+    def _transaction(self, action: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed if the body returns, rolled back if it raises.
+
+        ``durable=False`` commits without an fsync (``synchronous = NORMAL``, see the module
+        docstring); the connection is back to FULL afterwards, whatever happened.
+        """
         connection = self._conn()
         with self._guard(action):
-            # IMMEDIATE takes the write lock now, waiting up to the busy timeout. A deferred
-            # transaction that reads first and then writes cannot wait in WAL mode: it fails at
-            # once if another connection wrote in between.
-            connection.execute("BEGIN IMMEDIATE")
+            if not durable:
+                connection.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        connection.execute("ROLLBACK")
-                raise
+                # IMMEDIATE takes the write lock now, waiting up to the busy timeout. A deferred
+                # transaction that reads first and then writes cannot wait in WAL mode: it
+                # fails at once if another connection wrote in between.
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield connection
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            connection.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    connection.execute("PRAGMA synchronous = FULL")
 
     def _remember(self, digest: str, record: SessionRecord, now: float) -> None:
         if self._cache_size == 0 or self._cache_ttl == 0:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import trio
+import trio_websocket
 
 from connector import Connector, LinkState
 from mux import MuxConfig
@@ -16,6 +18,7 @@ from tests.relay.relay_support import start_daemon_with_connector
 from .conftest import Stack
 from .connector_support import (
     BOGUS_KEY,
+    LOOPBACK,
     fake_relay_config,
     start_daemon_for,
     start_fake_relay,
@@ -207,6 +210,39 @@ async def test_an_endpoint_that_refuses_the_upgrade_is_retried(stack: Stack) -> 
         assert status.last_error is not None and "HTTP 404" in status.last_error
         assert status.next_retry_at is not None
         await eventually(lambda: connector.status().attempts >= 2)
+
+
+async def test_an_upgrade_refused_with_503_backs_off_as_busy(stack: Stack) -> None:
+    """A proxy in front of a busy relay may answer 503 (or 429) instead of a 1013 close: the
+    connector backs off as from a busy relay (at least half of the delay bound), not as from
+    a network failure."""
+    refused = 0
+
+    async def busy(request: trio_websocket.WebSocketRequest) -> None:
+        nonlocal refused
+        refused += 1
+        await request.reject(503, body=b"busy")
+
+    with trio.fail_after(10):
+        server = await stack.relays.start(
+            partial(trio_websocket.serve_websocket, busy, LOOPBACK, 0, ssl_context=None)
+        )
+        port = server.port
+        backoff = BackoffConfig(base=0.01, cap=0.2, restart_spread=0.1)
+        connector = Connector(
+            fake_relay_config(f"ws://{LOOPBACK}:{port}", backoff=backoff), rand=lambda: 0.0
+        )
+        await stack.daemons.start(connector.run)
+        await connector.wait_state(LinkState.DOWN)
+        status = connector.status()
+        assert status.retrying is True
+        assert status.last_error is not None
+        assert "HTTP 503" in status.last_error
+        assert "the relay is busy" in status.last_error
+        # With rand=0 a network failure would retry at once; busy waits half the bound.
+        assert status.next_retry_at is not None
+        assert status.next_retry_at - (status.last_error_at or 0) >= 0.05 - 1e-6
+        await eventually(lambda: refused >= 2)
 
 
 async def test_several_tasks_can_wait_for_the_same_state(stack: Stack) -> None:

@@ -26,6 +26,10 @@ R = DisconnectReason
 NEAR_ONE = 0.999
 CAP = 60.0
 DEFAULT_BOUNDS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+#: The same counts inside a restart window: kept within [restart_spread, restart_cap] = [2, 15].
+RESTART_BOUNDS = [2.0, 2.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0, 15.0, 15.0]
+#: Seconds a restart window lasts by default.
+WINDOW = 60.0
 
 
 def fail_times(backoff: Backoff, count: int, *, now: float = 0.0) -> None:
@@ -54,6 +58,13 @@ def fail_times(backoff: Backoff, count: int, *, now: float = 0.0) -> None:
         {"stable_after": -30.0},
         {"restart_spread": 0.0},
         {"restart_spread": 61.0},
+        {"restart_window": 0.0},
+        {"restart_window": -1.0},
+        {"restart_window": math.nan},
+        {"restart_window": math.inf},
+        {"restart_cap": 0.0},
+        {"restart_cap": math.inf},
+        {"restart_cap": 1.0},  # below the default restart_spread of 2 s
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
@@ -64,8 +75,9 @@ def test_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
 
 
 def test_config_accepts_edges() -> None:
-    config = BackoffConfig(base=5.0, cap=5.0, multiplier=1.0, restart_spread=5.0)
+    config = BackoffConfig(base=5.0, cap=5.0, multiplier=1.0, restart_spread=5.0, restart_cap=5.0)
     assert [config.bound(n) for n in range(4)] == [5.0, 5.0, 5.0, 5.0]
+    assert [config.restart_bound(n) for n in range(4)] == [5.0, 5.0, 5.0, 5.0]
     flat = BackoffConfig(base=1.0, cap=10.0, multiplier=1.0)
     assert flat.bound(10_000) == 1.0
 
@@ -95,6 +107,33 @@ def test_bound_does_not_overflow(multiplier: float, failures: int) -> None:
 def test_bound_refuses_negative_count() -> None:
     with pytest.raises(ValueError, match="failures"):
         BackoffConfig().bound(-1)
+    with pytest.raises(ValueError, match="failures"):
+        BackoffConfig().restart_bound(-1)
+
+
+def test_restart_bound_sequence() -> None:
+    config = BackoffConfig()
+    assert [config.restart_bound(n) for n in range(10)] == RESTART_BOUNDS
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # A cap below restart_cap wins: no delay is above the cap, restart or not.
+        ({"cap": 4.0}, [2.0, 2.0, 2.0, 4.0, 4.0]),
+        # A restart_cap above the cap changes nothing beyond the cap either.
+        ({"cap": 10.0, "restart_cap": 30.0}, [2.0, 2.0, 2.0, 4.0, 8.0]),
+        ({"restart_spread": 0.3, "restart_cap": 0.3}, [0.5, 0.3, 0.3, 0.3, 0.3]),
+    ],
+)
+def test_restart_bound_respects_cap_and_restart_cap(
+    kwargs: dict[str, float], expected: list[float]
+) -> None:
+    config = BackoffConfig(**kwargs)
+    bounds = [config.restart_bound(n) for n in range(5)]
+    assert bounds[1:] == expected[1:]
+    # The first: max(base, spread) unless restart_cap is lower.
+    assert bounds[0] == min(max(config.base, config.restart_spread), config.restart_cap, config.cap)
 
 
 # -- growth and bounds ---------------------------------------------------------------------------
@@ -292,9 +331,147 @@ def test_repeated_shutting_down_without_stable_link_falls_back_to_growth() -> No
     backoff.connected(2.0)
     delays = [backoff.disconnected(3.0, R.SHUTTING_DOWN, NEAR_ONE).delay]
     delays += [backoff.disconnected(3.0, R.SHUTTING_DOWN, NEAR_ONE).delay for _ in range(9)]
-    assert delays == pytest.approx([NEAR_ONE * bound for bound in DEFAULT_BOUNDS])
+    # Still inside the restart window the first announcement opened: restart bounds.
+    assert delays == pytest.approx([NEAR_ONE * bound for bound in RESTART_BOUNDS])
     assert backoff.failures == 10
     assert "again" in backoff.disconnected(3.0, R.SHUTTING_DOWN, 0.5).message
+
+
+# -- the restart window --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", [R.NETWORK, R.CLOSED, R.SHUTTING_DOWN])
+def test_failures_inside_a_restart_window_stay_between_spread_and_restart_cap(
+    reason: DisconnectReason,
+) -> None:
+    backoff = Backoff()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    assert backoff.in_restart_window(0.0)
+    low = [backoff.disconnected(1.0 + n, reason, 0.0).delay for n in range(3)]
+    assert low == [0.0, 0.0, 0.0]  # full jitter: the floor raises the bound, not the draw
+    backoff.reset()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    high = [backoff.disconnected(1.0 + n, reason, NEAR_ONE).delay for n in range(10)]
+    assert high == pytest.approx([NEAR_ONE * bound for bound in RESTART_BOUNDS])
+    assert backoff.failures == 10
+
+
+def test_the_window_ends_after_restart_window_seconds_and_growth_goes_on() -> None:
+    backoff = Backoff()
+    backoff.disconnected(100.0, R.SHUTTING_DOWN, 0.5)
+    fail_times(backoff, 6, now=100.0 + WINDOW - 0.001)
+    assert backoff.in_restart_window(100.0 + WINDOW - 0.001)
+    assert not backoff.in_restart_window(100.0 + WINDOW)
+    # The count kept growing inside the window; past it the usual bound for that count.
+    decision = backoff.disconnected(100.0 + WINDOW, R.NETWORK, NEAR_ONE)
+    assert decision.delay == pytest.approx(NEAR_ONE * DEFAULT_BOUNDS[6])
+    assert backoff.failures == 7
+
+
+def test_restart_window_is_configurable() -> None:
+    backoff = Backoff(BackoffConfig(restart_window=5.0, restart_cap=4.0))
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    fail_times(backoff, 5, now=1.0)
+    inside = backoff.disconnected(4.9, R.NETWORK, NEAR_ONE)
+    outside = backoff.disconnected(5.0, R.NETWORK, NEAR_ONE)
+    assert inside.delay == pytest.approx(NEAR_ONE * 4.0)
+    assert outside.delay == pytest.approx(NEAR_ONE * DEFAULT_BOUNDS[6])
+
+
+def test_no_window_without_an_announced_restart() -> None:
+    # A relay that vanished without a word (a crash): the usual growth from the first failure.
+    backoff = Backoff()
+    backoff.connected(0.0)
+    delays = [backoff.disconnected(40.0, R.NETWORK, NEAR_ONE).delay for _ in range(10)]
+    assert delays == pytest.approx([NEAR_ONE * bound for bound in DEFAULT_BOUNDS])
+    assert not backoff.in_restart_window(40.0)
+
+
+def test_a_stable_link_ends_the_window() -> None:
+    backoff = Backoff()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    backoff.connected(1.0)
+    decision = backoff.disconnected(31.0, R.NETWORK, NEAR_ONE)
+    assert not backoff.in_restart_window(31.0)
+    assert decision.delay == pytest.approx(NEAR_ONE * DEFAULT_BOUNDS[0])
+
+
+def test_a_short_link_keeps_the_window() -> None:
+    backoff = Backoff()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    backoff.connected(1.0)
+    decision = backoff.disconnected(5.0, R.NETWORK, NEAR_ONE)
+    assert backoff.in_restart_window(5.0)
+    assert decision.delay == pytest.approx(NEAR_ONE * RESTART_BOUNDS[0])
+
+
+def test_messages_inside_the_window_say_the_relay_is_not_back() -> None:
+    backoff = Backoff()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    message = backoff.disconnected(1.0, R.NETWORK, 0.5).message
+    assert "not back yet after its restart" in message
+    assert "1 failure" in message
+
+
+def test_a_herd_after_a_restart_never_waits_past_restart_cap_in_the_window() -> None:
+    """Ten thousand daemons told of a restart, each failing every dial for the whole window:
+    no delay above restart_cap, and their redials spread instead of bunching at the floor."""
+    rng = random.Random(1013)
+    config = BackoffConfig()
+    for _ in range(10_000):
+        backoff = Backoff(config)
+        now = 0.0
+        now += backoff.disconnected(now, R.SHUTTING_DOWN, rng.random()).delay
+        while True:
+            decision = backoff.disconnected(now, R.NETWORK, rng.random())
+            if now >= WINDOW:
+                break
+            assert decision.delay <= config.restart_cap
+            now += decision.delay
+    # Spot check of the spread at the cap inside the window: uniform on [0, restart_cap).
+    backoff = Backoff(config)
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    fail_times(backoff, 20, now=1.0)
+    delays = [backoff.disconnected(1.0, R.NETWORK, rng.random()).delay for _ in range(10_000)]
+    assert quartiles(delays) == pytest.approx([3.75, 7.5, 11.25], abs=0.3)
+
+
+# -- a busy relay --------------------------------------------------------------------------------
+
+
+def test_relay_busy_waits_in_the_upper_half_of_a_bound_of_at_least_the_spread() -> None:
+    backoff = Backoff()
+    low = [backoff.disconnected(0.0, R.RELAY_BUSY, 0.0).delay for _ in range(8)]
+    # Bounds max(2, 0.5 * 2**n): 2, 2, 2, 4, 8, 16, 32, 60; the delay starts at half of each.
+    assert low == [1.0, 1.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert backoff.failures == 8
+    backoff.reset()
+    high = [backoff.disconnected(0.0, R.RELAY_BUSY, NEAR_ONE).delay for _ in range(8)]
+    assert high == pytest.approx([b / 2 + NEAR_ONE * b / 2 for b in [2, 2, 2, 4, 8, 16, 32, 60]])
+    assert all(delay < CAP for delay in high)
+
+
+def test_relay_busy_inside_a_restart_window_stays_within_restart_cap() -> None:
+    backoff = Backoff()
+    backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
+    delays = [backoff.disconnected(1.0, R.RELAY_BUSY, NEAR_ONE).delay for _ in range(10)]
+    assert delays == pytest.approx([b / 2 + NEAR_ONE * b / 2 for b in RESTART_BOUNDS])
+    assert max(delays) < 15.0
+
+
+def test_relay_busy_spread() -> None:
+    rng = random.Random(503)
+    delays = [Backoff().disconnected(0.0, R.RELAY_BUSY, rng.random()).delay for _ in range(10_000)]
+    assert all(1.0 <= delay < 2.0 for delay in delays)
+    assert quartiles(delays) == pytest.approx([1.25, 1.5, 1.75], abs=0.03)
+
+
+def test_relay_busy_message_says_so() -> None:
+    decision = Backoff().disconnected(0.0, R.RELAY_BUSY, 0.5)
+    assert decision.retry
+    assert decision.reason is R.RELAY_BUSY
+    assert "busy" in decision.message
+    assert "1 failure" in decision.message
 
 
 def test_stable_link_earns_another_prompt_reconnect() -> None:
@@ -311,6 +488,7 @@ def test_reset_earns_another_prompt_reconnect() -> None:
     backoff = Backoff()
     backoff.disconnected(0.0, R.SHUTTING_DOWN, 0.5)
     backoff.reset()
+    assert not backoff.in_restart_window(0.0)
     decision = backoff.disconnected(0.0, R.SHUTTING_DOWN, NEAR_ONE)
     assert decision.delay == pytest.approx(NEAR_ONE * 2.0)
 
@@ -407,6 +585,7 @@ def test_unknown_reason_is_refused() -> None:
         (4401, R.INVALID_KEY),
         (1001, R.SHUTTING_DOWN),
         (1012, R.SHUTTING_DOWN),
+        (1013, R.RELAY_BUSY),
         (1006, R.NETWORK),
         (1011, R.CLOSED),
         (4999, R.CLOSED),
@@ -423,12 +602,15 @@ def test_reason_from_close_code(code: int, reason: DisconnectReason) -> None:
 def configs(draw: st.DrawFn) -> BackoffConfig:
     base = draw(st.floats(0.001, 10.0))
     cap = draw(st.floats(base, 1_000.0))
+    restart_spread = draw(st.floats(0.001, cap))
     return BackoffConfig(
         base=base,
         cap=cap,
         multiplier=draw(st.floats(1.0, 10.0)),
         stable_after=draw(st.floats(0.01, 100.0)),
-        restart_spread=draw(st.floats(0.001, cap)),
+        restart_spread=restart_spread,
+        restart_window=draw(st.floats(0.01, 200.0)),
+        restart_cap=draw(st.floats(restart_spread, 2_000.0)),
     )
 
 
@@ -439,6 +621,7 @@ class Model:
     failures: int = 0
     up_since: float | None = None
     prompt_available: bool = True
+    restart_until: float | None = None
 
 
 connect_op = st.tuples(st.just("connect"), st.floats(0.0, 50.0))
@@ -473,8 +656,10 @@ def test_random_call_sequences_follow_the_rules(
             if now - model.up_since >= config.stable_after:
                 model.failures = 0
                 model.prompt_available = True
+                model.restart_until = None
             model.up_since = None
         before = model.failures
+        restarting = model.restart_until is not None and now < model.restart_until
         decision = backoff.disconnected(now, reason, rand)
 
         assert decision.reason is reason
@@ -492,12 +677,24 @@ def test_random_call_sequences_follow_the_rules(
             assert decision.retry
             assert decision.delay == pytest.approx(rand * config.restart_spread)
             model.prompt_available = False
+            model.restart_until = now + config.restart_window
         else:
             assert decision.retry
-            assert decision.delay == pytest.approx(rand * config.bound(before))
-            assert decision.delay <= rand * config.cap * (1 + 1e-12)
+            bound = config.bound(before)
+            if restarting:
+                bound = min(max(bound, config.restart_spread), config.restart_cap, config.cap)
+                assert decision.delay <= config.restart_cap * (1 + 1e-12)
+            if policy is Policy.BUSY:
+                bound = max(bound, config.restart_spread)
+                assert decision.delay == pytest.approx(bound / 2 + rand * bound / 2)
+                assert decision.delay >= config.restart_spread / 2 * (1 - 1e-12)
+            else:
+                assert decision.delay == pytest.approx(rand * bound)
+            assert decision.delay <= config.cap * (1 + 1e-12)
             model.failures += 1
         assert backoff.failures == model.failures
+        window_open = model.restart_until is not None and now < model.restart_until
+        assert backoff.in_restart_window(now) is window_open
 
 
 @given(config=configs(), failures=st.integers(0, 10**6))

@@ -140,6 +140,7 @@ def test_wire_constants_match_the_spec() -> None:
     }
     assert {c.name: c.value for c in CloseCode} == {
         "NORMAL": 1000,
+        "TRY_AGAIN_LATER": 1013,
         "PROTOCOL_ERROR": 4400,
         "INVALID_KEY": 4401,
         "REPLACED": 4409,
