@@ -38,6 +38,10 @@ class RelaySettings:
     #: Seconds a client may take to send its request head (slowloris), and the most an idle
     #: keep-alive connection is kept.
     header_timeout: float = 10.0
+    #: Seconds the relay waits for the next piece of a request body it tunnels. A client that
+    #: stops sending mid-body gets 408 and its request is withdrawn from the daemon, instead of
+    #: holding a stream (and the daemon's handler) open for as long as its socket lives.
+    body_timeout: float = 60.0
     #: Keepalive on daemon links: seconds of silence before the relay pings, and the timeout.
     #: Connectors ping every 10 s of silence, so a live link never waits for the relay's ping.
     link_ping_interval: float = 20.0
@@ -75,6 +79,8 @@ class RelaySettings:
             raise ValueError("public URL must start with http:// or https://")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range")
+        if not self.body_timeout > 0:
+            raise ValueError(f"body_timeout must be a positive number, not {self.body_timeout!r}")
         for name in ("link_handshake_limit", "listen_backlog"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -216,6 +216,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyTimeout(Exception):
+    pass
+
+
 async def _exchange(
     relay: Relay,
     scope: dict[str, Any],
@@ -238,14 +242,20 @@ async def _exchange(
     request_read = False  # the whole request body has been read from hypercorn
     metrics = relay.metrics
     limit = relay.settings.max_body_size
+    body_timeout = relay.settings.body_timeout
 
     async def upload(cancel: trio.CancelScope) -> None:
         nonlocal browser_gone, request_read
         await stream.send_all(conn.send(request) or b"")
+        message: dict[str, Any] | None
         sent = 0
         more = True
         while more:
-            message = await receive()
+            message = None
+            with trio.move_on_after(body_timeout):
+                message = await receive()
+            if message is None:
+                raise _BodyTimeout
             if message["type"] == "http.disconnect":
                 browser_gone = True
                 cancel.cancel()
@@ -302,7 +312,7 @@ async def _exchange(
                 raise h11.RemoteProtocolError("daemon closed the stream mid-response")
 
     failure: str | None = None
-    too_large = False
+    too_large = timed_out = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload, nursery.cancel_scope)
@@ -310,6 +320,8 @@ async def _exchange(
             nursery.cancel_scope.cancel()
     except* _BodyTooLarge:
         too_large = True
+    except* _BodyTimeout:
+        timed_out = True
     except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as group:
         failure = str(group.exceptions[0])
     if too_large:
@@ -317,6 +329,13 @@ async def _exchange(
         if response_started:
             raise _Aborted("request body over the limit")
         await refuse_too_large(send, receive, limit)
+        return
+    if timed_out:
+        stream.reset(ErrorCode.CANCEL)
+        if response_started:
+            raise _Aborted("request body stalled")
+        detail = f"No part of the request body arrived for {body_timeout:g} s."
+        await refuse(send, receive, 408, "body_timeout", detail, close=True)
         return
     if browser_gone:
         stream.reset(ErrorCode.CANCEL)

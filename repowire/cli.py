@@ -714,7 +714,8 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
     """Keyword arguments for ``relay.RelaySettings`` from ``relay start``'s flags.
 
     Always given: host, port, data_dir (default ``<home>/relay``), registration. The optional
-    ones (dashboard_dir, public_url, certfile, keyfile, max_body_size, trusted_proxies) only
+    ones (dashboard_dir, public_url, certfile, keyfile, max_body_size, body_timeout,
+    trusted_proxies) only
     when a flag gave them, so the relay's own defaults apply otherwise.
     """
     kwargs: dict[str, Any] = {
@@ -729,6 +730,7 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
         "certfile": args.certfile,
         "keyfile": args.keyfile,
         "max_body_size": args.max_body_size,
+        "body_timeout": args.body_timeout,
         "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
@@ -939,6 +941,16 @@ def _byte_size_arg(text: str) -> int:
     return int(text)
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _address_arg(text: str) -> str:
     try:
         if "/" in text:
@@ -1112,6 +1124,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--keyfile", type=_existing_file_arg, metavar="F", help="TLS key (PEM)")
     start.add_argument(
         "--max-body-size", type=_byte_size_arg, metavar="BYTES", help="largest request body"
+    )
+    start.add_argument(
+        "--body-timeout",
+        type=_seconds_arg,
+        metavar="SECONDS",
+        help="how long to wait for the next piece of a request body before answering 408 "
+        "(default 60)",
     )
     start.add_argument(
         "--trusted-proxy",

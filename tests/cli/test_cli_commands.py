@@ -99,6 +99,9 @@ BAD_USAGE = [
     ["relay", "start", "--registration", "maybe"],
     ["relay", "start", "--trusted-proxy", "not-an-ip"],
     ["relay", "start", "--max-body-size", "-5"],
+    ["relay", "start", "--body-timeout", "0"],
+    ["relay", "start", "--body-timeout", "nan"],
+    ["relay", "start", "--body-timeout", "soon"],
     ["relay", "start", "--port", "70000"],
     ["relay", "start", "--public-url", "ftp://x"],
     ["relay", "keys"],
@@ -287,6 +290,7 @@ class FakeRelaySettings:
     certfile: Path | None = None
     keyfile: Path | None = None
     max_body_size: int | None = None
+    body_timeout: float | None = None
     trusted_proxies: tuple[str, ...] = ()
 
 
@@ -320,6 +324,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
     argv += ["--data-dir", str(tmp_path / "data"), "--dashboard-dir", str(dashboard)]
     argv += ["--public-url", "https://relay.example/", "--registration", "closed"]
     argv += ["--certfile", str(cert), "--keyfile", str(key), "--max-body-size", "1048576"]
+    argv += ["--body-timeout", "2.5"]
     argv += ["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "192.168.1.1/16"]
     assert main(argv) == 0
     assert started == [
@@ -333,6 +338,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
             certfile=cert,
             keyfile=key,
             max_body_size=1048576,
+            body_timeout=2.5,
             trusted_proxies=("10.0.0.1", "192.168.0.0/16"),
         )
     ]
@@ -361,7 +367,10 @@ def test_relay_start_flags_fit_the_real_settings_class(home: Path, tmp_path: Pat
     argv = ["relay", "start", "--public-url", "https://r.example", "--registration", "closed"]
     argv += ["--certfile", str(cert), "--keyfile", str(key), "--max-body-size", "1000"]
     argv += ["--trusted-proxy", "10.0.0.1", "--dashboard-dir", str(tmp_path)]
+    argv += ["--body-timeout", "30"]
     full = settings_class(**cli.relay_settings_kwargs(parser.parse_args(argv), home))
+    assert full.body_timeout == 30.0
+    assert defaults.body_timeout == 60.0
     assert (full.public_url, full.registration, full.max_body_size) == (
         "https://r.example",
         "closed",

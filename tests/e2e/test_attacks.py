@@ -213,6 +213,57 @@ async def test_slowloris_neither_blocks_others_nor_holds_connections_past_the_de
         assert max(closed) <= HEADER_TIMEOUT + SLACK
 
 
+#: The relay's --body-timeout in the stalled-upload test, seconds.
+BODY_TIMEOUT = 1.0
+
+
+async def test_a_stalled_upload_gets_408_and_is_withdrawn_from_the_daemon(lab: Lab) -> None:
+    """A client that sends a request head and part of its body, then stops, is answered 408
+    after the relay's body timeout, and the daemon's handler for it ends: a stalled upload
+    holds neither a stream nor the daemon's work open. Other requests are served meanwhile."""
+    with trio.fail_after(TEST_DEADLINE):
+        relay = await lab.relay("relay", "--body-timeout", str(BODY_TIMEOUT))
+        key = await lab.key(relay)
+        daemon = await lab.fault_daemon(relay.ws_url, key, "laptop")
+        _, cookie = await sign_in(relay.address, key)
+        head = (
+            "POST /d/laptop/upload HTTP/1.1\r\n"
+            f"Host: {relay.url.split('://', 1)[1]}\r\n"
+            f"{cookie[0]}: {cookie[1]}\r\nOrigin: {relay.url}\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+        stream = await trio.open_tcp_stream(*relay.address)
+        async with stream:
+            started = trio.current_time()
+            await stream.send_all(head + b"x" * 100)
+
+            async def daemon_busy() -> bool:
+                return bool((await daemon.health())["active"] == 1)
+
+            await poll(daemon_busy, what="the daemon receiving the upload")
+            # Meanwhile the relay serves others as usual.
+            assert (await get(relay.address, "/d/laptop/hello", cookie)).status == 200
+            answer = b""
+            with trio.fail_after(BODY_TIMEOUT + SLACK):
+                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    answer += data
+            waited = trio.current_time() - started
+        print(f"\nstalled upload answered after {waited:.2f} s: {answer[:40]!r}")
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b"body_timeout" in answer
+        assert BODY_TIMEOUT <= waited <= BODY_TIMEOUT + SLACK
+
+        async def daemon_idle() -> bool:
+            return bool((await daemon.health())["active"] == 0)
+
+        await poll(daemon_idle, what="the daemon's side of the stalled upload ending")
+        assert (await daemon.health())["relay"]["attempts"] == 1
+        lab.assert_no_secret(key, session_id_of(cookie))
+
+
 # ---------------------------------------------------------------------- the daemon endpoint
 
 

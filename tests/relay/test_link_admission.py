@@ -269,6 +269,12 @@ def test_bad_limits_are_refused_naming_the_setting(
         RelaySettings(data_dir=tmp_path, **{name: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [0, -2.0, float("nan")])
+def test_a_body_timeout_must_be_positive(tmp_path: Path, value: float) -> None:
+    with pytest.raises(ValueError, match="body_timeout"):
+        RelaySettings(data_dir=tmp_path, body_timeout=value)
+
+
 def test_hypercorn_gets_the_backlog_and_a_short_stop_after_the_drain(tmp_path: Path) -> None:
     config = hypercorn_config(RelaySettings(data_dir=tmp_path, listen_backlog=777))
     assert config.backlog == 777
