@@ -65,12 +65,15 @@ class DaemonPool:
     async def connect(self) -> tuple[trio.SocketStream, bool]:
         """A connection to the daemon: a kept one if a fresh-enough one is idle, else a new
         one. Raises :class:`OSError` if the daemon cannot be reached."""
+        # Cancellation is checked before an idle connection leaves the list, never after:
+        # a connection popped and then cancelled would belong to nobody.
+        await trio.lowlevel.checkpoint_if_cancelled()
         now = self._clock()
         while self._idle:
             idle = self._idle.pop()
             if now - idle.since < self.idle_seconds and _quiet(idle.connection):
                 self.reused += 1
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return idle.connection, True
             _close_now(idle.connection)
         return await self.fresh(), False

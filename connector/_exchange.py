@@ -4,7 +4,8 @@ The request head (already checked by :mod:`connector._pipe`) and body go to the 
 came, the response comes back as the daemon wrote it; :class:`~connector._framing.MessageFramer`
 only watches both pass so the connection can carry the next request once this one has ended
 cleanly. Anything unexpected (framing the connector cannot follow, bytes beyond a message, an
-abort on either side) closes the connection instead of returning it.
+abort on either side) closes the connection instead of returning it; stray bytes that arrive
+after a connection went back are found by the pool's check before it is used again.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ async def pooled_exchange(
     Raises :class:`ExchangeError` if no connection to the daemon could be opened (nothing was
     written to the stream then). Any other failure resets the stream; it is closed on return.
     """
-    used = request.feed(rest)
+    try:
+        used = request.feed(rest)
+    except FramingError:
+        used = -1
     if used < len(rest):
-        # One request per stream: bytes after it were never the daemon's to see.
+        # One request per stream: bytes after it (or a body the framer cannot follow) were
+        # never the daemon's to see.
         stream.reset(ErrorCode.PROTOCOL_ERROR)
         return
     first = head + rest
@@ -88,12 +93,14 @@ async def _exchange_on(
     response = MessageFramer(for_request=False, request_method=request.method or b"GET")
     answered = False  # a response byte arrived
     extra = False  # the daemon sent bytes after the response
+    sent = False  # every byte of the request was written to the daemon
 
     async def upload() -> None:
+        nonlocal sent
         try:
             await connection.send_all(first)
         except trio.BrokenResourceError:
-            if kept:
+            if kept and not answered:
                 raise _Stale from None
             raise
         while not request.complete:
@@ -103,6 +110,7 @@ async def _exchange_on(
             if request.feed(data) < len(data):
                 raise FramingError("bytes after the request")
             await connection.send_all(data)
+        sent = True
         # The request is out. What comes now can only be the relay's end of the stream, or a
         # reset when the browser goes away, which must stop the daemon's work at once.
         if await stream.receive_some(READ_SIZE):
@@ -154,7 +162,9 @@ async def _exchange_on(
     if stale:
         _close(connection)
         return False
-    if response.reusable and request.complete and not extra:
+    # ``request.complete`` alone is not enough: the framer counts bytes before they are sent,
+    # and an early answer may have cut the last send short.
+    if response.reusable and sent and not extra:
         pool.release(connection)
     else:
         _close(connection)

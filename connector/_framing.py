@@ -21,6 +21,8 @@ MAX_HEAD_SIZE = 32 * 1024
 #: Largest chunk-size line (size, extensions) or trailer line in a chunked body.
 MAX_CHUNK_LINE = 4 * 1024
 
+#: Bytes of a read first searched for the end of a chunk-size or trailer line.
+_LINE_PROBE = 128
 _TOKEN_LIST = re.compile(rb"\s*,\s*")
 _RESPONSE_LINE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: .*)?$", re.DOTALL)
 _REQUEST_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.([01])$")
@@ -216,16 +218,26 @@ class MessageFramer:
     def _take_line(self, view: memoryview) -> int:
         line = self._line
         start = max(0, len(line) - 1)
-        line += view
-        end = line.find(b"\r\n", start)
+        kept = len(line)
+        # Copy only as much of the read as a line may still take: a short probe first (chunk
+        # size lines are short), then up to the bound. Appending the whole read for every line
+        # would copy a read once per chunk in it.
+        limit = MAX_CHUNK_LINE + 2 - kept
+        end = -1
+        for size in (min(limit, _LINE_PROBE), limit):
+            del line[kept:]
+            line += view[:size]
+            end = line.find(b"\r\n", start)
+            if end >= 0 or size >= len(view):
+                break
         if end < 0:
             # A final CR may be the start of the line's CRLF: it does not count.
             if len(line) - line.endswith(b"\r") > MAX_CHUNK_LINE:
                 raise FramingError(f"{self._phase.value} too long")
-            return len(view)
+            return len(line) - kept
         if end > MAX_CHUNK_LINE:
             raise FramingError(f"{self._phase.value} too long")
-        used = len(view) - (len(line) - (end + 2))
+        used = end + 2 - kept
         text = bytes(line[:end])
         self._line = bytearray()
         if self._phase is _Phase.TRAILERS:

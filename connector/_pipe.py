@@ -32,6 +32,10 @@ MAX_HEAD_SIZE = 32 * 1024
 #: Seconds the relay gets to deliver a request head.
 HEAD_TIMEOUT = 30.0
 _MESH_HEADER = MESH_FROM_HEADER.lower().encode()
+#: What a request head may not hold: a CR or LF outside a CRLF pair, a NUL, or a folded line.
+#: Parsers disagree on those (h11 accepts a bare LF as a line end), so a header hidden behind
+#: one could pass the connector's checks and still reach the daemon.
+_AMBIGUOUS_HEAD = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n|\r\n[ \t]")
 _UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:", re.IGNORECASE)
 #: What a daemon id looks like (the relay enforces the same on `/ws/relay`).
 DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -55,7 +59,10 @@ async def read_head(
     while True:
         end = buffer.find(b"\r\n\r\n")
         if end >= 0:
-            return bytes(buffer[: end + 4]), bytes(buffer[end + 4 :])
+            head = bytes(buffer[: end + 4])
+            if _AMBIGUOUS_HEAD.search(head):
+                raise HeadError(400, "bad_request", "Malformed request head.")
+            return head, bytes(buffer[end + 4 :])
         if len(buffer) > limit:
             raise HeadError(431, "head_too_large", "The request head is too large.")
         data = await stream.receive_some(16 * 1024)

@@ -43,7 +43,9 @@ class Relay:
         self.clock = clock
         self.links = LinkRegistry()
         #: Daemon-link handshakes in progress, bounded by ``settings.link_handshake_limit``.
-        self.link_handshakes = HandshakeLimiter(settings.link_handshake_limit)
+        self.link_handshakes = HandshakeLimiter(
+            settings.link_handshake_limit, settings.link_handshake_limit_per_key
+        )
         self.metrics = RelayMetrics()
         self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
         self.register_limiter = RateLimiter(

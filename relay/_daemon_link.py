@@ -85,12 +85,6 @@ async def handle_daemon_link(
         return
     daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
 
-    handshakes = relay.link_handshakes
-    if not handshakes.try_enter():
-        # No log line per refusal: in a herd there are thousands; the metric counts them.
-        relay.metrics.rate_limited.labels("link_handshake").inc()
-        await transport.aclose(TRY_AGAIN_LATER, BUSY_REASON)
-        return
     link = DaemonLink(
         daemon_id=daemon_id,
         scope_id=record.scope_id,
@@ -100,6 +94,14 @@ async def handle_daemon_link(
         version=daemon_version,
         remote_address=address,
     )
+    # Built before a slot is taken: nothing between try_enter() and the try below can raise.
+    handshakes = relay.link_handshakes
+    scope_id = record.scope_id
+    if not handshakes.try_enter(scope_id):
+        # No log line per refusal: in a herd there are thousands; the metric counts them.
+        relay.metrics.rate_limited.labels("link_handshake").inc()
+        await transport.aclose(TRY_AGAIN_LATER, BUSY_REASON)
+        return
     in_handshake = True
     try:
         async with trio.open_nursery() as nursery:
@@ -109,11 +111,11 @@ async def handle_daemon_link(
                 log.info("daemon %s: handshake failed: %s", daemon_id, exc.reason)
                 return
             in_handshake = False
-            handshakes.leave()
+            handshakes.leave(scope_id)
             await _serve_link(relay, link)
     finally:
         if in_handshake:
-            handshakes.leave()
+            handshakes.leave(scope_id)
         link.finished.set()
 
 

@@ -29,35 +29,49 @@ class DaemonLink:
 
 
 class HandshakeLimiter:
-    """Counts the daemon-link handshakes in progress and admits at most ``limit`` at once.
+    """Counts the daemon-link handshakes in progress and admits at most ``limit`` at once, and
+    at most ``per_scope`` of one key's scope, so that one key holder opening links that never
+    finish their handshake cannot take every slot and turn everyone else's daemons away.
 
     Not a queue: :meth:`try_enter` answers at once, so a link past the limit is turned away
     before the relay spends more on it, and its daemon backs off instead of waiting for a
     handshake that would time out. Single-threaded (the relay's event loop); no awaits.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+    def __init__(self, limit: int, per_scope: int | None = None) -> None:
+        per_scope = limit if per_scope is None else per_scope
+        if limit < 1 or per_scope < 1:
+            raise ValueError(f"limits must be at least 1, not {limit} and {per_scope}")
         self.limit = limit
+        self.per_scope = per_scope
         self._in_progress = 0
+        self._by_scope: dict[str, int] = {}
 
     @property
     def in_progress(self) -> int:
         return self._in_progress
 
-    def try_enter(self) -> bool:
-        """Take a slot and return True, or return False (nothing taken) if all are taken."""
-        if self._in_progress >= self.limit:
+    def try_enter(self, scope_id: str = "") -> bool:
+        """Take a slot and return True, or return False (nothing taken) if all are taken or
+        ``scope_id`` holds its share."""
+        held = self._by_scope.get(scope_id, 0)
+        if self._in_progress >= self.limit or held >= self.per_scope:
             return False
         self._in_progress += 1
+        self._by_scope[scope_id] = held + 1
         return True
 
-    def leave(self) -> None:
-        """Give back a slot taken by :meth:`try_enter`. Raises RuntimeError if none is taken."""
-        if self._in_progress == 0:
+    def leave(self, scope_id: str = "") -> None:
+        """Give back a slot taken by :meth:`try_enter` for ``scope_id``. Raises RuntimeError
+        if none is taken."""
+        held = self._by_scope.get(scope_id, 0)
+        if held == 0:
             raise RuntimeError("HandshakeLimiter.leave() without a matching try_enter()")
         self._in_progress -= 1
+        if held == 1:
+            del self._by_scope[scope_id]
+        else:
+            self._by_scope[scope_id] = held - 1
 
 
 class LinkRegistry:

@@ -117,8 +117,11 @@ async def serve_relay(
             finally:
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + settings.shutdown_grace + 5
-                    await _drain_links(relay)
-                    http_stopped.set()
+                    try:
+                        await _drain_links(relay)
+                    finally:
+                        # Even past the deadline: without it hypercorn would never stop.
+                        http_stopped.set()
     finally:
         store.close()
         if stop.is_set():

@@ -46,7 +46,9 @@ class RelaySettings:
     #: Connectors ping every 10 s of silence, so a live link never waits for the relay's ping.
     link_ping_interval: float = 20.0
     link_ping_timeout: float = 10.0
-    #: How many concurrent streams a daemon link carries (more wait for a slot).
+    #: How many concurrent streams a daemon link carries (more wait for a slot). The protocol's
+    #: session budget (64 MiB) holds 256 full stream windows: raising this without it lets
+    #: stalled readers use up the budget (SPEC.md, "Stalled streams and the session budget").
     max_streams_per_link: int = 256
     #: Daemon links the relay works on connecting at once, from the WebSocket accept to the
     #: protocol HELLO (links with a valid key and daemon id only). A link beyond it is turned
@@ -58,6 +60,9 @@ class RelaySettings:
     #: Measured with 10,000 daemons dialling after a restart: limits of 256 and 1,024 made
     #: the herd several times slower (the refused came back and refused others), 4,096 did not.
     link_handshake_limit: int = 4096
+    #: Of those, how many one key's scope may hold: a key holder opening links that never
+    #: finish their handshake takes at most this many slots, not every daemon's.
+    link_handshake_limit_per_key: int = 64
     #: Connections the kernel holds for the relay before it accepts them (the listen backlog;
     #: the kernel caps it at ``net.core.somaxconn``). A herd of reconnecting daemons overflows
     #: hypercorn's default of 100 whenever the relay pauses, and each dropped connection attempt
@@ -81,7 +86,7 @@ class RelaySettings:
             raise ValueError(f"port {self.port} is out of range")
         if not self.body_timeout > 0:
             raise ValueError(f"body_timeout must be a positive number, not {self.body_timeout!r}")
-        for name in ("link_handshake_limit", "listen_backlog"):
+        for name in ("link_handshake_limit", "link_handshake_limit_per_key", "listen_backlog"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")

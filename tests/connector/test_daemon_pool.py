@@ -189,6 +189,21 @@ async def test_a_reused_connection_still_reaches_the_same_daemon_connection(
         assert len(daemon.accepted) == 1
 
 
+async def test_a_cancelled_connect_leaves_the_idle_connection_in_the_pool(
+    pool: DaemonPool, in_use: InUse
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        connection, _ = await in_use.connect(pool)
+        pool.release(connection)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.connect()
+        assert scope.cancelled_caught
+        # Nobody got it, so it must still be the pool's (not popped and forgotten).
+        assert pool.idle_count == 1
+        assert await pool.connect() == (connection, True)
+
+
 async def test_counters_count_dials_and_reuses(pool: DaemonPool, in_use: InUse) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         assert (pool.opened, pool.reused) == (0, 0)

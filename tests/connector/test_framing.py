@@ -15,10 +15,13 @@ from collections.abc import Sequence
 import attrs
 import h11
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connector._framing import MAX_CHUNK_LINE, MAX_HEAD_SIZE, FramingError, MessageFramer
+from connector._pipe import HeadError, read_head
 
 #: Hypothesis settings of this file: modest example counts keep the whole file within seconds.
 PROPERTY_SETTINGS = settings(
@@ -703,3 +706,34 @@ def test_requests_end_where_h11_ends_them(written: Written, after: bytes, cuts: 
         used=len(written.serialized), complete=True, reusable=written.reusable
     )
     assert framer.method == written.method
+
+
+# ---------------------------------------------------------------------- ambiguous heads
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /x HTTP/1.1\r\nHost: d\r\nX-A: 1\nContent-Length: 5\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX-A: 1\rRepowire-Mesh-From: other\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX-A: 1\r\n Repowire-Mesh-From: other\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nX-A: \x00\r\n\r\n",
+    ],
+    ids=["bare LF", "bare CR", "folded line", "NUL"],
+)
+async def test_a_head_that_parsers_could_read_differently_is_refused(head: bytes) -> None:
+    """h11 (the daemon's parser) takes a bare LF as a line end; the connector's checks would
+    not: such a head could carry a header past them. It is refused with 400 instead."""
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    await send.send_all(head)
+    with pytest.raises(HeadError) as info:
+        await read_head(receive)
+    assert info.value.status == 400
+
+
+async def test_a_plain_head_is_read_whole_with_what_follows() -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    await send.send_all(b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\nok")
+    head, rest = await read_head(receive)
+    assert head == b"POST /x HTTP/1.1\r\nContent-Length: 2\r\n\r\n"
+    assert rest == b"ok"

@@ -26,6 +26,7 @@ from mux import MuxStream
 from protocol import CloseCode, DisconnectReason, Role, Session
 from relay import RelaySettings, serve_relay_main
 from relay._daemon_link import BUSY_REASON, TRY_AGAIN_LATER
+from relay._links import HandshakeLimiter
 from relay._server import GC_THRESHOLDS, HTTP_STOP_TIMEOUT, hypercorn_config
 from tests.daemon.daemon_support import Address, HttpResponse, eventually, http_request
 from tests.relay.link_support import (
@@ -260,13 +261,33 @@ async def test_shutdown_closes_idle_links_at_once_and_busy_ones_when_their_strea
 # ---------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("name", ["link_handshake_limit", "listen_backlog"])
+@pytest.mark.parametrize(
+    "name", ["link_handshake_limit", "link_handshake_limit_per_key", "listen_backlog"]
+)
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "64"])
 def test_bad_limits_are_refused_naming_the_setting(
     tmp_path: Path, name: str, value: object
 ) -> None:
     with pytest.raises(ValueError, match=name):
         RelaySettings(data_dir=tmp_path, **{name: value})  # type: ignore[arg-type]
+
+
+def test_one_scope_holds_at_most_its_share_of_the_handshake_slots() -> None:
+    limiter = HandshakeLimiter(4, per_scope=2)
+    assert limiter.try_enter("a") and limiter.try_enter("a")
+    assert not limiter.try_enter("a")  # its share is taken ...
+    assert limiter.try_enter("b") and limiter.try_enter("b")  # ... others still get in
+    assert not limiter.try_enter("c")  # until the whole limit is reached
+    assert limiter.in_progress == 4
+    limiter.leave("a")
+    assert limiter.try_enter("c")
+    assert not limiter.try_enter("a")  # the whole limit again
+    limiter.leave("b")
+    assert limiter.try_enter("a")
+    with pytest.raises(RuntimeError):
+        limiter.leave("nobody")
+    with pytest.raises(ValueError):
+        HandshakeLimiter(4, per_scope=0)
 
 
 @pytest.mark.parametrize("value", [0, -2.0, float("nan")])
