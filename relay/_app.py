@@ -13,14 +13,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import trio
+
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._daemon_link import handle_daemon_link
+from ._links import DaemonLink
 from ._tunnel import deny_websocket, refuse, tunnel_http, tunnel_websocket
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
 _ROOT_ONLY = ("/", "/auth", "/health", "/metrics")
+#: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
+#: exists but is not registered yet) before the relay answers 503.
+LINK_ARRIVAL_WAIT = 5.0
 
 
 def _owned(path: str, *, at_root: bool) -> bool:
@@ -122,10 +128,12 @@ class RelayApp:
             else:
                 await refuse(send, receive, 403, "bad_origin", "Cross-site request refused.")
             return
-        if daemon_id is None:
-            link = relay.links.default_for(session.scope_id)
-        else:
-            link = relay.links.get(session.scope_id, daemon_id)
+        link = self._link_for(session.scope_id, daemon_id)
+        if link is None and relay.links.is_arriving(session.scope_id, daemon_id):
+            # Its link is in the handshake: a moment's wait beats a 503.
+            with trio.move_on_after(LINK_ARRIVAL_WAIT):
+                await relay.links.wait_arrival(session.scope_id, daemon_id)
+            link = self._link_for(session.scope_id, daemon_id)
         if link is None:
             missing = self._offline_detail(session.scope_id, daemon_id)
             if websocket:
@@ -140,6 +148,10 @@ class RelayApp:
             await tunnel_websocket(relay, scope, receive, send, link, target)
         else:
             await tunnel_http(relay, scope, receive, send, link, target)
+
+    def _link_for(self, scope_id: str, daemon_id: str | None) -> DaemonLink | None:
+        links = self.relay.links
+        return links.default_for(scope_id) if daemon_id is None else links.get(scope_id, daemon_id)
 
     def _offline_detail(self, scope_id: str, daemon_id: str | None) -> str:
         """Why nothing answers, in one sentence, naming only this scope's own daemons."""

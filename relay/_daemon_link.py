@@ -103,6 +103,10 @@ async def handle_daemon_link(
         await transport.aclose(TRY_AGAIN_LATER, BUSY_REASON)
         return
     in_handshake = True
+    # Requests for this daemon that arrive now wait for the link rather than get a 503: its
+    # connector may already report "connected" (it has the relay's HELLO) while the relay is
+    # still reading the connector's.
+    relay.links.expect(scope_id, daemon_id)
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -116,6 +120,8 @@ async def handle_daemon_link(
     finally:
         if in_handshake:
             handshakes.leave(scope_id)
+        if not link.registered:
+            relay.links.settle(scope_id, daemon_id)
         link.finished.set()
 
 
@@ -141,6 +147,8 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
     replaced = relay.links.add(link)
+    link.registered = True
+    relay.links.settle(link.scope_id, link.daemon_id)
     try:
         relay.store.record_daemon(link.scope_id, link.daemon_id, now=link.connected_at)
     except StoreError as exc:

@@ -22,6 +22,8 @@ class DaemonLink:
     #: Set once the link's handler is done: the session has ended and its WebSocket is closed
     #: (the close frame sent, or the connection gone).
     finished: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once the link has been added to the registry (its handshake is over).
+    registered: bool = False
 
     @property
     def rtt(self) -> float | None:
@@ -84,6 +86,50 @@ class LinkRegistry:
 
     def __init__(self) -> None:
         self._links: dict[tuple[str, str], DaemonLink] = {}
+        # Links between their WebSocket accept and their registration, per (scope, daemon id):
+        # how many, and an event set when the last of them is registered or gone.
+        self._arriving: dict[tuple[str, str], tuple[int, trio.Event]] = {}
+
+    def expect(self, scope_id: str, daemon_id: str) -> None:
+        """A link for ``daemon_id`` is in its handshake: requests for it may wait for it
+        (:meth:`wait_arrival`). Every call is matched by one :meth:`settle`."""
+        key = (scope_id, daemon_id)
+        entry = self._arriving.get(key)
+        if entry is None:
+            self._arriving[key] = (1, trio.Event())
+        else:
+            self._arriving[key] = (entry[0] + 1, entry[1])
+
+    def settle(self, scope_id: str, daemon_id: str) -> None:
+        """The handshake announced by :meth:`expect` ended: registered, or failed."""
+        key = (scope_id, daemon_id)
+        count, event = self._arriving[key]
+        if count > 1:
+            self._arriving[key] = (count - 1, event)
+            return
+        del self._arriving[key]
+        event.set()
+
+    def is_arriving(self, scope_id: str, daemon_id: str | None) -> bool:
+        """Whether a link for ``daemon_id`` (any daemon of the scope if ``None``) is in its
+        handshake now."""
+        if daemon_id is not None:
+            return (scope_id, daemon_id) in self._arriving
+        return any(scope == scope_id for scope, _ in self._arriving)
+
+    async def wait_arrival(self, scope_id: str, daemon_id: str | None) -> None:
+        """Wait until the links in their handshake for ``daemon_id`` (or, if ``None``, for
+        any daemon of the scope) are registered or gone. The caller bounds the wait."""
+        while True:
+            events = [
+                event
+                for (scope, daemon), (_, event) in self._arriving.items()
+                if scope == scope_id and daemon_id in (None, daemon)
+            ]
+            if not events:
+                await trio.lowlevel.checkpoint()
+                return
+            await events[0].wait()
 
     def add(self, link: DaemonLink) -> DaemonLink | None:
         """Register ``link``; return the link it replaced (the caller closes that one)."""

@@ -302,16 +302,19 @@ async def start_stand_in(
     *,
     headers: Sequence[tuple[bytes, bytes]] | None = None,
     mux_config: MuxConfig = STAND_IN_MUX,
+    hello_delay: float = 0.0,
 ) -> StandIn:
     """Connect a stand-in daemon ``daemon_id`` with ``key``; each accepted stream runs
     ``handler(stream)`` in its own task (the stream is closed when the handler returns).
 
-    Returns once the link's session is up. ``headers`` replaces :func:`link_headers`. An
-    exception escaping a handler fails the test through ``nursery``.
+    Returns once the link's session is up on the stand-in's side (it has the relay's HELLO).
+    ``hello_delay`` holds the stand-in's own first message (its HELLO) back that long, so the
+    relay is still in the handshake when this returns. ``headers`` replaces
+    :func:`link_headers`. An exception escaping a handler fails the test through ``nursery``.
     """
     chosen = list(headers) if headers is not None else link_headers(key, daemon_id)
     stand_in: StandIn = await nursery.start(
-        partial(_run_stand_in, address, chosen, daemon_id, handler, mux_config)
+        partial(_run_stand_in, address, chosen, daemon_id, handler, mux_config, hello_delay)
     )
     return stand_in
 
@@ -322,6 +325,7 @@ async def _run_stand_in(
     daemon_id: str,
     handler: StreamHandler,
     mux_config: MuxConfig,
+    hello_delay: float,
     *,
     task_status: trio.TaskStatus[StandIn],
 ) -> None:
@@ -339,7 +343,10 @@ async def _run_stand_in(
                 max_message_size=STAND_IN_MAX_MESSAGE,
             )
             try:
-                session = MuxSession(WebSocketTransport(ws), Role.CONNECTOR, mux_config)
+                transport = (
+                    _LateFirstMessage(ws, hello_delay) if hello_delay else WebSocketTransport(ws)
+                )
+                session = MuxSession(transport, Role.CONNECTOR, mux_config)
                 async with trio.open_nursery() as link_nursery:
                     await link_nursery.start(session.run)
                     stand_in = StandIn(
@@ -360,6 +367,20 @@ async def _run_stand_in(
                 ws_nursery.cancel_scope.cancel()
     finally:
         finished.set()
+
+
+class _LateFirstMessage(WebSocketTransport):
+    """A transport that holds its first message (a connector's HELLO) back for a while."""
+
+    def __init__(self, connection: WebSocketConnection, delay: float) -> None:
+        super().__init__(connection)
+        self._delay: float | None = delay
+
+    async def send_message(self, data: bytes) -> None:
+        if self._delay is not None:
+            delay, self._delay = self._delay, None
+            await trio.sleep(delay)
+        await super().send_message(data)
 
 
 async def _accept_streams(stand_in: StandIn, handler: StreamHandler) -> None:

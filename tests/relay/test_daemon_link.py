@@ -75,6 +75,34 @@ async def still_serving(stack: RunningStack, daemon_id: str = "witness") -> None
 # ---------------------------------------------------------------------- the handshake
 
 
+@pytest.mark.parametrize("path", ["/d/laptop/peers", "/peers"], ids=["by-id", "default"])
+async def test_a_request_during_the_links_handshake_waits_for_the_link(
+    stacks: StackFactory, path: str
+) -> None:
+    """A connector reports "connected" once it has the relay's HELLO; the relay registers the
+    link once it has the connector's. A request in between waits for the link, not a 503."""
+    with trio.fail_after(20):
+        stack = await stacks()
+        record, key = stack.relay.new_scope("early")
+        await start_stand_in(
+            stack.links,
+            stack.relay.address,
+            key,
+            "laptop",
+            identity_handler("laptop"),
+            hello_delay=0.5,
+        )
+        links = stack.relay.running.relay.links
+        assert links.get(record.scope_id, "laptop") is None  # still in its handshake
+        assert links.is_arriving(record.scope_id, "laptop")
+        response = await http_request(
+            stack.relay.address, "GET", path, headers=[stack.relay.session_cookie(record)]
+        )
+        assert response.status == 200
+        assert response.json()["daemon"] == "laptop"
+        assert not links.is_arriving(record.scope_id, "laptop")
+
+
 @pytest.mark.parametrize(
     "authorization",
     [None, "Bearer rw_" + "A" * 43, "Basic dXNlcjpwYXNz", "Bearer", "Bearer rw_short"],

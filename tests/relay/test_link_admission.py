@@ -26,7 +26,7 @@ from mux import MuxStream
 from protocol import CloseCode, DisconnectReason, Role, Session
 from relay import RelaySettings, serve_relay_main
 from relay._daemon_link import BUSY_REASON, TRY_AGAIN_LATER
-from relay._links import HandshakeLimiter
+from relay._links import HandshakeLimiter, LinkRegistry
 from relay._server import GC_THRESHOLDS, HTTP_STOP_TIMEOUT, hypercorn_config
 from tests.daemon.daemon_support import Address, HttpResponse, eventually, http_request
 from tests.relay.link_support import (
@@ -270,6 +270,30 @@ def test_bad_limits_are_refused_naming_the_setting(
 ) -> None:
     with pytest.raises(ValueError, match=name):
         RelaySettings(data_dir=tmp_path, **{name: value})  # type: ignore[arg-type]
+
+
+async def test_arriving_links_are_counted_and_waited_for_per_daemon() -> None:
+    links = LinkRegistry()
+    links.expect("s", "a")
+    links.expect("s", "a")  # a second link for the same daemon, also in its handshake
+    assert links.is_arriving("s", "a") and links.is_arriving("s", None)
+    assert not links.is_arriving("s", "b") and not links.is_arriving("t", None)
+    arrived = trio.Event()
+
+    async def wait() -> None:
+        await links.wait_arrival("s", "a")
+        arrived.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            links.settle("s", "a")
+            await trio.testing.wait_all_tasks_blocked()
+            assert not arrived.is_set()  # one of the two is still in its handshake
+            links.settle("s", "a")
+    assert arrived.is_set() and not links.is_arriving("s", None)
+    await links.wait_arrival("s", "a")  # nothing arriving: returns at once
 
 
 def test_one_scope_holds_at_most_its_share_of_the_handshake_slots() -> None:
