@@ -3,9 +3,6 @@
 Kept out of conftest.py so test modules can import them by a name no other test directory
 uses. Everything listens on 127.0.0.1, port 0.
 
-- :class:`TcpProxy`: a loopback TCP proxy between a connector and a relay whose forwarding can
-  be black-holed (a half-open link) and whose connections can be killed (a relay that dies
-  without a close frame).
 - :class:`RelayRunner`: a real relay that can be stopped (gracefully or by cancellation) and
   started again on the same port and data directory.
 - :func:`start_connected_daemon` and :func:`start_daemon_for`: a real daemon and its connector,
@@ -47,123 +44,12 @@ from tests.relay.relay_support import FAST, RelayHandle, fast_connector_config
 Address = tuple[str, int]
 
 LOOPBACK = "127.0.0.1"
-#: Bytes the proxy reads from a socket at a time.
-PROXY_READ_SIZE = 64 * 1024
 #: Largest response the stream client buffers whole.
 MAX_STREAM_RESPONSE = 1024 * 1024
 #: Seconds a fake relay waits for a closing handshake.
 FAKE_CLOSE_TIMEOUT = 0.2
 #: Largest output of a child process kept for assertions.
 MAX_PROCESS_OUTPUT = 1024 * 1024
-
-
-# -- a loopback TCP proxy that can fail like a network ------------------------------------
-
-
-class _ProxiedConnection:
-    """One client connection through the proxy."""
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        #: Set once the connection saw a black hole: it never forwards again, as a TCP
-        #: connection whose path broke does not come back when the route does.
-        self.dead = False
-
-
-class TcpProxy:
-    """Forwards each accepted connection to ``target`` on a fresh upstream connection.
-
-    - :meth:`blackhole`: from now on nothing is forwarded in either direction, but every socket
-      stays open and is still read (and the bytes dropped), so neither end sees an error or a
-      close: a half-open link. Connections accepted meanwhile are never connected upstream.
-    - :meth:`heal`: new connections forward again; the ones that saw the black hole stay dead.
-    - :meth:`kill_connections`: close every proxied connection on both sides at once.
-
-    ``accepted`` counts accepted connections (dials).
-    """
-
-    def __init__(self, target: Address) -> None:
-        self.target = target
-        self.port = 0
-        self.accepted = 0
-        self._blackholed = False
-        self._connections: set[_ProxiedConnection] = set()
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}"
-
-    def blackhole(self) -> None:
-        self._blackholed = True
-        for connection in self._connections:
-            connection.dead = True
-
-    def heal(self) -> None:
-        self._blackholed = False
-
-    def kill_connections(self) -> None:
-        for connection in list(self._connections):
-            connection.scope.cancel()
-
-    async def serve(
-        self, *, task_status: trio.TaskStatus[TcpProxy] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        self.accepted += 1
-        connection = _ProxiedConnection()
-        self._connections.add(connection)
-        try:
-            with connection.scope:
-                if self._blackholed:
-                    connection.dead = True
-                    await self._drop(client)
-                    return
-                try:
-                    upstream = await trio.open_tcp_stream(*self.target)
-                except OSError:
-                    return
-                async with upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, connection, client, upstream, nursery)
-                    nursery.start_soon(self._pump, connection, upstream, client, nursery)
-        finally:
-            self._connections.discard(connection)
-            await trio.aclose_forcefully(client)
-
-    @staticmethod
-    async def _drop(source: trio.SocketStream) -> None:
-        """Read and discard until the peer closes."""
-        try:
-            while await source.receive_some(PROXY_READ_SIZE):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    @staticmethod
-    async def _pump(
-        connection: _ProxiedConnection,
-        source: trio.SocketStream,
-        sink: trio.SocketStream,
-        nursery: trio.Nursery,
-    ) -> None:
-        try:
-            while data := await source.receive_some(PROXY_READ_SIZE):
-                if not connection.dead:
-                    await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        # One side ended: end the whole connection (a link has no use for half-closes).
-        nursery.cancel_scope.cancel()
-
-
-async def start_proxy(nursery: trio.Nursery, target: Address) -> TcpProxy:
-    proxy: TcpProxy = await nursery.start(TcpProxy(target).serve)
-    return proxy
 
 
 # -- a relay that can be stopped and started again ----------------------------------------

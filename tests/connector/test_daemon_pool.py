@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from connector._daemon_pool import DaemonPool
+from tests.support.listener import LoopbackServer
 
 LOOPBACK = "127.0.0.1"
 #: Bytes the listener reads at a time.
@@ -51,20 +52,13 @@ class Accepted:
         return port
 
 
-class LoopbackDaemon:
+class LoopbackDaemon(LoopbackServer):
     """Accepts connections on 127.0.0.1 (port 0) and reads each until the peer closes it."""
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.accepted: list[Accepted] = []
         self._changed = trio.Event()
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         accepted = Accepted(stream=stream)

@@ -34,14 +34,14 @@ from tests.daemon.daemon_support import (
     start_daemon,
 )
 from tests.relay.relay_support import RelayHandle, fast_connector_config
+from tests.support.listener import LoopbackServer
+from tests.support.proxy import TcpProxy, start_proxy
 
 from .conftest import Stack
 from .connector_support import (
-    TcpProxy,
     fake_relay_config,
     request_head,
     start_fake_relay,
-    start_proxy,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -105,7 +105,7 @@ class SeenRequest:
     answered: bool
 
 
-class ScriptedDaemon:
+class ScriptedDaemon(LoopbackServer):
     """An HTTP/1.1 server on 127.0.0.1 (port 0). Routes:
 
     - ``/text/...``: ``reply to METHOD PATH`` with a Content-Length;
@@ -128,7 +128,7 @@ class ScriptedDaemon:
     """
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.connections: list[DaemonConnection] = []
         self.requests: list[SeenRequest] = []
         #: The exact bytes of each answer, in order.
@@ -141,13 +141,6 @@ class ScriptedDaemon:
         self._changed = trio.Event()
         self._arrived = 0
         self._round = trio.Event()
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started()
 
     def _notify(self) -> None:
         self._changed.set()

@@ -10,12 +10,12 @@ from protocol import BackoffConfig
 from relay import KeyRecord
 from tests.daemon.daemon_support import eventually, http_request
 from tests.relay.relay_support import RelayHandle
+from tests.support.proxy import start_proxy
 
 from .conftest import Stack
 from .connector_support import (
     ConnectedDaemon,
     start_connected_daemon,
-    start_proxy,
 )
 
 #: Extra seconds allowed on top of a computed bound for scheduling and loopback I/O.

@@ -6,7 +6,7 @@ uses.
 - :func:`http_request`: one HTTP/1.1 exchange on a fresh connection (h11 over trio sockets),
   the body read by Content-Length or chunked end, never by waiting for EOF.
 - :func:`open_http_stream` and :class:`SseReader`: a response read incrementally (SSE).
-- :func:`open_websocket`: a WebSocket client (trio-websocket) on a stream this module closes.
+- :func:`open_websocket`: a WebSocket client (trio-websocket) on a stream it closes.
 - :func:`start_daemon`: a real hypercorn server on 127.0.0.1, port 0, under a nursery (the
   ``daemon_factory`` fixture wraps it).
 - :class:`LoopbackMesh`: a MeshClient that reaches other in-process daemons directly, adding
@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import h11
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import WebSocketConnection
 
 from repowire.daemon import (
     MESH_FROM_HEADER,
@@ -37,6 +37,7 @@ from repowire.daemon import (
     create_app,
     serve_daemon,
 )
+from tests.support.websocket import open_client_websocket
 
 Address = tuple[str, int]
 
@@ -195,9 +196,6 @@ async def http_request(
 
 # -- WebSocket ----------------------------------------------------------------------------
 
-#: Seconds a test WebSocket gets for its closing handshake.
-WS_CLOSE_TIMEOUT = 2.0
-
 
 @asynccontextmanager
 async def open_websocket(
@@ -208,30 +206,17 @@ async def open_websocket(
     message_queue_size: int = 1,
     max_message_size: int = 4 * 1024 * 1024,
 ) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client connection whose TCP stream this helper owns and closes.
-
-    (trio-websocket 0.12's own client leaves its socket open when the server starts the
-    close, which pytest reports as an unclosed socket.)
-    """
+    """A trio-websocket client connection to the daemon, with an ``Origin`` header if given,
+    on a TCP stream it owns and closes (:func:`tests.support.websocket.open_client_websocket`)."""
     headers = [] if origin is None else [(b"Origin", origin.encode())]
-    stream = await trio.open_tcp_stream(*address)
-    async with stream, trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            f"{address[0]}:{address[1]}",
-            path,
-            extra_headers=headers,
-            message_queue_size=message_queue_size,
-            max_message_size=max_message_size,
-        )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(WS_CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    async with open_client_websocket(
+        address,
+        path,
+        headers=headers,
+        message_queue_size=message_queue_size,
+        max_message_size=max_message_size,
+    ) as ws:
+        yield ws
 
 
 # -- Server-Sent Events -------------------------------------------------------------------

@@ -47,6 +47,7 @@ from trio_websocket import WebSocketConnection
 from connector import Connector, ConnectorConfig, LinkState
 from tests.connector.connector_support import ChildProcess, Cli, start_child
 from tests.daemon.daemon_support import Address, HttpResponse, http_request
+from tests.support.proxy import TcpProxy
 
 LOOPBACK = "127.0.0.1"
 KIB = 1024
@@ -362,7 +363,7 @@ async def create_key(cli: Cli, data_dir: Path, label: str) -> str:
 # ---------------------------------------------------------------------- a path that dies
 
 
-class SilentProxy:
+class SilentProxy(TcpProxy):
     """A loopback TCP proxy whose path can go silent, as a dead network path does.
 
     After :meth:`silence` nothing is forwarded in either direction and nothing is closed on
@@ -373,55 +374,10 @@ class SilentProxy:
     """
 
     def __init__(self, target: Address) -> None:
-        self.target = target
-        self.port = 0
-        self.silent = False
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}"
+        super().__init__(target, hide_closes=True)
 
     def silence(self) -> None:
-        self.silent = True
-
-    async def serve(
-        self, *, task_status: trio.TaskStatus[SilentProxy] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        async with client:
-            if self.silent:
-                await self._pump(client, None, None)
-                return
-            try:
-                upstream = await trio.open_tcp_stream(*self.target)
-            except OSError:
-                return
-            async with upstream, trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
-
-    async def _pump(
-        self,
-        source: trio.SocketStream,
-        sink: trio.SocketStream | None,
-        connection: trio.CancelScope | None,
-    ) -> None:
-        try:
-            while data := await source.receive_some(READ_SIZE):
-                if sink is not None and not self.silent:
-                    await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        if self.silent or connection is None:
-            # The other end must not learn of this close: hold its socket open.
-            await trio.sleep_forever()
-        connection.cancel()
+        self.blackhole()
 
 
 # ---------------------------------------------------------------------- browser side

@@ -31,10 +31,12 @@ from typing import Any, cast
 import attrs
 import h11
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import WebSocketConnection
 
 from tests.connector.connector_support import LOOPBACK, ChildProcess, free_port
 from tests.daemon.daemon_support import HttpResponse, HttpStream, http_request
+from tests.support.listener import LoopbackServer
+from tests.support.websocket import open_client_websocket
 
 #: The deployment examples shipped with the project.
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "docs" / "deploy"
@@ -51,8 +53,6 @@ READ_SIZE = 64 * 1024
 MAX_RECORDED_BODY = 64 * 1024 * 1024
 #: Largest request head the recording server accepts.
 MAX_RECORDED_HEAD = 64 * 1024
-#: Seconds a test WebSocket gets for its closing handshake.
-WS_CLOSE_TIMEOUT = 2.0
 #: The path for which :class:`RecordingServer` answers with an event stream, and its events.
 STREAM_PATH = "/stream"
 FIRST_EVENT = b"data: first\n\n"
@@ -422,22 +422,14 @@ async def open_wss(
     """A WebSocket over TLS to ``localhost:port``, with extra request ``headers`` (Origin,
     Cookie). A refused upgrade raises ``trio_websocket.ConnectionRejected``."""
     stream = await connect_tls(port, ca_file)
-    async with stream, trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            f"{TLS_HOST}:{port}",
-            path,
-            extra_headers=[(k.encode(), v.encode()) for k, v in headers],
-            message_queue_size=message_queue_size,
-        )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(WS_CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    async with open_client_websocket(
+        stream,
+        path,
+        host=f"{TLS_HOST}:{port}",
+        headers=[(k.encode(), v.encode()) for k, v in headers],
+        message_queue_size=message_queue_size,
+    ) as ws:
+        yield ws
 
 
 def cookie_from(response: HttpResponse) -> tuple[str, str]:
@@ -485,7 +477,7 @@ class RecordedRequest:
         )
 
 
-class RecordingServer:
+class RecordingServer(LoopbackServer):
     """An HTTP/1.1 server on 127.0.0.1 that answers each request ``200`` with the JSON of
     :meth:`RecordedRequest.to_json` (one request per connection) and keeps the list in
     ``requests``. Start it with ``await nursery.start(server.serve)``.
@@ -496,26 +488,13 @@ class RecordingServer:
     """
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.requests: list[RecordedRequest] = []
         self._release = trio.Event()
 
     def release_stream(self) -> None:
         """Let event streams send their second event and end."""
         self._release.set()
-
-    @property
-    def address(self) -> Address:
-        return (LOOPBACK, self.port)
-
-    async def serve(
-        self, *, task_status: trio.TaskStatus[RecordingServer] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:

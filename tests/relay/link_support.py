@@ -43,7 +43,6 @@ from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
-    wrap_client_stream,
 )
 from wsproto.connection import ConnectionState
 
@@ -60,6 +59,7 @@ from protocol import (
 )
 from tests.daemon.daemon_support import Address
 from tests.relay.relay_support import RelayHandle, start_relay
+from tests.support.websocket import open_client_websocket
 
 #: Where daemons connect.
 LINK_PATH = "/ws/relay"
@@ -185,24 +185,15 @@ async def open_link_websocket(
     address: Address, headers: Sequence[tuple[bytes, bytes]]
 ) -> AsyncIterator[WebSocketConnection]:
     """A WebSocket to ``/ws/relay`` whose TCP stream this helper owns and closes."""
-    stream = await trio.open_tcp_stream(*address)
-    async with stream, trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            f"{address[0]}:{address[1]}",
-            LINK_PATH,
-            extra_headers=list(headers),
-            message_queue_size=STAND_IN_MESSAGE_QUEUE,
-            max_message_size=STAND_IN_MAX_MESSAGE,
-        )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                scope.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    async with open_client_websocket(
+        address,
+        LINK_PATH,
+        headers=headers,
+        message_queue_size=STAND_IN_MESSAGE_QUEUE,
+        max_message_size=STAND_IN_MAX_MESSAGE,
+        close_timeout=CLOSE_TIMEOUT,
+    ) as ws:
+        yield ws
 
 
 async def link_refusal(address: Address, headers: Sequence[tuple[bytes, bytes]]) -> CloseReason:
@@ -229,32 +220,22 @@ async def open_browser_websocket(
 ) -> AsyncIterator[WebSocketConnection]:
     """A browser's WebSocket through the relay (``headers``: its cookie, its Origin), on a TCP
     stream this helper owns and closes. A refused upgrade raises ConnectionRejected."""
-    stream = await trio.open_tcp_stream(*address)
     rejected: ConnectionRejected | None = None
-    async with stream:
-        try:
-            async with trio.open_nursery() as nursery:
-                ws = await wrap_client_stream(
-                    nursery,
-                    stream,
-                    f"{address[0]}:{address[1]}",
-                    path,
-                    extra_headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                    message_queue_size=STAND_IN_MESSAGE_QUEUE,
-                    max_message_size=max_message_size,
-                )
-                try:
-                    yield ws
-                finally:
-                    with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                        scope.shield = True
-                        await ws.aclose()
-                    nursery.cancel_scope.cancel()
-        except* ConnectionRejected as group:
-            # trio-websocket raises the refusal from its reader task; hand it over unwrapped.
-            first = group.exceptions[0]
-            assert isinstance(first, ConnectionRejected)
-            rejected = first
+    try:
+        async with open_client_websocket(
+            address,
+            path,
+            headers=[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            message_queue_size=STAND_IN_MESSAGE_QUEUE,
+            max_message_size=max_message_size,
+            close_timeout=CLOSE_TIMEOUT,
+        ) as ws:
+            yield ws
+    except* ConnectionRejected as group:
+        # trio-websocket raises the refusal from its reader task; hand it over unwrapped.
+        first = group.exceptions[0]
+        assert isinstance(first, ConnectionRejected)
+        rejected = first
     if rejected is not None:
         raise rejected
 
@@ -332,39 +313,32 @@ async def _run_stand_in(
     finished = trio.Event()
     try:
         tcp = await trio.open_tcp_stream(*address)
-        async with tcp, trio.open_nursery() as ws_nursery:
-            ws = await wrap_client_stream(
-                ws_nursery,
-                tcp,
-                f"{address[0]}:{address[1]}",
-                LINK_PATH,
-                extra_headers=headers,
-                message_queue_size=STAND_IN_MESSAGE_QUEUE,
-                max_message_size=STAND_IN_MAX_MESSAGE,
+        async with open_client_websocket(
+            tcp,
+            LINK_PATH,
+            host=f"{address[0]}:{address[1]}",
+            headers=headers,
+            message_queue_size=STAND_IN_MESSAGE_QUEUE,
+            max_message_size=STAND_IN_MAX_MESSAGE,
+            close_timeout=CLOSE_TIMEOUT,
+        ) as ws:
+            transport = (
+                _LateFirstMessage(ws, hello_delay) if hello_delay else WebSocketTransport(ws)
             )
-            try:
-                transport = (
-                    _LateFirstMessage(ws, hello_delay) if hello_delay else WebSocketTransport(ws)
+            session = MuxSession(transport, Role.CONNECTOR, mux_config)
+            async with trio.open_nursery() as link_nursery:
+                await link_nursery.start(session.run)
+                stand_in = StandIn(
+                    daemon_id=daemon_id,
+                    session=session,
+                    connection=ws,
+                    finished=finished,
+                    tcp=tcp,
                 )
-                session = MuxSession(transport, Role.CONNECTOR, mux_config)
-                async with trio.open_nursery() as link_nursery:
-                    await link_nursery.start(session.run)
-                    stand_in = StandIn(
-                        daemon_id=daemon_id,
-                        session=session,
-                        connection=ws,
-                        finished=finished,
-                        tcp=tcp,
-                    )
-                    link_nursery.start_soon(_accept_streams, stand_in, handler)
-                    task_status.started(stand_in)
-                    await session.wait_ended()
-                    link_nursery.cancel_scope.cancel()
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-                    scope.shield = True
-                    await ws.aclose()
-                ws_nursery.cancel_scope.cancel()
+                link_nursery.start_soon(_accept_streams, stand_in, handler)
+                task_status.started(stand_in)
+                await session.wait_ended()
+                link_nursery.cancel_scope.cancel()
     finally:
         finished.set()
 
