@@ -75,7 +75,7 @@ class DaemonPool:
                 self.reused += 1
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return idle.connection, True
-            _close_now(idle.connection)
+            close_now(idle.connection)
         return await self.fresh(), False
 
     async def fresh(self) -> trio.SocketStream:
@@ -89,11 +89,11 @@ class DaemonPool:
         now = self._clock()
         self._expire(now)
         if self._closed or not self.max_idle:
-            _close_now(connection)
+            close_now(connection)
             return
         if len(self._idle) >= self.max_idle:
             # Full: the oldest goes (it would expire first), the fresh one stays.
-            _close_now(self._idle.pop(0).connection)
+            close_now(self._idle.pop(0).connection)
         self._idle.append(_Idle(connection, now))
 
     def _expire(self, now: float) -> None:
@@ -101,7 +101,7 @@ class DaemonPool:
         idle = self._idle
         expired = 0
         while expired < len(idle) and now - idle[expired].since >= self.idle_seconds:
-            _close_now(idle[expired].connection)
+            close_now(idle[expired].connection)
             expired += 1
         del idle[:expired]
 
@@ -110,7 +110,7 @@ class DaemonPool:
         self._closed = True
         idle, self._idle = self._idle, []
         for entry in idle:
-            _close_now(entry.connection)
+            close_now(entry.connection)
 
     async def aclose(self) -> None:
         self.close_idle()
@@ -131,6 +131,6 @@ def _quiet(connection: trio.SocketStream) -> bool:
     return not poller.poll(0)
 
 
-def _close_now(connection: trio.SocketStream) -> None:
-    # Closing a socket stream needs no waiting; this keeps release() synchronous.
+def close_now(connection: trio.SocketStream) -> None:
+    """Close a connection to the daemon at once (no waiting, so callers can stay sync)."""
     connection.socket.close()

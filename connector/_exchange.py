@@ -17,7 +17,7 @@ import trio
 from mux import MuxStream
 from protocol import ErrorCode
 
-from ._daemon_pool import DaemonPool
+from ._daemon_pool import DaemonPool, close_now
 from ._framing import FramingError, MessageFramer
 
 log = logging.getLogger("repowire.connector")
@@ -139,7 +139,7 @@ async def _exchange_on(
         await stream.send_eof()
         cancel.cancel()
 
-    stale = failed = False
+    stale = failed = keep = False
     try:
         try:
             async with trio.open_nursery() as nursery:
@@ -150,27 +150,23 @@ async def _exchange_on(
         except* (trio.BrokenResourceError, trio.ClosedResourceError, FramingError) as group:
             log.debug("tunneled request ended early: %s", group.exceptions[0])
             failed = True
+        # ``request.complete`` alone is not enough: the framer counts bytes before they are
+        # sent, and an early answer may have cut the last send short.
+        keep = not (stale or failed) and response.reusable and sent and not extra
     except BaseException:
         # Cancelled (the link or the connector is going away): nothing may outlive this task.
-        _close(connection)
         stream.reset(ErrorCode.CANCEL)
         raise
+    finally:
+        # The connection goes back to the pool or is closed, on every path.
+        if keep:
+            pool.release(connection)
+        else:
+            close_now(connection)
     if failed:
-        _close(connection)
         stream.reset(ErrorCode.UPSTREAM_FAILED)
         return True
     if stale:
-        _close(connection)
         return False
-    # ``request.complete`` alone is not enough: the framer counts bytes before they are sent,
-    # and an early answer may have cut the last send short.
-    if response.reusable and sent and not extra:
-        pool.release(connection)
-    else:
-        _close(connection)
     await stream.aclose()
     return True
-
-
-def _close(connection: trio.SocketStream) -> None:
-    connection.socket.close()

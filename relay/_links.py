@@ -40,8 +40,7 @@ class HandshakeLimiter:
     handshake that would time out. Single-threaded (the relay's event loop); no awaits.
     """
 
-    def __init__(self, limit: int, per_scope: int | None = None) -> None:
-        per_scope = limit if per_scope is None else per_scope
+    def __init__(self, limit: int, per_scope: int) -> None:
         if limit < 1 or per_scope < 1:
             raise ValueError(f"limits must be at least 1, not {limit} and {per_scope}")
         self.limit = limit
@@ -53,7 +52,7 @@ class HandshakeLimiter:
     def in_progress(self) -> int:
         return self._in_progress
 
-    def try_enter(self, scope_id: str = "") -> bool:
+    def try_enter(self, scope_id: str) -> bool:
         """Take a slot and return True, or return False (nothing taken) if all are taken or
         ``scope_id`` holds its share."""
         held = self._by_scope.get(scope_id, 0)
@@ -63,7 +62,7 @@ class HandshakeLimiter:
         self._by_scope[scope_id] = held + 1
         return True
 
-    def leave(self, scope_id: str = "") -> None:
+    def leave(self, scope_id: str) -> None:
         """Give back a slot taken by :meth:`try_enter` for ``scope_id``. Raises RuntimeError
         if none is taken."""
         held = self._by_scope.get(scope_id, 0)
