@@ -38,6 +38,7 @@ from ._session import Session as Session
 from ._session import SessionState as SessionState
 from ._session import StreamInput as StreamInput
 from ._session import StreamState as StreamState
+from ._settings import DEFAULT_INITIAL_WINDOW_SIZE as DEFAULT_INITIAL_WINDOW_SIZE
 from ._settings import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._settings import SessionConfig as SessionConfig
 

@@ -11,6 +11,10 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     PROTOCOL_ERROR = 4400
     INVALID_KEY = 4401
+    #: The key was revoked or rotated while the link was up (the relay ends every link of it).
+    KEY_REVOKED = 4403
     REPLACED = 4409
+    #: The key's scope holds its quota of links (``max_links_per_scope``): back off.
+    TOO_MANY_LINKS = 4429
     INCOMPATIBLE_VERSION = 4426
     SHUTTING_DOWN = 4503

@@ -8,8 +8,11 @@ from collections.abc import Callable, Iterable
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
+from protocol import DEFAULT_INITIAL_WINDOW_SIZE
+
 from ._links import HandshakeLimiter, LinkRegistry
 from ._metrics import RelayMetrics
+from ._quota import ScopeCounter
 from ._ratelimit import RateLimiter
 from ._settings import RelaySettings
 from ._store import KeyStore, SessionRecord
@@ -47,6 +50,21 @@ class Relay:
             settings.link_handshake_limit, settings.link_handshake_limit_per_key
         )
         self.metrics = RelayMetrics()
+        #: Streams each scope holds open (tunneled requests, WebSockets, mesh streams): at most
+        #: ``max_streams_per_scope``, and at most ``max_scope_buffered`` divided by the stream
+        #: window, since each open stream may hold one window of bytes on the relay.
+        self.scope_streams = ScopeCounter(
+            "open streams",
+            max(
+                1,
+                min(
+                    settings.max_streams_per_scope,
+                    settings.max_scope_buffered // DEFAULT_INITIAL_WINDOW_SIZE,
+                ),
+            ),
+        )
+        #: Daemon links each scope holds (registered or in their handshake).
+        self.scope_links = ScopeCounter("daemon links", settings.max_links_per_scope)
         self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
         self.register_limiter = RateLimiter(
             settings.register_rate_per_hour / 3600.0, settings.register_burst

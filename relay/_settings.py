@@ -68,6 +68,27 @@ class RelaySettings:
     #: hypercorn's default of 100 whenever the relay pauses, and each dropped connection attempt
     #: costs its daemon a TCP retransmission timeout (1 s, then 2 s, ...).
     listen_backlog: int = 1024
+    #: Per-scope quotas: one key holder (a scope may hold several keys) never takes more than
+    #: this share of the relay, whatever it does. Daemon links of one scope connected at once;
+    #: a link beyond it is refused with 4429 (the connector backs off and says why).
+    max_links_per_scope: int = 16
+    #: Streams of one scope open at once, over all its links: tunneled browser requests,
+    #: WebSockets, SSE and mesh streams. A request beyond it gets 503 ``too_many_streams``.
+    max_streams_per_scope: int = 512
+    #: Bytes the relay may hold for one scope: every stream holds at most one receive window
+    #: (256 KiB) on the relay, so the streams admitted at once are also bounded by this
+    #: divided by the window (the smaller of the two limits applies).
+    max_scope_buffered: int = 128 * MIB
+    #: Seconds a tunneled request waits for a free stream slot on its daemon's link (the
+    #: link's ``max_streams_per_link`` are all taken) before it is answered 503.
+    stream_open_timeout: float = 5.0
+    #: Largest tunneled WebSocket message, either way (browser to daemon and back). A larger
+    #: one closes that WebSocket with 1009 and a reason; nothing else is affected.
+    max_websocket_message_size: int = 4 * MIB
+    #: ``host:port`` where ``/metrics`` is served, apart from the public listener (it shows
+    #: every tenant's traffic). ``None``: not served. ``repowire relay start`` defaults to
+    #: ``127.0.0.1:9108``.
+    metrics_listen: str | None = None
     #: Attempts per client address: /auth and bad keys on /ws/relay (per minute, burst).
     auth_rate_per_minute: float = 10.0
     auth_burst: int = 10
@@ -86,7 +107,19 @@ class RelaySettings:
             raise ValueError(f"port {self.port} is out of range")
         if not self.body_timeout > 0:
             raise ValueError(f"body_timeout must be a positive number, not {self.body_timeout!r}")
-        for name in ("link_handshake_limit", "link_handshake_limit_per_key", "listen_backlog"):
+        if not self.stream_open_timeout > 0:
+            raise ValueError(
+                f"stream_open_timeout must be a positive number, not {self.stream_open_timeout!r}"
+            )
+        for name in (
+            "link_handshake_limit",
+            "link_handshake_limit_per_key",
+            "listen_backlog",
+            "max_links_per_scope",
+            "max_streams_per_scope",
+            "max_scope_buffered",
+            "max_websocket_message_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")

@@ -85,6 +85,9 @@ RELAY_REQUEST_TIMEOUT = 15.0
 #: Seconds allowed for the local daemon's ``/health``: it is on this machine, so a slow answer
 #: means something is wrong, and ``status`` should say so rather than hang.
 DAEMON_REQUEST_TIMEOUT = 3.0
+#: Where ``relay start`` serves ``/metrics`` unless told otherwise: loopback only, apart from
+#: the public listener (the figures cover every tenant).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
 #: Longest piece of a server's error text repeated in a message.
 MAX_DETAIL_CHARS = 200
 #: Environment variable that makes an unexpected error print its traceback.
@@ -732,7 +735,14 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
         "max_body_size": args.max_body_size,
         "body_timeout": args.body_timeout,
         "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
+        "max_links_per_scope": args.max_links_per_scope,
+        "max_streams_per_scope": args.max_streams_per_scope,
+        "max_scope_buffered": args.max_scope_buffer,
+        "stream_open_timeout": args.stream_open_timeout,
+        "max_websocket_message_size": args.max_websocket_message,
     }
+    # Always given: "off" turns the metrics listener off (None to the relay).
+    kwargs["metrics_listen"] = None if args.metrics_listen == "off" else args.metrics_listen
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     return kwargs
 
@@ -951,6 +961,30 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _positive_int_arg(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _metrics_listen_arg(text: str) -> str:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) or ``off``."""
+    if text == "off":
+        return text
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+        valid = sep == ":" and port.isdigit() and 0 <= int(port) <= 65535
+    except ValueError:
+        valid = host == "localhost" and port.isdigit() and 0 <= int(port) <= 65535
+    if not valid:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (such as 127.0.0.1:9108) or 'off'"
+        )
+    return text
+
+
 def _address_arg(text: str) -> str:
     try:
         if "/" in text:
@@ -1138,6 +1172,47 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         help="a reverse proxy whose X-Forwarded-For is believed (repeatable)",
+    )
+    start.add_argument(
+        "--metrics-listen",
+        type=_metrics_listen_arg,
+        default=DEFAULT_METRICS_LISTEN,
+        metavar="HOST:PORT",
+        help="where /metrics is served, apart from the public listener; 'off' to not serve it "
+        f"(default {DEFAULT_METRICS_LISTEN})",
+    )
+    quotas = start.add_argument_group(
+        "per-scope quotas", "what one key's scope may take of the relay at once"
+    )
+    quotas.add_argument(
+        "--max-links-per-scope",
+        type=_positive_int_arg,
+        metavar="N",
+        help="daemon links connected at once (default 16)",
+    )
+    quotas.add_argument(
+        "--max-streams-per-scope",
+        type=_positive_int_arg,
+        metavar="N",
+        help="streams open at once over all the scope's links (default 512)",
+    )
+    quotas.add_argument(
+        "--max-scope-buffer",
+        type=_byte_size_arg,
+        metavar="BYTES",
+        help="bytes the relay may hold for the scope (default 134217728, 128 MiB)",
+    )
+    quotas.add_argument(
+        "--stream-open-timeout",
+        type=_seconds_arg,
+        metavar="SECONDS",
+        help="how long a request waits for a free stream slot before 503 (default 5)",
+    )
+    quotas.add_argument(
+        "--max-websocket-message",
+        type=_byte_size_arg,
+        metavar="BYTES",
+        help="largest tunneled WebSocket message, either way (default 4194304, 4 MiB)",
     )
     start.set_defaults(handler=_cmd_relay_start)
 

@@ -1,0 +1,64 @@
+"""Per-scope quotas: how much of the relay one key's scope may hold at once.
+
+The relay is shared by strangers (registration is open by default), so what one scope can take
+(links, streams, and through the streams the bytes the relay buffers) is counted here and
+refused past its limit, instead of being shared first-come first-served with everyone else.
+Single-threaded (the relay's event loop): no awaits, nothing to lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class QuotaExceeded(Exception):
+    """A scope holds its quota of something. ``what`` names it, ``limit`` is the quota."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"this key's scope holds its quota of {limit} {what}")
+        self.what = what
+        self.limit = limit
+
+
+class ScopeCounter:
+    """Counts what each scope holds of one resource, at most ``limit`` each."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the {what} quota must be at least 1, not {limit}")
+        self.what = what
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def held(self, scope_id: str) -> int:
+        return self._held.get(scope_id, 0)
+
+    def try_take(self, scope_id: str) -> bool:
+        """Take one for ``scope_id`` and return True, or return False (nothing taken)."""
+        held = self._held.get(scope_id, 0)
+        if held >= self.limit:
+            return False
+        self._held[scope_id] = held + 1
+        return True
+
+    def give_back(self, scope_id: str) -> None:
+        """Return one taken by :meth:`try_take`. Raises RuntimeError if none is held."""
+        held = self._held.get(scope_id, 0)
+        if held == 0:
+            raise RuntimeError(f"{self.what}: give_back() without a matching try_take()")
+        if held == 1:
+            del self._held[scope_id]
+        else:
+            self._held[scope_id] = held - 1
+
+    @contextmanager
+    def hold(self, scope_id: str) -> Iterator[None]:
+        """Hold one for the duration of the block; raises :class:`QuotaExceeded` if the scope
+        holds its quota already (nothing is taken then)."""
+        if not self.try_take(scope_id):
+            raise QuotaExceeded(self.what, self.limit)
+        try:
+            yield
+        finally:
+            self.give_back(scope_id)
