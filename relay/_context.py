@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from protocol import DEFAULT_INITIAL_WINDOW_SIZE
 
 from ._links import HandshakeLimiter, LinkRegistry
+from ._live import LiveAccess
 from ._metrics import RelayMetrics
 from ._quota import ScopeCounter
 from ._ratelimit import RateLimiter
@@ -63,6 +64,8 @@ class Relay:
                 ),
             ),
         )
+        #: Browser requests in flight, by session and key, so revocation can end them.
+        self.live_access = LiveAccess()
         #: Daemon links each scope holds (registered or in their handshake).
         self.scope_links = ScopeCounter("daemon links", settings.max_links_per_scope)
         self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
