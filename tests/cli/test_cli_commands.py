@@ -292,6 +292,12 @@ class FakeRelaySettings:
     max_body_size: int | None = None
     body_timeout: float | None = None
     trusted_proxies: tuple[str, ...] = ()
+    max_links_per_scope: int | None = None
+    max_streams_per_scope: int | None = None
+    max_scope_buffered: int | None = None
+    stream_open_timeout: float | None = None
+    max_websocket_message_size: int | None = None
+    metrics_listen: str | None = None
 
 
 @pytest.fixture
@@ -310,7 +316,13 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def test_relay_start_defaults(home: Path, started: list[Any]) -> None:
     assert main(["relay", "start"]) == 0
     assert started == [
-        FakeRelaySettings(host="127.0.0.1", port=8000, data_dir=home / "relay", registration="open")
+        FakeRelaySettings(
+            host="127.0.0.1",
+            port=8000,
+            data_dir=home / "relay",
+            registration="open",
+            metrics_listen="127.0.0.1:9108",
+        )
     ]
 
 
@@ -326,6 +338,9 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
     argv += ["--certfile", str(cert), "--keyfile", str(key), "--max-body-size", "1048576"]
     argv += ["--body-timeout", "2.5"]
     argv += ["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "192.168.1.1/16"]
+    argv += ["--max-links-per-scope", "3", "--max-streams-per-scope", "40"]
+    argv += ["--max-scope-buffer", "2097152", "--stream-open-timeout", "1.5"]
+    argv += ["--max-websocket-message", "65536", "--metrics-listen", "[::1]:0"]
     assert main(argv) == 0
     assert started == [
         FakeRelaySettings(
@@ -340,8 +355,38 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
             max_body_size=1048576,
             body_timeout=2.5,
             trusted_proxies=("10.0.0.1", "192.168.0.0/16"),
+            max_links_per_scope=3,
+            max_streams_per_scope=40,
+            max_scope_buffered=2097152,
+            stream_open_timeout=1.5,
+            max_websocket_message_size=65536,
+            metrics_listen="[::1]:0",
         )
     ]
+
+
+def test_relay_start_metrics_listener_can_be_turned_off(home: Path, started: list[Any]) -> None:
+    assert main(["relay", "start", "--metrics-listen", "off"]) == 0
+    assert started[0].metrics_listen is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--metrics-listen", "9108"],
+        ["--metrics-listen", "example.com:9108"],
+        ["--metrics-listen", "127.0.0.1:99999"],
+        ["--max-links-per-scope", "0"],
+        ["--max-streams-per-scope", "many"],
+        ["--stream-open-timeout", "-1"],
+    ],
+)
+def test_relay_start_refuses_bad_quota_and_metrics_flags(
+    home: Path, started: list[Any], argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["relay", "start", *argv]) == 64
+    assert started == []
+    assert argv[0] in capsys.readouterr().err
 
 
 def real_relay_settings() -> Any:
