@@ -3,9 +3,10 @@
 The connector stays generic: it reads the request head (to decide what the stream may reach and
 to set or strip the mesh header) and hands the stream to the daemon unchanged. A plain browser
 request (no upgrade) goes over a kept-alive connection, whose reuse needs only the framing of
-the messages (see :mod:`connector._exchange`); anything else (a WebSocket upgrade, a mesh
-request, a request the framer cannot follow) gets a TCP connection of its own, spliced both ways
-without another look, so upgraded WebSockets flow through untouched.
+the messages (see :mod:`connector._exchange`); a mesh request is framed the same way but closes
+its connection after the response; anything else (a WebSocket upgrade, a request the framer
+cannot follow) gets a TCP connection of its own, spliced both ways without another look, so
+upgraded WebSockets flow through untouched.
 """
 
 from __future__ import annotations
@@ -166,8 +167,15 @@ async def pipe_to_daemon(
                 raise HeadError(
                     403, "forbidden", f"{method} {path} is not reachable from other daemons."
                 )
-        framer = framer_for(head) if mesh_from is None else None
-        head = rewrite_head(head, mesh_from=mesh_from, keep_alive=framer is not None)
+        # Mesh requests are framed too (with `Connection: close`, so their connection is not
+        # kept): the exchange ends the stream when the response is complete, and a sender's
+        # half-close after its request is never passed on to the daemon. Spliced raw, that
+        # half-close reached the daemon, and an HTTP server reads end of file from its client
+        # as an abort: the response was cut after its head.
+        framer = framer_for(head)
+        head = rewrite_head(
+            head, mesh_from=mesh_from, keep_alive=framer is not None and mesh_from is None
+        )
     except HeadError as exc:
         await answer(stream, exc.status, exc.error, exc.detail)
         await trio.aclose_forcefully(stream)

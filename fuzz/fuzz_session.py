@@ -142,7 +142,8 @@ def transcript(rng: random.Random) -> tuple[Role, bytes]:
             owner, stream_id = rng.choice(streams)
             owner.reset_stream(stream_id, rng.choice(list(ErrorCode)))
         elif action < 0.9:
-            side.ping(rng.randbytes(8))
+            if side.can_ping():
+                side.ping(rng.randbytes(8))
         else:
             side.go_away(ErrorCode.NO_ERROR, "fuzz")
         pump()

@@ -2,9 +2,12 @@
 
 One reader task feeds transport messages to the protocol and dispatches events to streams; it
 never blocks on the application (stream buffers are bounded by the flow-control windows), so
-pings are answered however slow a stream's reader is. One writer task moves the protocol's
-output to the transport. A keepalive task pings and declares the link dead when no pong comes
-back in time. All three live in the nursery of :meth:`MuxSession.run`.
+pings are answered however slow a stream's reader is. It only waits for the writer: while the
+control frames the protocol has queued in answer to the peer pass ``control_high_water``, it
+reads nothing more, so a peer that does not read cannot make it buffer without bound. One
+writer task moves the protocol's output to the transport. A keepalive task pings and declares
+the link dead when no pong comes back in time. All three live in the nursery of
+:meth:`MuxSession.run`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class MuxConfig:
     handshake_timeout: float = 10.0
     #: Largest transport message written (the WebSocket peer's maximum must be larger).
     max_message_size: int = 256 * 1024
+    #: Bytes of control frames (pongs, resets, window updates, go-aways: what reading the peer's
+    #: frames makes the protocol queue) above which the reader stops reading until the writer
+    #: has sent them. A peer that never reads its end is then no longer read either, and its
+    #: unanswered keepalive ends the link. DATA is not counted: the windows the peer granted
+    #: bound it, and a reader that waited on it would deadlock two peers both sending bulk.
+    control_high_water: int = 16 * 1024
     #: Seconds allowed for the final flush and close when the session ends.
     close_timeout: float = 2.0
     #: The same when the session is cancelled (the process is stopping): the close frame goes
@@ -96,6 +105,8 @@ class MuxSession:
         self._accept_event = trio.Event()
         #: The chunk the writer took from the protocol and has not finished sending.
         self._unsent = b""
+        # Set by the writer after each send while the reader waits for it (see _reader).
+        self._sent_waiter: trio.Event | None = None
         self._handshake_done = trio.Event()
         self._ended = trio.Event()
         self._writer_event = trio.Event()
@@ -200,7 +211,10 @@ class MuxSession:
     async def ping(self) -> float:
         """Ping the peer and return the round-trip time in seconds (bounded by the keepalive
         timeout: raises :class:`trio.TooSlowError` past it, :class:`SessionClosed` if the
-        session ends first)."""
+        session ends first, :class:`trio.BusyResourceError` while the protocol's limit of
+        unanswered pings is reached)."""
+        if not self._ended.is_set() and not self.protocol.can_ping():
+            raise trio.BusyResourceError("too many pings are waiting for an answer")
         self._ping_counter += 1
         payload = self._ping_counter.to_bytes(8, "big")
         answered = self._pongs[payload] = trio.Event()
@@ -236,12 +250,27 @@ class MuxSession:
                     else:
                         self._dispatch(event)
                 self._wake_writer()
+                if protocol.queued_control_bytes > self.config.control_high_water:
+                    await self._wait_for_writer()
         except TransportClosed as exc:
             self.transport_closed = exc
             self._end(f"link closed: {exc}", exc.code or 1006)
         except RemoteProtocolError as exc:
             self._wake_writer()  # the GOAWAY with the error code goes out first
             self._end(f"protocol error from the peer: {exc.message}", CloseCode.PROTOCOL_ERROR)
+
+    async def _wait_for_writer(self) -> None:
+        """Wait until the protocol's queued control bytes are back under the high-water mark
+        (the writer has sent them) or the session ends. Only this link's reader waits; the
+        keepalive runs on, and ends the link if the peer does not answer meanwhile."""
+        protocol = self.protocol
+        high_water = self.config.control_high_water
+        try:
+            while protocol.queued_control_bytes > high_water and not self._ended.is_set():
+                waiter = self._sent_waiter = trio.Event()
+                await self._wait_either(waiter, self._ended)
+        finally:
+            self._sent_waiter = None
 
     async def _writer(self) -> None:
         protocol = self.protocol
@@ -254,6 +283,8 @@ class MuxSession:
                     self._unsent = data
                     await self.transport.send_message(data)
                     self._unsent = b""
+                    if self._sent_waiter is not None:
+                        self._sent_waiter.set()
                 else:
                     event = self._writer_event = trio.Event()
                     await event.wait()
@@ -431,19 +462,24 @@ class MuxSession:
         self._writer_event.set()
 
     async def _shutdown_transport(self, allowed: float) -> None:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + allowed
-            try:
-                if self.transport_closed is None:
-                    # Flush what is queued (a GOAWAY saying why), then close.
-                    data = self._unsent + self.protocol.data_to_send()
-                    self._unsent = b""
-                    if data:
-                        await self.transport.send_message(data)
-            except TransportClosed:
-                pass
+        deadline = trio.current_time() + allowed
+        with trio.CancelScope(shield=True):
             if self.transport_closed is None:
-                await self.transport.aclose(self._close_code, (self.close_reason or "")[:120])
+                with trio.CancelScope(deadline=deadline):
+                    try:
+                        # Flush what is queued (a GOAWAY saying why), then close.
+                        data = self._unsent + self.protocol.data_to_send()
+                        self._unsent = b""
+                        if data:
+                            await self.transport.send_message(data)
+                    except TransportClosed:
+                        pass
+            if self.transport_closed is None:
+                # Closed even when the flush used up the time (a peer that does not read): the
+                # close gets a short grace of its own, or the link would outlive the session.
+                grace = trio.current_time() + self.config.cancelled_close_timeout
+                with trio.CancelScope(deadline=max(deadline, grace)):
+                    await self.transport.aclose(self._close_code, (self.close_reason or "")[:120])
 
     @staticmethod
     async def _wait_either(first: trio.Event, second: trio.Event) -> None:

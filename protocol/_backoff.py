@@ -24,11 +24,18 @@ The rules, in the order :meth:`Backoff.disconnected` applies them:
      connecting at once. Coming back within milliseconds would only add to its load, so the
      bound is at least ``restart_spread`` and the delay is drawn from its upper half (*equal
      jitter*: ``[bound / 2, bound)``); the failure count grows by one.
-   - ``INVALID_KEY``: the key is wrong or revoked, and retrying soon will not fix it. The delay is
-     the cap with jitter, in ``[cap / 2, cap)``; the failure count grows by one.
-   - ``REPLACED``, ``INCOMPATIBLE_VERSION``: stop (``retry=False``, ``delay=0.0``). Fighting a
-     newer link for the same daemon id, or redialling a relay that cannot speak our version,
-     only makes load. The failure count is left as it was.
+   - ``INVALID_KEY``, ``KEY_REVOKED``, ``TOO_MANY_LINKS``: the key is wrong or revoked, or its
+     scope holds its quota of links, and retrying soon will not fix it. The delay is the cap
+     with jitter, in ``[cap / 2, cap)``; the failure count grows by one.
+   - ``REPLACED``: another link with the same daemon id (and a key of the same scope) took
+     over. Fighting it would make two daemons displace each other in a tight loop, but giving
+     up for good would leave this daemon unreachable after a stolen key displaced it, or after
+     the other process went away. So retry, slowly: the delay is drawn from
+     ``[replaced_delay, 1.5 * replaced_delay)`` (above the cap on purpose), and two connectors
+     sharing an id trade the link at most once per ``replaced_delay``. The failure count is
+     left as it was.
+   - ``INCOMPATIBLE_VERSION``: stop (``retry=False``, ``delay=0.0``): redialling a relay that
+     cannot speak our version only makes load. The failure count is left as it was.
    - ``SHUTTING_DOWN``: the relay asked us to come back, so come back promptly but spread out:
      ``delay = rand * restart_spread`` and the failure count does not grow. This prompt reconnect
      is granted once per stable link: a second ``SHUTTING_DOWN`` before a link has again stayed
@@ -69,6 +76,10 @@ class DisconnectReason(enum.Enum):
     CLOSED = "closed"
     #: Close 4401: the key is wrong or revoked.
     INVALID_KEY = "invalid key"
+    #: Close 4403: the key was revoked or rotated while the link was up.
+    KEY_REVOKED = "key revoked"
+    #: Close 4429: the key's scope holds its quota of links on the relay.
+    TOO_MANY_LINKS = "too many links"
     #: Close 4409: a newer link with the same daemon id took over.
     REPLACED = "replaced"
     #: Close 4426: the relay does not speak this connector's protocol version.
@@ -95,6 +106,8 @@ _CLOSE_CODE_REASONS: dict[int, DisconnectReason] = {
     CloseCode.NORMAL: DisconnectReason.CLOSED,
     CloseCode.PROTOCOL_ERROR: DisconnectReason.CLOSED,
     CloseCode.INVALID_KEY: DisconnectReason.INVALID_KEY,
+    CloseCode.KEY_REVOKED: DisconnectReason.KEY_REVOKED,
+    CloseCode.TOO_MANY_LINKS: DisconnectReason.TOO_MANY_LINKS,
     CloseCode.REPLACED: DisconnectReason.REPLACED,
     CloseCode.INCOMPATIBLE_VERSION: DisconnectReason.INCOMPATIBLE_VERSION,
     CloseCode.SHUTTING_DOWN: DisconnectReason.SHUTTING_DOWN,
@@ -116,6 +129,8 @@ class Policy(enum.Enum):
     SLOW = "slow"
     #: Do not retry.
     STOP = "stop"
+    #: Retry after ``[replaced_delay, 1.5 * replaced_delay)``, failure count unchanged.
+    REPLACED = "replaced"
     #: Prompt spread reconnect once per stable link, otherwise GROW.
     PROMPT = "prompt"
 
@@ -125,7 +140,9 @@ POLICIES: dict[DisconnectReason, Policy] = {
     DisconnectReason.NETWORK: Policy.GROW,
     DisconnectReason.CLOSED: Policy.GROW,
     DisconnectReason.INVALID_KEY: Policy.SLOW,
-    DisconnectReason.REPLACED: Policy.STOP,
+    DisconnectReason.KEY_REVOKED: Policy.SLOW,
+    DisconnectReason.TOO_MANY_LINKS: Policy.SLOW,
+    DisconnectReason.REPLACED: Policy.REPLACED,
     DisconnectReason.INCOMPATIBLE_VERSION: Policy.STOP,
     DisconnectReason.SHUTTING_DOWN: Policy.PROMPT,
     DisconnectReason.RELAY_BUSY: Policy.BUSY,
@@ -168,6 +185,10 @@ class BackoffConfig:
     restart_window: float = attrs.field(default=60.0, validator=_positive)
     #: Largest delay bound inside a restart window.
     restart_cap: float = attrs.field(default=15.0, validator=_positive)
+    #: After another link with the same daemon id replaced ours (close 4409), wait at least
+    #: this long (at most 1.5 times it) before dialling again. Deliberately longer than the
+    #: cap: two daemons sharing an id trade the link at most once per this delay.
+    replaced_delay: float = attrs.field(default=300.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.base > self.cap:
@@ -288,14 +309,20 @@ class Backoff:
             self._connected_at = None
 
         if policy is Policy.STOP:
-            return Decision(retry=False, delay=0.0, reason=reason, message=_stop_message(reason))
+            return Decision(retry=False, delay=0.0, reason=reason, message=_stop_message())
+        if policy is Policy.REPLACED:
+            delay = config.replaced_delay + rand * config.replaced_delay / 2
+            message = (
+                "replaced by another connection using this key (same daemon id); "
+                f"retrying in {delay:.0f} s (stop the other daemon, or give one of them "
+                "another daemon id)"
+            )
+            return Decision(retry=True, delay=delay, reason=reason, message=message)
         if policy is Policy.SLOW:
             self._failures += 1
             delay = config.cap / 2 + rand * config.cap / 2
             message = (
-                "invalid API key: the relay refused it; get a new one with "
-                "`repowire setup --relay --rotate-key` or check relay.api_key in the config file; "
-                f"retrying every {config.cap / 2:g} to {config.cap:g} s"
+                f"{_SLOW_LEADS[reason]}; retrying every {config.cap / 2:g} to {config.cap:g} s"
             )
             return Decision(retry=True, delay=delay, reason=reason, message=message)
         if policy is Policy.PROMPT and self._prompt_available:
@@ -349,12 +376,24 @@ def _failures_text(failures: int) -> str:
     return "1 failure" if failures == 1 else f"{failures} consecutive failures"
 
 
-def _stop_message(reason: DisconnectReason) -> str:
-    if reason is DisconnectReason.REPLACED:
-        return (
-            "replaced: another process with the same daemon id connected to the relay; "
-            "not reconnecting (stop the other daemon, or restart this one to take the link back)"
-        )
+#: The first part of the status line of each reason under ``Policy.SLOW``.
+_SLOW_LEADS: dict[DisconnectReason, str] = {
+    DisconnectReason.INVALID_KEY: (
+        "invalid API key: the relay refused it; get a new one with "
+        "`repowire setup --relay --rotate-key` or check relay.api_key in the config file"
+    ),
+    DisconnectReason.KEY_REVOKED: (
+        "key revoked: the relay ended the link because its API key was revoked or rotated; "
+        "get a new one with `repowire setup --relay --rotate-key`"
+    ),
+    DisconnectReason.TOO_MANY_LINKS: (
+        "too many links: this key's scope holds the relay's quota of daemon links; "
+        "stop another daemon using this key"
+    ),
+}
+
+
+def _stop_message() -> str:
     return (
         f"incompatible version: the relay does not accept protocol version {PROTOCOL_VERSION}; "
         "upgrade repowire and restart the daemon; not reconnecting"

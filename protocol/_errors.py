@@ -23,6 +23,8 @@ class ErrorCode(enum.IntEnum):
     CANCEL = 0x7
     VERSION_MISMATCH = 0x8
     PING_TIMEOUT = 0x9
+    #: The peer makes this side queue more answers than it reads (pings, refused opens, ...).
+    ENHANCE_YOUR_CALM = 0xA
     # Application codes (0x100 and up): used by the relay and the connector on stream resets.
     UNKNOWN_TARGET = 0x100
     TARGET_OFFLINE = 0x101

@@ -26,6 +26,9 @@ MAX_WINDOW = 2**31 - 1
 MAX_HELLO_SIZE = 256
 #: The largest GOAWAY reason, in bytes of UTF-8.
 MAX_GOAWAY_REASON = 1024
+#: PINGs a side may have sent and not seen answered: a receiver may end the session when more
+#: arrive than it has answered and written (SPEC.md, "Queued answers").
+MAX_UNANSWERED_PINGS = 4
 
 
 class FrameType(enum.IntEnum):

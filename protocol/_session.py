@@ -10,6 +10,8 @@ consumed what it received.
 from __future__ import annotations
 
 import enum
+import struct
+from collections import deque
 from collections.abc import Mapping
 
 from ._errors import (
@@ -40,6 +42,7 @@ from ._frames import (
     MAX_GOAWAY_REASON,
     MAX_HELLO_SIZE,
     MAX_STREAM_ID,
+    MAX_UNANSWERED_PINGS,
     MAX_WINDOW,
     PING_PAYLOAD_SIZE,
     SESSION_FRAMES,
@@ -100,6 +103,9 @@ class StreamInput(enum.Enum):
 
 _DATA = int(FrameType.DATA)
 _WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_WINDOW_UPDATE_SIZE = HEADER_SIZE + 4
+#: A whole WINDOW_UPDATE frame, header and increment, in one pack.
+_WINDOW_UPDATE_PACK = struct.Struct(HEADER.format + "I").pack
 _HEADER_PACK = HEADER.pack
 _FIN = int(Flag.FIN)
 _S = StreamState
@@ -152,6 +158,22 @@ class Session:
         self._buffer = bytearray()
         self._outbound: list[bytes] = []
         self._outbound_size = 0  # bytes in _outbound, so a bounded read is cheap when all fit
+        # What the peer has made us queue, so a peer that does not read cannot grow it without
+        # bound (SPEC.md, "Queued answers"). Positions are offsets into the queue.
+        # Bytes and elements taken off the front of _outbound. Kept up to date only while
+        # control frames are queued (a drain that empties the queue forgets them all), which
+        # is all the positions recorded below need.
+        self._taken = 0
+        self._taken_chunks = 0
+        self._front_cut = False  # _outbound[0] may be the rest of a chunk handed out in part
+        # (end position, size, is a pong) of each queued control frame, in queue order.
+        self._control: deque[tuple[int, int, bool]] = deque()
+        self._control_bytes = 0
+        self._pending_pongs = 0
+        self._unanswered_pings = 0  # our PINGs not answered yet
+        # stream id -> (absolute index in _outbound, increment) of a queued WINDOW_UPDATE, so a
+        # second grant for the stream adds to it instead of queueing another frame.
+        self._queued_grants: dict[int, tuple[int, int]] = {}
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.CONNECTOR else 2
         self._highest_local_id = 0
@@ -200,6 +222,23 @@ class Session:
         """Streams not yet closed, both directions counted."""
         return self._local_open + self._remote_open
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued for the peer and not yet taken by :meth:`data_to_send`."""
+        return self._outbound_size
+
+    @property
+    def queued_control_bytes(self) -> int:
+        """Bytes of control frames (PONG, RESET, WINDOW_UPDATE, GOAWAY) among
+        :attr:`queued_bytes`: what reading the peer's frames makes this side queue. DATA is
+        left out: it is bounded by the windows the peer grants, not by what the peer sends."""
+        return self._control_bytes
+
+    @property
+    def queued_control_frames(self) -> int:
+        """How many control frames are queued (see :attr:`queued_control_bytes`)."""
+        return len(self._control)
+
     def stream_state(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
         return stream.state if stream is not None else StreamState.CLOSED
@@ -233,6 +272,14 @@ class Session:
             data = b"".join(out)
             out.clear()
             self._outbound_size = 0
+            # The positions (_taken, _taken_chunks) only need to move while control frames
+            # are queued: everything queued is gone now, so are they, and this path stays as
+            # cheap as before.
+            if self._control:
+                self._control.clear()
+                self._control_bytes = 0
+                self._pending_pongs = 0
+                self._queued_grants.clear()
             return data
         # Walk the queue and cut it once: popping chunks off the front one by one would make
         # draining a long queue of small frames quadratic.
@@ -240,6 +287,7 @@ class Session:
         size = 0
         index = 0
         count = len(out)
+        cut = False
         while index < count and size < amount:
             chunk = out[index]
             room = amount - size
@@ -251,8 +299,16 @@ class Session:
                 taken.append(chunk[:room])
                 out[index] = chunk[room:]
                 size = amount
+                cut = True
+        if cut or index:
+            # Otherwise nothing was taken (amount 0) and the front is as it was.
+            self._front_cut = cut
         del out[:index]
+        self._taken_chunks += index
         self._outbound_size -= size
+        self._taken += size
+        if self._control:
+            self._forget_taken_control()
         return b"".join(taken)
 
     def open_stream(self, metadata: Mapping[str, str] | None = None) -> int:
@@ -352,7 +408,7 @@ class Session:
         if stream is None or stream.state is _S.CLOSED:
             return
         self._transition(stream, StreamInput.SEND_RESET)
-        self._queue(pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(int(code)))
+        self._queue_control(pack_header(FrameType.RESET, 0, stream_id, 4) + U32.pack(int(code)))
         # Whatever the application has not consumed is discarded with the stream.
         self._after_close(stream, reset=True)
 
@@ -390,11 +446,30 @@ class Session:
             del self._streams[stream_id]
         self._credit_session(amount)
 
+    @property
+    def unanswered_pings(self) -> int:
+        """Our PINGs whose answer has not arrived yet."""
+        return self._unanswered_pings
+
+    def can_ping(self) -> bool:
+        """Whether :meth:`ping` would queue a PING now (fewer than ``MAX_UNANSWERED_PINGS``
+        unanswered, the error state not reached)."""
+        return self._error is None and self._unanswered_pings < MAX_UNANSWERED_PINGS
+
     def ping(self, payload: bytes) -> None:
-        """Queue a PING. ``payload`` (8 bytes) comes back in a :class:`PongReceived`."""
+        """Queue a PING. ``payload`` (8 bytes) comes back in a :class:`PongReceived`.
+
+        Raises :class:`LocalProtocolError` (state unchanged) while ``MAX_UNANSWERED_PINGS``
+        pings are unanswered: the peer may end the session past that (``ENHANCE_YOUR_CALM``).
+        """
         self._check_usable()
         if len(payload) != PING_PAYLOAD_SIZE:
             raise ValueError(f"a ping payload is exactly {PING_PAYLOAD_SIZE} bytes")
+        if self._unanswered_pings >= MAX_UNANSWERED_PINGS:
+            raise LocalProtocolError(
+                f"{MAX_UNANSWERED_PINGS} pings are unanswered; wait for an answer first"
+            )
+        self._unanswered_pings += 1
         self._queue(pack_header(FrameType.PING, 0, 0, PING_PAYLOAD_SIZE), bytes(payload))
 
     def go_away(self, code: int = ErrorCode.NO_ERROR, reason: str = "") -> None:
@@ -461,6 +536,38 @@ class Session:
             self._outbound.append(payload)
         self._outbound_size += len(header) + len(payload)
 
+    def _queue_control(self, frame: bytes, *, pong: bool = False) -> None:
+        """Queue a whole control frame and count it against the control-frame bounds."""
+        self._outbound.append(frame)
+        size = len(frame)
+        self._outbound_size += size
+        self._control.append((self._taken + self._outbound_size, size, pong))
+        self._control_bytes += size
+        if pong:
+            self._pending_pongs += 1
+
+    def _forget_taken_control(self) -> None:
+        """Drop the control frames :meth:`data_to_send` has handed out in full."""
+        control = self._control
+        taken = self._taken
+        while control and control[0][0] <= taken:
+            _, size, pong = control.popleft()
+            self._control_bytes -= size
+            if pong:
+                self._pending_pongs -= 1
+        if not control:
+            # Every queued WINDOW_UPDATE is a control frame: none is left to add to.
+            self._queued_grants.clear()
+
+    def _check_control_backlog(self) -> None:
+        """After a peer frame: fail if it left more control frames queued than allowed."""
+        if len(self._control) > self.config.max_queued_control_frames:
+            raise RemoteProtocolError(
+                f"more than {self.config.max_queued_control_frames} control frames queued "
+                "for a peer that does not read them",
+                ErrorCode.ENHANCE_YOUR_CALM,
+            )
+
     def _check_usable(self) -> None:
         if self._error is not None:
             raise LocalProtocolError(
@@ -492,9 +599,28 @@ class Session:
                 self._credit_session(unacked)
 
     def _grant(self, stream_id: int, increment: int) -> None:
-        self._outbound.append(_HEADER_PACK(_WINDOW_UPDATE, 0, 0, stream_id, 4))
-        self._outbound.append(U32.pack(increment))
-        self._outbound_size += HEADER_SIZE + 4
+        grants = self._queued_grants
+        if grants:
+            queued = grants.get(stream_id)
+            if queued is not None:
+                index = queued[0] - self._taken_chunks
+                # Still queued and whole (not the rest of a frame handed out in part): add the
+                # credit to it. The peer gets the sum no later, never more than was granted.
+                if index > 0 or (index == 0 and not self._front_cut):
+                    total = queued[1] + increment
+                    self._outbound[index] = _WINDOW_UPDATE_PACK(
+                        _WINDOW_UPDATE, 0, 0, stream_id, 4, total
+                    )
+                    grants[stream_id] = (queued[0], total)
+                    return
+        # _queue_control, inlined: this runs once per half window on every busy stream.
+        out = self._outbound
+        grants[stream_id] = (self._taken_chunks + len(out), increment)
+        out.append(_WINDOW_UPDATE_PACK(_WINDOW_UPDATE, 0, 0, stream_id, 4, increment))
+        size = self._outbound_size + _WINDOW_UPDATE_SIZE
+        self._outbound_size = size
+        self._control.append((self._taken + size, _WINDOW_UPDATE_SIZE, False))
+        self._control_bytes += _WINDOW_UPDATE_SIZE
 
     def _credit_session(self, amount: int) -> None:
         self._session_unacked -= amount
@@ -508,7 +634,7 @@ class Session:
         self.goaway_sent = True
         self._local_last_stream_id = min(self._local_last_stream_id, self._highest_remote_id)
         payload = encode_goaway(self._local_last_stream_id, int(code), reason)
-        self._queue(pack_header(FrameType.GOAWAY, 0, 0, len(payload)), payload)
+        self._queue_control(pack_header(FrameType.GOAWAY, 0, 0, len(payload)) + payload)
 
     def _fail(self, exc: ProtocolError) -> None:
         if self.state is not SessionState.ERROR:
@@ -562,6 +688,8 @@ class Session:
             start = offset + HEADER_SIZE
             offset = start + length
             self._on_frame(frame_type, flags, stream_id, bytes(buf[start:offset]), events)
+            if len(self._control) > config.max_queued_control_frames:
+                self._check_control_backlog()
         return offset
 
     def _check_header(
@@ -630,12 +758,14 @@ class Session:
             # still count against the session budget; give them straight back.
             self._session_unacked += size
             self._credit_session(size)
+            self._check_control_backlog()
             return
         if stream.state is _S.HALF_CLOSED_REMOTE:
             # The peer sent FIN and then more data: a stream-level error.
             self._session_unacked += size
             self._credit_session(size)
             self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED)
+            self._check_control_backlog()
             events.append(
                 StreamReset(stream_id=stream_id, code=ErrorCode.STREAM_CLOSED, remote=False)
             )
@@ -661,9 +791,19 @@ class Session:
             self._on_reset(stream_id, U32.unpack(payload)[0], events)
         elif frame_type == FrameType.PING:
             if flags & Flag.ACK:
+                if self._unanswered_pings:
+                    self._unanswered_pings -= 1
                 events.append(PongReceived(payload=payload))
             else:
-                self._queue(pack_header(FrameType.PING, Flag.ACK, 0, len(payload)), payload)
+                if self._pending_pongs >= self.config.max_pending_pongs:
+                    raise RemoteProtocolError(
+                        f"a PING with {self._pending_pongs} pongs still queued for a peer "
+                        "that does not read them",
+                        ErrorCode.ENHANCE_YOUR_CALM,
+                    )
+                self._queue_control(
+                    pack_header(FrameType.PING, Flag.ACK, 0, len(payload)) + payload, pong=True
+                )
                 events.append(PingReceived(payload=payload))
         elif frame_type == FrameType.GOAWAY:
             self._on_goaway(payload, events)
@@ -714,8 +854,8 @@ class Session:
         )
         if refused:
             # Refused without an event: the application never sees it.
-            self._queue(
-                pack_header(FrameType.RESET, 0, stream_id, 4), U32.pack(ErrorCode.REFUSED_STREAM)
+            self._queue_control(
+                pack_header(FrameType.RESET, 0, stream_id, 4) + U32.pack(ErrorCode.REFUSED_STREAM)
             )
             return
         self._streams[stream_id] = _Stream(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from ._frames import MAX_WINDOW, SettingId
+from ._frames import MAX_UNANSWERED_PINGS, MAX_WINDOW, SettingId
 
 #: The wire-format version spoken by this package (exchanged in HELLO, checked at connect time).
 PROTOCOL_VERSION = 1
@@ -30,6 +30,12 @@ def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int)
         raise ValueError(f"{attribute.name} must be between 0 and 2**32 - 1, not {value}")
 
 
+def _pending_pongs(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    # Below the senders' own bound, an honest peer would be taken for a flooder.
+    if not MAX_UNANSWERED_PINGS <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{attribute.name} must be at least {MAX_UNANSWERED_PINGS}, not {value}")
+
+
 MIN_FRAME_SIZE = 1 * KIB
 MAX_FRAME_SIZE_LIMIT = 16 * MIB
 
@@ -39,6 +45,15 @@ DEFAULT_SESSION_WINDOW_SIZE = 64 * MIB
 DEFAULT_MAX_FRAME_SIZE = 64 * KIB
 DEFAULT_MAX_CONCURRENT_STREAMS = 256
 DEFAULT_MAX_METADATA_SIZE = 4 * KIB
+
+# Local-only bounds on what the peer can make this side queue for it (never announced).
+#: Pongs queued and not yet handed to the transport. A sender has at most MAX_UNANSWERED_PINGS
+#: pings unanswered (a keepalive has one), so an honest peer never makes more pongs wait.
+DEFAULT_MAX_PENDING_PONGS = MAX_UNANSWERED_PINGS
+#: Control frames (PONG, RESET, WINDOW_UPDATE, GOAWAY) queued and not yet handed to the
+#: transport. Well above what honest traffic queues: one RESET and one (coalesced)
+#: WINDOW_UPDATE per open stream, 2 x 256 streams with the defaults.
+DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 4096
 
 
 @attrs.frozen(kw_only=True)
@@ -65,6 +80,21 @@ class SessionConfig:
     #: Local only: peer-opened streams not yet accepted by the application. Past this bound new
     #: streams are refused with REFUSED_STREAM instead of queueing without limit.
     max_accept_backlog: int = attrs.field(default=128, validator=_non_negative)
+    #: Local only: pongs queued for the peer and not yet taken by :meth:`Session.data_to_send`.
+    #: A PING that would queue one more is a session error (``ENHANCE_YOUR_CALM``): a peer
+    #: that pings without reading the answers cannot make this side buffer them. At least
+    #: ``MAX_UNANSWERED_PINGS`` (4), what an honest peer may have in flight.
+    max_pending_pongs: int = attrs.field(
+        default=DEFAULT_MAX_PENDING_PONGS, validator=_pending_pongs
+    )
+    #: Local only: control frames (PONG, RESET, WINDOW_UPDATE, GOAWAY) queued and not yet taken
+    #: by :meth:`Session.data_to_send`. A frame from the peer that leaves more queued is a
+    #: session error (``ENHANCE_YOUR_CALM``), whichever frame it is: the peer is making this
+    #: side answer faster than it reads. WINDOW_UPDATEs for one stream are coalesced while
+    #: queued, so flow control alone never adds up to this.
+    max_queued_control_frames: int = attrs.field(
+        default=DEFAULT_MAX_QUEUED_CONTROL_FRAMES, validator=_non_negative
+    )
 
     def announced(self) -> dict[int, int]:
         return {

@@ -269,7 +269,6 @@ def test_invalid_key_delays_spread_over_the_upper_half() -> None:
 @pytest.mark.parametrize(
     ("reason", "words"),
     [
-        (R.REPLACED, ["replaced", "same daemon id", "not reconnecting"]),
         (R.INCOMPATIBLE_VERSION, ["incompatible version", "upgrade", "not reconnecting"]),
     ],
 )
@@ -282,6 +281,44 @@ def test_stop_reasons_do_not_retry(reason: DisconnectReason, words: list[str]) -
     assert backoff.failures == 3
     for word in words:
         assert word in decision.message
+
+
+@pytest.mark.parametrize("rand", [0.0, 0.5, NEAR_ONE])
+def test_a_replaced_link_is_retried_after_the_long_replaced_delay(rand: float) -> None:
+    backoff = Backoff()
+    fail_times(backoff, 3)
+    backoff.connected(1.0)
+    decision = backoff.disconnected(2.0, R.REPLACED, rand)
+    config = backoff.config
+    assert decision.retry
+    assert config.replaced_delay == 300.0
+    # Never sooner than the documented delay, whatever the draw: two connectors sharing a
+    # daemon id trade the link at most once per replaced_delay.
+    assert config.replaced_delay <= decision.delay < 1.5 * config.replaced_delay
+    assert decision.delay == pytest.approx(config.replaced_delay * (1 + rand / 2))
+    assert backoff.failures == 3
+    assert "replaced by another connection using this key" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("reason", "words"),
+    [
+        (R.KEY_REVOKED, ["key revoked", "repowire setup --relay --rotate-key"]),
+        (R.TOO_MANY_LINKS, ["too many links", "quota"]),
+    ],
+)
+def test_revoked_keys_and_link_quotas_slow_down_to_the_cap(
+    reason: DisconnectReason, words: list[str]
+) -> None:
+    backoff = Backoff()
+    low = backoff.disconnected(0.0, reason, 0.0)
+    high = backoff.disconnected(0.0, reason, NEAR_ONE)
+    assert low.retry and high.retry
+    assert low.delay == CAP / 2
+    assert CAP / 2 <= high.delay < CAP
+    assert backoff.failures == 2
+    for word in words:
+        assert word in low.message
 
 
 @pytest.mark.parametrize("reason", list(R))
@@ -580,6 +617,10 @@ def test_unknown_reason_is_refused() -> None:
         (CloseCode.PROTOCOL_ERROR, R.CLOSED),
         (CloseCode.INVALID_KEY, R.INVALID_KEY),
         (CloseCode.REPLACED, R.REPLACED),
+        (CloseCode.KEY_REVOKED, R.KEY_REVOKED),
+        (CloseCode.TOO_MANY_LINKS, R.TOO_MANY_LINKS),
+        (4403, R.KEY_REVOKED),
+        (4429, R.TOO_MANY_LINKS),
         (CloseCode.INCOMPATIBLE_VERSION, R.INCOMPATIBLE_VERSION),
         (CloseCode.SHUTTING_DOWN, R.SHUTTING_DOWN),
         (4401, R.INVALID_KEY),
@@ -611,6 +652,7 @@ def configs(draw: st.DrawFn) -> BackoffConfig:
         restart_spread=restart_spread,
         restart_window=draw(st.floats(0.01, 200.0)),
         restart_cap=draw(st.floats(restart_spread, 2_000.0)),
+        replaced_delay=draw(st.floats(0.001, 1_000.0)),
     )
 
 
@@ -663,12 +705,16 @@ def test_random_call_sequences_follow_the_rules(
         decision = backoff.disconnected(now, reason, rand)
 
         assert decision.reason is reason
-        assert 0.0 <= decision.delay <= config.cap
+        assert decision.delay >= 0.0
+        assert decision.delay <= config.cap or reason is R.REPLACED
         assert "\n" not in decision.message
         policy = POLICIES[reason]
         if policy is Policy.STOP:
             assert not decision.retry
             assert decision.delay == 0.0
+        elif policy is Policy.REPLACED:
+            assert decision.retry
+            assert config.replaced_delay <= decision.delay <= 1.5 * config.replaced_delay
         elif policy is Policy.SLOW:
             assert decision.retry
             assert config.cap / 2 <= decision.delay <= config.cap

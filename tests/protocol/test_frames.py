@@ -143,7 +143,9 @@ def test_wire_constants_match_the_spec() -> None:
         "TRY_AGAIN_LATER": 1013,
         "PROTOCOL_ERROR": 4400,
         "INVALID_KEY": 4401,
+        "KEY_REVOKED": 4403,
         "REPLACED": 4409,
+        "TOO_MANY_LINKS": 4429,
         "INCOMPATIBLE_VERSION": 4426,
         "SHUTTING_DOWN": 4503,
     }

@@ -166,9 +166,12 @@ class Scenario:
             side.unacked[stream_id] -= amount
         elif op.kind == "ping":
             payload = struct.pack(">Q", self.next_ping)
-            self.next_ping += 1
-            session.ping(payload)
-            side.pings_sent.append(payload)
+            if session.can_ping():
+                self.next_ping += 1
+                session.ping(payload)
+                side.pings_sent.append(payload)
+            else:
+                self._refused(lambda: session.ping(payload), LocalProtocolError)
         elif op.kind == "goaway" and op.flag and op.pick == 0:
             # Rarer than the other steps: it ends the opening of streams for good.
             session.go_away(ErrorCode.NO_ERROR, "draining")
