@@ -574,6 +574,7 @@ class Bench:
             [
                 *("repowire", "relay", "start", "--host", HOST, "--port", str(port)),
                 *("--data-dir", str(data_dir)),
+                *("--metrics-listen", "off"),
             ],
         )
 

@@ -86,9 +86,12 @@ class Connector:
 
     ``await nursery.start(connector.run)`` returns at once (state ``connecting``); the
     connector then dials, serves the link, and reconnects with the protocol's backoff machine
-    until cancelled, or until the relay says another connection replaced it or the versions are
-    incompatible (then it stays ``down`` and says why). :meth:`status` is a snapshot at any
-    moment. Mesh calls fail with :class:`MeshError`, never silently.
+    until cancelled, or until the relay says the versions are incompatible (then it stays
+    ``down`` and says why). A link the relay ends because another connection with the same
+    daemon id replaced it (4409), because the key was revoked (4403) or because the key's scope
+    holds its quota of links (4429) is retried after a long delay (see
+    ``protocol.DisconnectReason``), and the status says why meanwhile. :meth:`status` is a
+    snapshot at any moment. Mesh calls fail with :class:`MeshError`, never silently.
     """
 
     def __init__(

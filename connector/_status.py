@@ -29,7 +29,7 @@ class ConnectorStatus:
     rtt_ms: float | None = None
     attempts: int = 0
     next_retry_at: float | None = None
-    #: False once the connector gave up (replaced, incompatible version): no retry will come.
+    #: False once the connector gave up (incompatible version): no retry will come.
     retrying: bool = True
 
     def to_json(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._context import Relay as Relay
     from ._links import DaemonLink as DaemonLink
     from ._links import LinkRegistry as LinkRegistry
+    from ._server import ListenError as ListenError
     from ._server import RunningRelay as RunningRelay
     from ._server import serve_relay as serve_relay
     from ._server import serve_relay_main as serve_relay_main
@@ -43,6 +44,7 @@ _LAZY = {
     "Relay": "._context",
     "DaemonLink": "._links",
     "LinkRegistry": "._links",
+    "ListenError": "._server",
     "RunningRelay": "._server",
     "serve_relay": "._server",
     "serve_relay_main": "._server",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Iterable
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
-from protocol import DEFAULT_INITIAL_WINDOW_SIZE
+import trio
 
+from protocol import DEFAULT_INITIAL_WINDOW_SIZE, CloseCode
+
+from ._keys import hash_secret
 from ._links import HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
 from ._metrics import RelayMetrics
@@ -17,6 +21,8 @@ from ._quota import ScopeCounter
 from ._ratelimit import RateLimiter
 from ._settings import RelaySettings
 from ._store import KeyStore, SessionRecord
+
+log = logging.getLogger("repowire.relay")
 
 #: Name of the browser session cookie. Its value is a random session id, never a key.
 SESSION_COOKIE = "repowire_session"
@@ -78,6 +84,38 @@ class Relay:
     def is_shutting_down(self) -> bool:
         """Whether a graceful shutdown has begun (new daemon links are turned away)."""
         return self.shutting_down
+
+    # ------------------------------------------------------------------ ending access
+
+    async def end_key_access(self, key_id: str, why: str) -> None:
+        """A key was revoked or rotated (``why`` says which, for the close reason and the
+        log): forget its cached sessions, cancel its browser requests in flight (tunneled
+        requests, SSE streams, WebSockets) and close its daemon links with
+        :data:`CloseCode.KEY_REVOKED`. Returns once the links are closed; never raises for a
+        link that is gone already."""
+        self.store.forget_sessions_of(key_id)
+        requests = self.live_access.end_key(key_id, why)
+        links = self.links.for_key(key_id)
+        if requests or links:
+            self.metrics.access_revoked.labels("request").inc(requests)
+            self.metrics.access_revoked.labels("link").inc(len(links))
+            log.info(
+                "key %s %s: ended %d daemon link(s) and %d browser request(s)",
+                key_id,
+                why,
+                len(links),
+                requests,
+            )
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                nursery.start_soon(link.session.aclose, CloseCode.KEY_REVOKED, f"key {why}")
+
+    def end_session_access(self, session_id: str) -> None:
+        """A browser session ended (sign-out): cancel its requests in flight. ``session_id``
+        is the raw id from the cookie; the live requests are indexed by its digest."""
+        ended = self.live_access.end_session(hash_secret(session_id), "signed_out")
+        if ended:
+            self.metrics.access_revoked.labels("request").inc(ended)
 
     # ------------------------------------------------------------------ who is asking
 

@@ -27,17 +27,25 @@ TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
 BUSY_REASON = "relay busy: too many daemons connecting at once; try again later"
 
 
+#: The close reason sent with :data:`CloseCode.TOO_MANY_LINKS` (the limit is appended).
+TOO_MANY_LINKS_REASON = "this key's scope holds its quota of daemon links"
+
+
 async def handle_daemon_link(
     relay: Relay, scope: dict[str, object], receive: Receive, send: Send
 ) -> None:
     """Serve one daemon link from the WebSocket handshake to its end.
 
-    The WebSocket is accepted first so that every refusal carries a close code the connector
-    can act on (see ``protocol.CloseCode``): 4503 while shutting down, 4426, 4401 and 4400 for
-    a bad handshake, and :data:`TRY_AGAIN_LATER` (1013) when ``link_handshake_limit`` links
-    are already connecting. The checks that cost next to nothing (version, key, daemon id)
-    come before that limit, so only well-formed links with a valid key hold a slot, and the
-    slot is given back as soon as the protocol HELLOs are exchanged.
+    Everything the handshake's headers decide is checked before the WebSocket is accepted:
+    shutting down (4503), the protocol version (4426), the key (4401), the daemon id (4400),
+    the scope's quota of links (4429, see :func:`_take_link_slot`) and the relay's handshake
+    limit (:data:`TRY_AGAIN_LATER`, 1013). Until the accept hypercorn reads nothing of the
+    WebSocket (data sent early fails the upgrade), so a stranger gets nothing buffered or
+    parsed. A refused link is then accepted and closed at once with its code, so that the
+    connector can act on it (see ``protocol.CloseCode``), and the handler returns, which makes
+    hypercorn close the connection: what the peer sends after the close is not read. The
+    handshake slot is given back as soon as the protocol HELLOs are exchanged; the link slot
+    when the link ends.
     """
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -46,20 +54,14 @@ async def handle_daemon_link(
     assert isinstance(headers, list)
     client = scope.get("client")
     address = relay.client_address(client if isinstance(client, tuple) else None, headers)
-    await send(
-        {
-            "type": "websocket.accept",
-            "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
-        }
-    )
-    transport = AsgiWebSocketTransport(receive, send)
 
     if relay.is_shutting_down():
-        await transport.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
+        await _refuse(send, CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
     version = (header(headers, b"repowire-protocol") or b"").decode("latin-1").strip()
     if version != str(PROTOCOL_VERSION):
-        await transport.aclose(
+        await _refuse(
+            send,
             CloseCode.INCOMPATIBLE_VERSION,
             f"relay speaks protocol {PROTOCOL_VERSION}, daemon sent {version[:16] or 'none'}",
         )
@@ -75,33 +77,57 @@ async def handle_daemon_link(
         log.info("daemon link refused from %s: invalid key", address)
         if not relay.auth_limiter.allow(address, now):
             relay.metrics.rate_limited.labels("link").inc()
-            await transport.aclose(CloseCode.INVALID_KEY, "invalid API key; too many attempts")
+            await _refuse(send, CloseCode.INVALID_KEY, "invalid API key; too many attempts")
             return
-        await transport.aclose(CloseCode.INVALID_KEY, "invalid API key")
+        await _refuse(send, CloseCode.INVALID_KEY, "invalid API key")
         return
     daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
     if not DAEMON_ID.match(daemon_id):
-        await transport.aclose(CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
+        await _refuse(send, CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
         return
     daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
-
+    scope_id = record.scope_id
+    holds_slot = _take_link_slot(relay, scope_id, daemon_id)
+    if holds_slot is None:
+        relay.metrics.links_refused.labels("links_per_scope").inc()
+        await _refuse(
+            send,
+            CloseCode.TOO_MANY_LINKS,
+            f"{TOO_MANY_LINKS_REASON} ({relay.scope_links.limit}); stop another daemon using it",
+        )
+        return
+    handshakes = relay.link_handshakes
+    if not handshakes.try_enter(scope_id):
+        if holds_slot:
+            relay.scope_links.give_back(scope_id)
+        # No log line per refusal: in a herd there are thousands; the metric counts them.
+        relay.metrics.rate_limited.labels("link_handshake").inc()
+        await _refuse(send, TRY_AGAIN_LATER, BUSY_REASON)
+        return
+    # From here every path ends in the finally below, which gives both slots back.
+    try:
+        await send(
+            {
+                "type": "websocket.accept",
+                "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
+            }
+        )
+    except BaseException:
+        handshakes.leave(scope_id)
+        if holds_slot:
+            relay.scope_links.give_back(scope_id)
+        raise
+    transport = AsgiWebSocketTransport(receive, send)
     link = DaemonLink(
         daemon_id=daemon_id,
-        scope_id=record.scope_id,
+        scope_id=scope_id,
         key_id=record.key_id,
         session=_link_session(relay, transport),
         connected_at=now,
         version=daemon_version,
         remote_address=address,
+        holds_link_slot=holds_slot,
     )
-    # Built before a slot is taken: nothing between try_enter() and the try below can raise.
-    handshakes = relay.link_handshakes
-    scope_id = record.scope_id
-    if not handshakes.try_enter(scope_id):
-        # No log line per refusal: in a herd there are thousands; the metric counts them.
-        relay.metrics.rate_limited.labels("link_handshake").inc()
-        await transport.aclose(TRY_AGAIN_LATER, BUSY_REASON)
-        return
     in_handshake = True
     # Requests for this daemon that arrive now wait for the link rather than get a 503: its
     # connector may already report "connected" (it has the relay's HELLO) while the relay is
@@ -122,7 +148,38 @@ async def handle_daemon_link(
             handshakes.leave(scope_id)
         if not link.registered:
             relay.links.settle(scope_id, daemon_id)
+        if link.holds_link_slot:
+            link.holds_link_slot = False
+            relay.scope_links.give_back(scope_id)
         link.finished.set()
+
+
+def _take_link_slot(relay: Relay, scope_id: str, daemon_id: str) -> bool | None:
+    """Take one of the scope's ``max_links_per_scope`` link slots for a new link of
+    ``daemon_id``: True if taken; False if none is free but the link will replace one of the
+    same daemon id (registered or in its handshake), which then hands its slot over (see
+    :func:`_serve_link`); None if the link is refused for the quota."""
+    if relay.scope_links.try_take(scope_id):
+        return True
+    links = relay.links
+    if links.get(scope_id, daemon_id) is not None or links.is_arriving(scope_id, daemon_id):
+        return False
+    return None
+
+
+async def _refuse(send: Send, code: int, reason: str) -> None:
+    """Accept the WebSocket and close it at once with ``code`` (what a connector acts on).
+
+    Called before anything of the peer's WebSocket was read; returning from the handler right
+    after makes hypercorn close the connection, so nothing the peer sends is read either.
+    """
+    await send(
+        {
+            "type": "websocket.accept",
+            "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
+        }
+    )
+    await send({"type": "websocket.close", "code": int(code), "reason": reason})
 
 
 def _link_session(relay: Relay, transport: AsgiWebSocketTransport) -> MuxSession:
@@ -146,6 +203,22 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         # sent to the others, so tell it now.
         await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
+    if not link.holds_link_slot:
+        # Admitted past a full quota to replace a link of the same daemon id: take over that
+        # link's slot, or (the other one's handshake failed meanwhile) a free one.
+        previous = relay.links.get(link.scope_id, link.daemon_id)
+        if previous is not None and previous.holds_link_slot:
+            previous.holds_link_slot = False
+            link.holds_link_slot = True
+        elif relay.scope_links.try_take(link.scope_id):
+            link.holds_link_slot = True
+        else:
+            relay.metrics.links_refused.labels("links_per_scope").inc()
+            await session.aclose(
+                CloseCode.TOO_MANY_LINKS,
+                f"{TOO_MANY_LINKS_REASON} ({relay.scope_links.limit}); stop another daemon",
+            )
+            return
     replaced = relay.links.add(link)
     link.registered = True
     relay.links.settle(link.scope_id, link.daemon_id)
@@ -210,14 +283,32 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
         known = {d for d, _, _ in relay.store.known_daemons(source.scope_id)}
         stream.reset(ErrorCode.TARGET_OFFLINE if target_id in known else ErrorCode.UNKNOWN_TARGET)
         return
-    try:
-        outbound = await target.session.open_stream({"kind": "mesh", "from": source.daemon_id})
-    except SessionClosed:
-        stream.reset(ErrorCode.TARGET_OFFLINE)
+    # A spliced mesh stream holds up to a window of bytes on the relay, like a tunneled
+    # request: it counts against the scope's stream quota for as long as it is open.
+    if not relay.scope_streams.try_take(source.scope_id):
+        relay.metrics.streams_refused.labels("mesh").inc()
+        stream.reset(ErrorCode.REFUSED_STREAM)
         return
-    relay.metrics.streams_total.labels("mesh").inc()
-    relay.metrics.streams_open.inc()
     try:
-        await splice(stream, outbound)
+        # The target's link may have all its stream slots taken: wait for one, but not forever.
+        outbound: MuxStream | None = None
+        with trio.move_on_after(relay.settings.stream_open_timeout):
+            try:
+                outbound = await target.session.open_stream(
+                    {"kind": "mesh", "from": source.daemon_id}
+                )
+            except SessionClosed:
+                stream.reset(ErrorCode.TARGET_OFFLINE)
+                return
+        if outbound is None:
+            relay.metrics.streams_refused.labels("mesh_timeout").inc()
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            return
+        relay.metrics.streams_total.labels("mesh").inc()
+        relay.metrics.streams_open.inc()
+        try:
+            await splice(stream, outbound)
+        finally:
+            relay.metrics.streams_open.dec()
     finally:
-        relay.metrics.streams_open.dec()
+        relay.scope_streams.give_back(source.scope_id)

@@ -24,6 +24,10 @@ class DaemonLink:
     finished: trio.Event = attrs.field(factory=trio.Event)
     #: Set once the link has been added to the registry (its handshake is over).
     registered: bool = False
+    #: Whether the link holds one of its scope's ``max_links_per_scope`` slots
+    #: (``Relay.scope_links``), given back when the link ends. A link admitted past a full
+    #: quota to replace one of the same daemon id takes that link's slot over instead.
+    holds_link_slot: bool = False
 
     @property
     def rtt(self) -> float | None:
@@ -157,6 +161,10 @@ class LinkRegistry:
 
     def for_key(self, key_id: str) -> list[DaemonLink]:
         return [link for link in self._links.values() if link.key_id == key_id]
+
+    def key_ids(self) -> set[str]:
+        """The key ids the connected links were opened with."""
+        return {link.key_id for link in self._links.values()}
 
     def all(self) -> list[DaemonLink]:
         return list(self._links.values())

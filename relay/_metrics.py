@@ -45,5 +45,24 @@ class RelayMetrics:
             "repowire_relay_rate_limited", "Requests refused by a rate limit", ["where"], registry=r
         )
 
+        self.links_refused = Counter(
+            "repowire_relay_links_refused",
+            "Daemon links refused by a per-scope quota, by quota",
+            ["quota"],
+            registry=r,
+        )
+        self.streams_refused = Counter(
+            "repowire_relay_streams_refused",
+            "Streams refused by the per-scope stream quota or an open deadline, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.access_revoked = Counter(
+            "repowire_relay_access_revoked",
+            "Daemon links and browser requests ended by a revocation, rotation or sign-out",
+            ["what"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -2,31 +2,54 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import signal
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.config import Config, Sockets
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from protocol import CloseCode, ErrorCode
 
 from ._app import RelayApp
+from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._links import DaemonLink
 from ._settings import RelaySettings
-from ._store import KeyStore
+from ._store import KeyStore, StoreError
 
 log = logging.getLogger("repowire.relay")
 
 #: Database file of the key store, inside the data directory.
 STORE_FILE = "relay.sqlite3"
-#: Largest WebSocket message accepted on a daemon link (the connector sends at most 256 KiB).
-LINK_MAX_MESSAGE = 4 * 1024 * 1024
+#: Seconds a peer may accept no data at all (a zero receive window, or no acknowledgement)
+#: before the kernel aborts its connection (TCP_USER_TIMEOUT, where the platform has it).
+#: hypercorn's socket writes are shielded from cancellation, so without this a client that
+#: stops reading holds its connection's task, and the relay's shutdown, for as long as it
+#: likes. Far above the links' keepalive timeout, so a slow but live peer is never cut.
+STALLED_PEER_TIMEOUT = 60.0
+#: Seconds between two looks for keys revoked by another process on the same key store
+#: (``repowire relay keys revoke``): revocation ends access within this plus the time to
+#: close the links. Each look is one ``PRAGMA data_version``; the revoked keys are read only
+#: when it changed.
+REVOCATION_POLL_INTERVAL = 0.25
+#: Limits of the metrics listener (``settings.metrics_listen``): largest request head, and
+#: seconds a client gets to send it (and an idle keep-alive connection is kept).
+METRICS_MAX_HEADER = 4 * 1024
+METRICS_HEADER_TIMEOUT = 5.0
+#: Connections the kernel queues for the metrics listener (a scraper or two).
+METRICS_BACKLOG = 16
 #: Thresholds of the cyclic garbage collector in a relay process (``gc.set_threshold``).
 #: CPython's default, (700, 10, 10), collects the youngest generation every 700 net
 #: allocations; with thousands of links some of their short-lived objects (a ping in flight, a
@@ -43,6 +66,10 @@ GC_THRESHOLDS = (50_000, 20, 10)
 HTTP_STOP_TIMEOUT = 2.0
 
 
+class ListenError(OSError):
+    """A listener of the relay cannot be bound. ``strerror`` is one line naming the address."""
+
+
 @attrs.define
 class RunningRelay:
     """What :func:`serve_relay` reports once it listens."""
@@ -51,6 +78,8 @@ class RunningRelay:
     #: Bound addresses, e.g. ``["http://127.0.0.1:45123"]``.
     binds: list[str]
     _stop: trio.Event
+    #: Where ``/metrics`` is served (``http://127.0.0.1:9108/metrics``), or None if it is not.
+    metrics_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -75,7 +104,7 @@ def hypercorn_config(settings: RelaySettings) -> Config:
     # No access log: request lines may carry things users consider private.
     config.accesslog = None
     config.errorlog = logging.getLogger("repowire.relay.http")
-    config.websocket_max_message_size = LINK_MAX_MESSAGE
+    config.websocket_max_message_size = settings.max_websocket_message_size
     config.h11_max_incomplete_size = settings.max_header_size
     # hypercorn's idle timer runs from the accept (and between requests) until a whole request
     # head has arrived: it is the slowloris deadline as well as the keep-alive timeout.
@@ -84,7 +113,203 @@ def hypercorn_config(settings: RelaySettings) -> Config:
     config.graceful_timeout = HTTP_STOP_TIMEOUT
     config.backlog = settings.listen_backlog
     config.include_server_header = False
+    refuse_websocket_extensions(config)
     return config
+
+
+# ---------------------------------------------------------------------- WebSocket extensions
+
+#: Attribute set on a hypercorn ``Config`` whose server must negotiate no WebSocket extension.
+_NO_EXTENSIONS = "repowire_refuse_websocket_extensions"
+_original_accept: Any = None
+
+
+def refuse_websocket_extensions(config: Config) -> None:
+    """Make the servers run with ``config`` accept WebSockets without any extension.
+
+    hypercorn 0.18 has no option for it: ``Handshake.accept`` (hypercorn/protocol/ws_stream.py)
+    always offers wsproto's ``PerMessageDeflate``, and wsproto inflates a whole frame before
+    hypercorn's message-size limit is applied, so a quarter of a megabyte of compressed input
+    becomes hundreds of megabytes on the relay. The adapter: ``WSStream._accept``, the one place
+    that builds the handshake's answer, is wrapped once per process to forget the client's
+    ``Sec-WebSocket-Extensions`` offer when the stream's config carries the mark set here. The
+    answer then has no ``Sec-WebSocket-Extensions``, the extension stays disabled, and a frame
+    with the compression bit set is a protocol error (close 1002). Servers of the same process
+    without the mark (the local daemon's) are unchanged.
+
+    Raises RuntimeError if hypercorn's internals are not what this adapter expects (a newer
+    hypercorn): better not to start than to serve with compression on.
+    """
+    global _original_accept
+    if _original_accept is None:
+        accept = getattr(WSStream, "_accept", None)
+        if accept is None or not callable(accept):
+            raise RuntimeError(
+                "this hypercorn has no WSStream._accept: cannot turn WebSocket compression off"
+            )
+        _original_accept = accept
+
+        async def _accept_without_extensions(self: WSStream, message: Any) -> None:
+            if getattr(self.config, _NO_EXTENSIONS, False):
+                # Nothing negotiated: accept() then answers without the header and leaves
+                # PerMessageDeflate disabled.
+                self.handshake.extensions = None
+            await _original_accept(self, message)
+
+        WSStream._accept = _accept_without_extensions  # type: ignore[method-assign]
+    setattr(config, _NO_EXTENSIONS, True)
+
+
+# ---------------------------------------------------------------------- listening sockets
+
+
+@contextmanager
+def _listening(config: Config, what: str, backlog: int) -> Iterator[Sockets]:
+    """Listening sockets for the ``host:port`` addresses of ``config.bind`` (TLS ones if
+    ``config`` has a certificate), each with :data:`STALLED_PEER_TIMEOUT` (inherited by the
+    connections it accepts). Closed on exit. Raises :class:`ListenError`, naming ``what`` and
+    the address, if one cannot be bound (and leaves no socket open)."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in config.bind:
+            sockets.append(_bind(address, what, backlog))
+        if config.ssl_enabled:
+            yield Sockets(secure_sockets=sockets, insecure_sockets=[], quic_sockets=[])
+        else:
+            yield Sockets(secure_sockets=[], insecure_sockets=sockets, quic_sockets=[])
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _bind(address: str, what: str, backlog: int) -> socket.socket:
+    """A socket listening on ``address`` (``host:port``, ``[v6]:port``), or ListenError."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(
+                socket.IPPROTO_TCP,
+                socket.TCP_USER_TIMEOUT,
+                max(1, round(STALLED_PEER_TIMEOUT * 1000)),
+            )
+        sock.bind((host, int(port)))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except (OSError, ValueError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EADDRNOTAVAIL
+        raise ListenError(code, f"cannot listen for {what} on {address}: {reason}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def metrics_config(settings: RelaySettings) -> Config:
+    """The hypercorn configuration of the metrics listener (``settings.metrics_listen``)."""
+    assert settings.metrics_listen is not None
+    config = Config()
+    config.bind = [settings.metrics_listen]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("repowire.relay.metrics")
+    config.h11_max_incomplete_size = METRICS_MAX_HEADER
+    config.keep_alive_timeout = METRICS_HEADER_TIMEOUT
+    config.graceful_timeout = HTTP_STOP_TIMEOUT
+    config.include_server_header = False
+    refuse_websocket_extensions(config)
+    return config
+
+
+class MetricsApp:
+    """The metrics listener's ASGI app: ``GET /metrics`` (Prometheus text), 404 for anything
+    else, WebSockets refused. Reads no request body."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind == "websocket":
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind != "http":
+            return
+        if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            metrics = self.relay.metrics
+            metrics.daemons_connected.set(len(self.relay.links))
+            status, body, content_type = 200, metrics.render(), metrics.content_type
+        else:
+            status, body, content_type = 404, b"not found\n", "text/plain; charset=utf-8"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type.encode("latin-1")),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+
+# ---------------------------------------------------------------------- revocation watcher
+
+
+async def watch_revocations(
+    relay: Relay,
+    interval: float = REVOCATION_POLL_INTERVAL,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Until cancelled: every ``interval`` seconds, look for keys revoked (or rotated) since
+    the last look, by this process or another one on the same store (the CLI), and end their
+    access (:meth:`Relay.end_key_access`: links closed with 4403, browser requests cancelled,
+    cached sessions dropped). Never raises: a key store failure is logged and retried."""
+    store = relay.store
+    token: tuple[int, int] | None = None
+    known: set[str] = set()
+    failing = False
+    started = False
+    while True:
+        try:
+            current = store.change_token()
+            if current != token:
+                revoked = store.revoked_key_ids()
+                fresh = revoked - known if token is not None else set()
+                token, known = current, revoked
+                for key_id in sorted(fresh):
+                    await relay.end_key_access(key_id, "revoked")
+            if failing:
+                log.info("revocation watcher: the key store is readable again")
+                failing = False
+        except StoreError as exc:
+            if not failing:
+                log.warning("revocation watcher: cannot read the key store: %s", exc)
+                failing = True
+        if not started:
+            started = True
+            task_status.started()
+        await trio.sleep(interval)
 
 
 async def serve_relay(
@@ -99,33 +324,73 @@ async def serve_relay(
     soon as its streams are done, an idle link at once, a busy one after at most
     ``settings.shutdown_grace`` seconds, then stops hypercorn, which gives the connections left
     :data:`HTTP_STOP_TIMEOUT` seconds.
+
+    Beside the public listener it runs the metrics listener (``settings.metrics_listen``, if
+    set; its URL is :attr:`RunningRelay.metrics_url`) and :func:`watch_revocations`. Raises
+    :class:`ListenError` (before reporting) if a listener cannot be bound, ValueError for
+    settings hypercorn cannot run with.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = hypercorn_config(settings)
     store = KeyStore.open(settings.data_dir / STORE_FILE)
     relay = Relay(settings, store)
     app = RelayApp(relay)
     stop = trio.Event()
     http_stopped = trio.Event()
     try:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(serve, app, hypercorn_config(settings), shutdown_trigger=http_stopped.wait)  # type: ignore[arg-type]
-            )
-            task_status.started(RunningRelay(relay, list(binds), stop))
-            try:
-                await stop.wait()
-            finally:
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + settings.shutdown_grace + 5
-                    try:
-                        await _drain_links(relay)
-                    finally:
-                        # Even past the deadline: without it hypercorn would never stop.
-                        http_stopped.set()
+        with _listening(config, "the relay", settings.listen_backlog) as sockets:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    partial(
+                        worker_serve,
+                        wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        config,
+                        sockets=sockets,
+                        shutdown_trigger=http_stopped.wait,
+                    )
+                )
+                metrics_url = None
+                if settings.metrics_listen is not None:
+                    metrics_url = await nursery.start(_serve_metrics, relay, http_stopped)
+                await nursery.start(watch_revocations, relay)
+                task_status.started(RunningRelay(relay, list(binds), stop, metrics_url))
+                try:
+                    await stop.wait()
+                finally:
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + settings.shutdown_grace + 5
+                        try:
+                            await _drain_links(relay)
+                        finally:
+                            # Even past the deadline: without it hypercorn would never stop.
+                            http_stopped.set()
+                    # The watcher's work is done once the links are.
+                    nursery.cancel_scope.cancel()
     finally:
         store.close()
         if stop.is_set():
             log.info("relay stopped")
+
+
+async def _serve_metrics(
+    relay: Relay, stopped: trio.Event, *, task_status: trio.TaskStatus[str]
+) -> None:
+    """Serve :class:`MetricsApp` on ``settings.metrics_listen`` until ``stopped`` is set;
+    report its URL. Raises :class:`ListenError` (before reporting) if the address cannot be
+    bound."""
+    config = metrics_config(relay.settings)
+    with _listening(config, "/metrics", METRICS_BACKLOG) as sockets:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(
+                    worker_serve,
+                    wrap_app(MetricsApp(relay), config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                    config,
+                    sockets=sockets,
+                    shutdown_trigger=stopped.wait,
+                )
+            )
+            task_status.started(f"{binds[0]}/metrics")
 
 
 async def _drain_links(relay: Relay) -> None:
@@ -157,13 +422,27 @@ async def serve_relay_main(settings: RelaySettings) -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     gc.set_threshold(*GC_THRESHOLDS)
-    async with trio.open_nursery() as nursery:
-        running: RunningRelay = await nursery.start(serve_relay, settings)
-        for bind in running.binds:
-            print(f"repowire relay listening on {bind}", flush=True)
-        print(f"daemons connect to {running.url.replace('http', 'ws', 1)}/ws/relay", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                print(f"received {signal.Signals(signum).name}; shutting down", file=sys.stderr)
-                running.shutdown()
-                break
+    failure: ListenError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            running: RunningRelay = await nursery.start(serve_relay, settings)
+            for bind in running.binds:
+                print(f"repowire relay listening on {bind}", flush=True)
+            print(f"daemons connect to {running.url.replace('http', 'ws', 1)}/ws/relay", flush=True)
+            if running.metrics_url is not None:
+                print(f"metrics served on {running.metrics_url}", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    print(f"received {signal.Signals(signum).name}; shutting down", file=sys.stderr)
+                    running.shutdown()
+                    break
+    except* ListenError as group:
+        # The group nests (serve_relay's nursery in this one): find the error itself.
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, ListenError)
+        failure = error
+    if failure is not None:
+        # One line (the caller prints strerror), not a traceback.
+        raise ListenError(failure.errno, failure.strerror)

@@ -7,7 +7,13 @@ from typing import Literal
 
 import attrs
 
+from mux import MuxConfig
+
 MIB = 1024 * 1024
+#: Smallest ``max_websocket_message_size`` accepted: the largest WebSocket message a connector
+#: writes on its link (``mux.MuxConfig.max_message_size``, 256 KiB). The setting bounds every
+#: WebSocket message the relay reads: daemon links' and tunneled browsers'.
+MIN_WEBSOCKET_MESSAGE_SIZE = MuxConfig().max_message_size
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +116,11 @@ class RelaySettings:
         if not self.stream_open_timeout > 0:
             raise ValueError(
                 f"stream_open_timeout must be a positive number, not {self.stream_open_timeout!r}"
+            )
+        if self.max_websocket_message_size < MIN_WEBSOCKET_MESSAGE_SIZE:
+            raise ValueError(
+                f"max_websocket_message_size must be at least {MIN_WEBSOCKET_MESSAGE_SIZE} bytes "
+                f"(a daemon link's messages), not {self.max_websocket_message_size!r}"
             )
         for name in (
             "link_handshake_limit",

@@ -60,7 +60,8 @@ SESSION_CACHE_SIZE: Final = 10_000
 
 #: Seconds a cached session is trusted without reading the database. Revocations made through
 #: the same store object take effect at once; those made through another object or process
-#: (an admin command beside the running relay) take effect within this delay.
+#: (an admin command beside the running relay) take effect within this delay, or as soon as
+#: the relay's revocation watcher sees them (it calls :meth:`KeyStore.forget_sessions_of`).
 SESSION_CACHE_TTL: Final = 5.0
 
 #: Longest label accepted for a scope or a key.
@@ -187,6 +188,9 @@ class KeyStore:
         self._cache: collections.OrderedDict[str, tuple[SessionRecord, float]] = (
             collections.OrderedDict()
         )
+        # Revocations and rotations made through this object: SQLite's data_version does not
+        # count a connection's own writes, so :meth:`change_token` adds this.
+        self._own_revocations = 0
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -407,7 +411,8 @@ class KeyStore:
                 raise UnknownRecordError(f"key {_shown(key_id)} is revoked; create a new key")
             _revoke(conn, key_id, now)
             result = _insert_key(conn, scope_id, label, now)
-        self._forget_sessions_of(key_id)
+        self._own_revocations += 1
+        self.forget_sessions_of(key_id)
         return result
 
     def revoke_key(self, key_id: str, *, now: float) -> bool:
@@ -418,9 +423,29 @@ class KeyStore:
         _check_time(now)
         with self._transaction("revoking a key") as conn:
             revoked = _revoke(conn, key_id, now)
+        if revoked:
+            self._own_revocations += 1
         # Also when nothing changed here: another process may have revoked it meanwhile.
-        self._forget_sessions_of(key_id)
+        self.forget_sessions_of(key_id)
         return revoked
+
+    def change_token(self) -> tuple[int, int]:
+        """A cheap token that differs from an earlier one if a key may have been revoked since:
+        SQLite's ``PRAGMA data_version`` (bumped by commits of every other connection, other
+        processes included) and the revocations made through this object.
+
+        Raises :class:`StoreError` if the database cannot be read.
+        """
+        with self._guard("checking for changes"):
+            (version,) = self._conn().execute("PRAGMA data_version").fetchone()
+        return int(version), self._own_revocations
+
+    def revoked_key_ids(self) -> set[str]:
+        """The ids of every revoked key. Raises :class:`StoreError` if the database cannot be
+        read."""
+        with self._guard("listing revoked keys"):
+            rows = self._conn().execute("SELECT key_id FROM keys WHERE revoked_at IS NOT NULL")
+            return {key_id for (key_id,) in rows}
 
     def list_keys(self, scope_id: str | None = None) -> list[KeyRecord]:
         """All keys (revoked ones included), or one scope's: oldest first, ties by insertion."""
@@ -621,7 +646,9 @@ class KeyStore:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _forget_sessions_of(self, key_id: str) -> None:
+    def forget_sessions_of(self, key_id: str) -> None:
+        """Drop the cached sessions of ``key_id``, so that the next lookup of each reads the
+        database (where a revoked key's sessions are dead)."""
         # A linear scan of at most SESSION_CACHE_SIZE entries, on rare admin operations only.
         stale = [digest for digest, (record, _) in self._cache.items() if record.key_id == key_id]
         for digest in stale:

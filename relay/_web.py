@@ -1,5 +1,7 @@
-"""The relay's own web routes: the sign-in form, the dashboard's files, the JSON API, health
-and metrics, as one QuartTrio app.
+"""The relay's own web routes: the sign-in form, the dashboard's files, the JSON API and health,
+as one QuartTrio app. ``/metrics`` is not among them: it shows every tenant's traffic, so it is
+served on a separate listener (``RelaySettings.metrics_listen``, see :mod:`relay._server`) and
+is not found here.
 
 The relay's ASGI dispatcher hands this app every path the relay itself answers. Paths under
 ``/d/<daemon_id>/`` arrive with that prefix removed and ``scope["repowire.daemon_id"]`` set;
@@ -30,7 +32,6 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 import repowire.dashboard
-from protocol import CloseCode
 
 from ._context import Relay
 from ._store import KeyRecord, StoreError, UnknownRecordError
@@ -136,7 +137,6 @@ def create_web_app(relay: Relay) -> QuartTrio:
         ("/dashboard/", "dashboard_index", routes.dashboard_index, ["GET"]),
         ("/dashboard/<path:asset>", "dashboard_file", routes.dashboard_file, ["GET"]),
         ("/health", "health", routes.health, ["GET"]),
-        ("/metrics", "metrics", routes.metrics, ["GET"]),
         ("/api/v1/register", "register", routes.register, ["POST"]),
         ("/api/v1/daemons", "daemons", routes.daemons, ["GET"]),
         ("/api/v1/keys/rotate", "rotate", routes.rotate, ["POST"]),
@@ -298,8 +298,9 @@ class _Routes:
         """Authenticate an API request by its Bearer key or, without one, its session cookie.
 
         A Bearer header, when present, is the credential (a bad one is not rescued by a
-        cookie). Failed keys count against the client address's auth limit; when it is spent,
-        further attempts are refused before the key is even checked. With
+        cookie). Only wrong keys meet the client address's auth limit (as on ``/auth`` and
+        ``/ws/relay``): a right key is never locked out by someone else's guessing from the
+        same address; a wrong one is charged, and answered 429 once the limit is spent. With
         ``cookie_needs_origin`` a cookie only counts on a request that carries an allowed
         Origin header (a state-changing call from a browser always does).
         Raises :class:`_Refusal` (401, 403 or 429).
@@ -308,22 +309,24 @@ class _Routes:
         now = relay.clock()
         key = self._bearer()
         if key is not None:
+            # Nothing awaits from the check to the verdict, so concurrent attempts cannot slip
+            # past the limit between its check and its charge.
+            record = relay.store.verify_key(key, now=now)
+            if record is not None:
+                return _Caller(scope_id=record.scope_id, key_id=record.key_id, session_id=None)
             address = self._address()
+            relay.metrics.auth_failures.labels(where).inc()
             wait = relay.auth_limiter.retry_after(address, now)
-            if wait > 0:
+            if wait > 0 or not relay.auth_limiter.allow(address, now):
                 relay.metrics.rate_limited.labels(where).inc()
+                wait = max(wait, relay.auth_limiter.retry_after(address, now))
                 raise _Refusal(
                     429,
                     "rate_limited",
                     "Too many failed attempts from this address; try again later.",
                     headers={"Retry-After": _retry_after(wait)},
                 )
-            record = relay.store.verify_key(key, now=now)
-            if record is None:
-                relay.auth_limiter.allow(address, now)
-                relay.metrics.auth_failures.labels(where).inc()
-                raise _unauthorized("The API key is malformed, unknown or revoked.")
-            return _Caller(scope_id=record.scope_id, key_id=record.key_id, session_id=None)
+            raise _unauthorized("The API key is malformed, unknown or revoked.")
         session_id = relay.session_id_from(self._headers)
         session = relay.browser_session(self._headers)
         if session is None or session_id is None:
@@ -416,6 +419,8 @@ class _Routes:
         session_id = relay.session_id_from(self._headers)
         if session_id is not None:
             relay.store.end_session(session_id)
+            # Its SSE streams, WebSockets and requests in flight end now, not at their end.
+            relay.end_session_access(session_id)
         response = _redirect("/", 303)
         response.headers["Set-Cookie"] = relay.clearing_cookie_header(secure=self._secure())
         return response
@@ -473,7 +478,7 @@ class _Routes:
         response.headers["Content-Security-Policy"] = DASHBOARD_CSP
         return response
 
-    # -- health and metrics ---------------------------------------------------------------
+    # -- health ---------------------------------------------------------------------------
 
     async def health(self) -> Response:
         relay = self._relay
@@ -484,11 +489,6 @@ class _Routes:
                 "daemons_connected": len(relay.links),
             }
         )
-
-    async def metrics(self) -> Response:
-        metrics = self._relay.metrics
-        metrics.daemons_connected.set(len(self._relay.links))
-        return Response(metrics.render(), content_type=metrics.content_type)
 
     # -- API ------------------------------------------------------------------------------
 
@@ -596,15 +596,9 @@ class _Routes:
         except UnknownRecordError:
             # Revoked or rotated by someone else in the meantime.
             raise _unauthorized("The API key is unknown or revoked.") from None
-        links = relay.links.for_key(caller.key_id)
-        for link in links:
-            await link.session.aclose(int(CloseCode.INVALID_KEY), "key rotated")
-        logger.info(
-            "key %s rotated to %s; closed %d daemon link(s)",
-            caller.key_id,
-            record.key_id,
-            len(links),
-        )
+        logger.info("key %s rotated to %s", caller.key_id, record.key_id)
+        # Every link, stream and session of the old key ends now (links with 4403).
+        await relay.end_key_access(caller.key_id, "rotated")
         response = _json(
             {"api_key": key, "key_id": record.key_id}, headers={"Cache-Control": "no-store"}
         )

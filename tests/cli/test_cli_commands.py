@@ -340,7 +340,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
     argv += ["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "192.168.1.1/16"]
     argv += ["--max-links-per-scope", "3", "--max-streams-per-scope", "40"]
     argv += ["--max-scope-buffer", "2097152", "--stream-open-timeout", "1.5"]
-    argv += ["--max-websocket-message", "65536", "--metrics-listen", "[::1]:0"]
+    argv += ["--max-websocket-message", "1048576", "--metrics-listen", "[::1]:0"]
     assert main(argv) == 0
     assert started == [
         FakeRelaySettings(
@@ -359,7 +359,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
             max_streams_per_scope=40,
             max_scope_buffered=2097152,
             stream_open_timeout=1.5,
-            max_websocket_message_size=65536,
+            max_websocket_message_size=1048576,
             metrics_listen="[::1]:0",
         )
     ]

@@ -141,7 +141,9 @@ async def test_bad_key_slows_down_to_the_cap_and_says_so(stack: Stack) -> None:
         assert BOGUS_KEY not in health.body.decode()
 
 
-async def test_same_daemon_id_twice_the_older_stops_and_the_newer_serves(stack: Stack) -> None:
+async def test_same_daemon_id_twice_the_older_backs_off_long_and_the_newer_serves(
+    stack: Stack,
+) -> None:
     with trio.fail_after(10):
         relay = await stack.start_relay()
         record, key = relay.new_scope()
@@ -153,8 +155,11 @@ async def test_same_daemon_id_twice_the_older_stops_and_the_newer_serves(stack: 
         )
         await older.connector.wait_state(LinkState.DOWN)
         status = older.connector.status()
-        assert status.retrying is False
-        assert status.next_retry_at is None
+        # Displaced, not stopped for good: it retries, but only after the long replaced delay,
+        # so two connectors sharing an id never fight over the link.
+        assert status.retrying is True
+        assert status.next_retry_at is not None
+        assert status.next_retry_at - time.time() >= BackoffConfig().replaced_delay * 0.9
         assert status.last_error is not None and "replaced" in status.last_error
 
         # Far longer than the first backoff delay of these settings (at most 0.05 s): no fight.

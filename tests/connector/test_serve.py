@@ -122,7 +122,15 @@ async def test_serve_with_relay_end_to_end_as_processes(tmp_path: Path) -> None:
     work.mkdir()
     cli = Cli(home, work)
     relay = await start_child(
-        cli, "relay", "relay", "start", "--port", "0", "--data-dir", str(tmp_path / "relay-data")
+        cli,
+        "relay",
+        "relay",
+        "start",
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "relay-data"),
+        *("--metrics-listen", "off"),
     )
     serve: ChildProcess | None = None
     try:

@@ -300,7 +300,15 @@ def start_relay(root: Path, budget: Budget) -> RelayProcess:
     cli = Cli(root / "home", root)
     data_dir = root / "data"
     process = Process.start(
-        cli, "relay", "relay", "start", "--port", "0", "--data-dir", str(data_dir)
+        cli,
+        "relay",
+        "relay",
+        "start",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *("--metrics-listen", "off"),
     )
     line = process.wait_for_line(RELAY_LISTENING, budget)
     return RelayProcess(

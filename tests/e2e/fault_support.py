@@ -195,6 +195,7 @@ class RelayProcess:
             str(chosen),
             "--data-dir",
             str(self.data_dir),
+            *("--metrics-listen", "off"),
             *self.args,
         )
         self.child = child

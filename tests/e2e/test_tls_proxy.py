@@ -148,6 +148,7 @@ async def proxied_relay(tmp_path: Path) -> AsyncIterator[ProxiedRelay]:
         cli,
         "relay",
         *("relay", "start", "--port", "0", "--data-dir", str(relay_data)),
+        *("--metrics-listen", "off"),
         *("--public-url", f"https://{TLS_HOST}:{https_port}", "--trusted-proxy", LOOPBACK),
     )
     nginx: RunningNginx | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from connector import LinkState
 from mux import MuxStream
@@ -298,7 +299,7 @@ async def test_the_same_daemon_id_twice_replaces_the_first_link_and_keeps_the_se
         assert not second.session.ended
 
 
-async def test_a_replaced_real_connector_stops_instead_of_fighting(
+async def test_a_replaced_real_connector_backs_off_instead_of_fighting(
     stacks: StackFactory, tmp_path: Path
 ) -> None:
     with trio.fail_after(15):
@@ -312,9 +313,36 @@ async def test_a_replaced_real_connector_stops_instead_of_fighting(
         await trio.sleep(0.5)
         status = old.connector.status()
         assert status.state is LinkState.DOWN
-        assert status.retrying is False
+        # It has not given up for good, but waits the long replaced delay before trying again.
+        assert status.retrying is True
+        assert status.attempts == 1
+        assert status.next_retry_at is not None and status.last_error_at is not None
+        delay = old.connector.config.backoff.replaced_delay
+        assert status.next_retry_at - status.last_error_at >= delay
+        assert status.last_error is not None
+        assert "replaced by another connection using this key" in status.last_error
         assert new.connector.status().state is LinkState.CONNECTED
         assert new.connector.status().attempts == 1
+
+
+async def test_a_link_of_another_scope_with_the_same_daemon_id_replaces_nothing(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(15):
+        stack = await stacks()
+        mine, my_key = stack.relay.new_scope()
+        _, their_key = stack.relay.new_scope()
+        first = await start_stand_in(
+            stack.links, stack.relay.address, my_key, "laptop", identity_handler("mine")
+        )
+        theirs = await start_stand_in(
+            stack.links, stack.relay.address, their_key, "laptop", identity_handler("theirs")
+        )
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert not first.session.ended and not theirs.session.ended
+        cookie = stack.relay.session_cookie(mine)
+        response = await http_request(stack.relay.address, "GET", "/d/laptop/x", headers=[cookie])
+        assert response.json()["daemon"] == "mine"
 
 
 # ---------------------------------------------------------------------- graceful shutdown
