@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from werkzeug.routing import WebsocketMismatch
 
 from ._errors import ApiError, dump_json, http_error, parse_json_object
+from ._host import host_refusal
 from ._mesh import MESH_FROM_HEADER, MeshClient
 from ._messaging import Messenger
 from ._settings import EVENTS_DEFAULT_LIMIT, EVENTS_MAX_LIMIT, DaemonSettings
@@ -66,6 +67,9 @@ def create_app(
         dashboard_dir=dashboard_dir,
         settings=settings,
     )
+    # Before routing's own errors too, so a foreign Host learns nothing, not even a 404.
+    app.before_request(routes.check_request_host)
+    app.before_websocket(routes.check_websocket_host)
     app.add_url_rule("/health", "health", routes.health, methods=["GET"])
     app.add_url_rule("/peers", "peers", routes.list_peers, methods=["GET"])
     app.add_url_rule("/peers", "add_peer", routes.add_peer, methods=["POST"])
@@ -123,6 +127,27 @@ class _Routes:
             raise http_error(415)
         raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         return parse_json_object(raw)
+
+    @staticmethod
+    def _check_host(hosts: list[str], server: object) -> None:
+        """Raise ``ApiError(421, "bad_host")`` unless the request names this daemon (see
+        :func:`host_refusal`)."""
+        if len(hosts) > 1:
+            raise ApiError(421, "bad_host", "The request has more than one Host header.")
+        address: tuple[str, int] | None = None
+        if isinstance(server, (tuple, list)) and len(server) == 2:
+            host, port = server
+            if isinstance(host, str) and isinstance(port, int):
+                address = (host, port)
+        reason = host_refusal(hosts[0] if hosts else None, address)
+        if reason is not None:
+            raise ApiError(421, "bad_host", reason)
+
+    async def check_request_host(self) -> None:
+        self._check_host(request.headers.getlist("Host"), request.scope.get("server"))
+
+    async def check_websocket_host(self) -> None:
+        self._check_host(websocket.headers.getlist("Host"), websocket.scope.get("server"))
 
     @staticmethod
     def _via() -> str | None:

@@ -32,14 +32,22 @@ HTTP_ERRORS: Final[Mapping[int, tuple[str, str]]] = {
 class ApiError(Exception):
     """An error answer: raised by a handler, turned into a JSON response by the app."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, extra: Mapping[str, object] | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
+        #: Fields the answer carries beside ``error`` and ``detail`` (say, a message ``id``).
+        self.extra: Mapping[str, object] = dict(extra or {})
 
     def to_json(self) -> dict[str, object]:
-        return {"error": self.code, "detail": self.detail}
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+    def with_fields(self, **fields: object) -> ApiError:
+        """The same error with more answer fields."""
+        return ApiError(self.status, self.code, self.detail, {**self.extra, **fields})
 
     @classmethod
     def from_mesh(cls, error: MeshError) -> ApiError:

@@ -7,11 +7,13 @@ whatever its status.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 import trio
 
+from ._dedupe import RecentMessages, fingerprint, message_id_field
 from ._errors import ApiError, dump_json, parse_json_object
 from ._mesh import MeshClient, MeshError, MeshResponse
 from ._settings import MAX_SENDER_LENGTH, DaemonSettings
@@ -59,6 +61,30 @@ def parse_target(to: object) -> tuple[str, str | None]:
     return peer, (daemon_id if at else None)
 
 
+class KnownDaemons:
+    """The other daemons of the scope seen so far (in the relay's list or answering over the
+    mesh), least recently seen first; at most ``capacity``, the least recent forgotten."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._capacity = capacity
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def saw(self, daemon_ids: Iterable[str]) -> None:
+        for daemon_id in daemon_ids:
+            self._seen.pop(daemon_id, None)
+            self._seen[daemon_id] = None
+        while len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+    def forget(self, daemon_id: str) -> None:
+        self._seen.pop(daemon_id, None)
+
+    def ids(self) -> list[str]:
+        return list(self._seen)
+
+
 class Messenger:
     """Sends messages on behalf of one daemon.
 
@@ -79,6 +105,10 @@ class Messenger:
         self._state = state
         self._mesh = mesh
         self._settings = settings
+        self._recent = RecentMessages(
+            capacity=settings.message_id_memory, ttl=settings.message_id_ttl
+        )
+        self._known = KnownDaemons(settings.max_known_daemons)
 
     def deliver_local(self, peer: str, text: str, sender: str | None, via: str | None) -> int:
         """Publish a ``message`` event for local ``peer``; returns its event id.
@@ -95,25 +125,51 @@ class Messenger:
     async def notify(
         self, payload: Mapping[str, object], *, via: str | None
     ) -> tuple[int, dict[str, object]]:
-        """Handle a notify request body; returns the HTTP status and JSON answer."""
+        """Handle a notify request body; returns the HTTP status and JSON answer.
+
+        The message's ``id`` (the payload's, else a new one) is in every answer, errors
+        included, so a sender that got an error can retry the same message safely: the daemon
+        that delivers it answers a repeated id with the first delivery's answer and delivers
+        nothing again (``409 id_reused`` if the id came with other content). A malformed
+        ``id`` is ``400 bad_request`` and nothing is sent.
+        """
+        message_id = message_id_field(payload)
+        try:
+            return await self._notify(payload, message_id, via=via)
+        except ApiError as exc:
+            raise exc.with_fields(id=message_id) from None
+
+    async def _notify(
+        self, payload: Mapping[str, object], message_id: str, *, via: str | None
+    ) -> tuple[int, dict[str, object]]:
         peer, daemon_id = parse_target(payload.get("to"))
         text = _text_field(payload)
         sender = _sender_field(payload)
         if daemon_id is None or daemon_id == self._daemon_id:
+            digest = fingerprint("notify", peer, text, sender)
+            previous = self._recent.previous(message_id, digest)
+            if previous is not None:
+                return 200, dict(previous)
             event_id = self.deliver_local(peer, text, sender, via)
-            return 200, {
+            answer: dict[str, object] = {
                 "delivered": True,
                 "to": peer,
                 "daemon_id": self._daemon_id,
                 "event_id": event_id,
+                "id": message_id,
             }
+            self._recent.remember(message_id, digest, answer)
+            return 200, answer
         if via is not None:
             raise ApiError(
                 400, "bad_request", "A request that arrived over the mesh is not sent on again."
             )
-        body = dump_json({"to": peer, "text": text, "from": sender}).encode()
+        body = dump_json({"to": peer, "text": text, "from": sender, "id": message_id}).encode()
         response = await self._mesh_request(daemon_id, "/notify", body)
-        return self._relayed_answer(daemon_id, response)
+        status, answer = self._relayed_answer(daemon_id, response)
+        # Ours, whatever the other daemon said: it is the id the sender must retry with.
+        answer["id"] = message_id
+        return status, answer
 
     async def broadcast(
         self, payload: Mapping[str, object], *, via: str | None
@@ -122,8 +178,11 @@ class Messenger:
 
         Returns one result per target: ``{"target", "ok", "error"?, "detail"?}``. Local peers
         are named plainly, peers of another daemon ``peer@daemon``, and a daemon that could
-        not be reached as a whole ``*@daemon`` (or :data:`ALL_DAEMONS` when the list of
-        daemons itself was unavailable).
+        not be reached as a whole ``*@daemon``. Every daemon this one knows of is in the
+        results: those the relay lists are contacted (in its order), those seen before but no
+        longer listed follow as ``daemon_offline``, sorted by id. When the list is unavailable
+        each known daemon carries that error, sorted by id (:data:`ALL_DAEMONS` stands for
+        them if none is known).
         """
         text = _text_field(payload)
         sender = _sender_field(payload)
@@ -136,8 +195,13 @@ class Messenger:
         try:
             daemons = await self._other_daemons()
         except ApiError as exc:
-            results.append({"target": ALL_DAEMONS, "ok": False, **exc.to_json()})
+            known = sorted(self._known.ids())
+            for daemon_id in known or [ALL_DAEMONS]:
+                target = daemon_id if daemon_id == ALL_DAEMONS else f"*@{daemon_id}"
+                results.append({"target": target, "ok": False, **exc.to_json()})
             return results
+        listed = set(daemons)
+        offline = sorted(d for d in self._known.ids() if d not in listed)
         body = dump_json({"text": text, "from": sender}).encode()
         remote: dict[str, list[dict[str, object]]] = {}
         limiter = trio.CapacityLimiter(self._settings.mesh_fanout_limit)
@@ -151,6 +215,16 @@ class Messenger:
                 nursery.start_soon(reach, daemon_id)
         for daemon_id in daemons:
             results.extend(remote[daemon_id])
+        for daemon_id in offline:
+            results.append(
+                {
+                    "target": f"*@{daemon_id}",
+                    "ok": False,
+                    "error": "daemon_offline",
+                    "detail": f"Daemon {daemon_id!r} was seen in this scope before but is "
+                    "not connected now.",
+                }
+            )
         return results
 
     # -- mesh ---------------------------------------------------------------------------
@@ -172,17 +246,27 @@ class Messenger:
             except MeshError as exc:
                 raise ApiError.from_mesh(exc) from None
             # Order kept, duplicates, this daemon and malformed ids left out.
-            unique = dict.fromkeys(d for d in found if d != self._daemon_id and is_valid_name(d))
-            return list(unique)
+            unique = list(
+                dict.fromkeys(d for d in found if d != self._daemon_id and is_valid_name(d))
+            )
+            self._known.saw(unique)
+            return unique
         raise ApiError(504, "timeout", "The list of other daemons did not arrive in time.")
 
     async def _mesh_request(self, daemon_id: str, path: str, body: bytes) -> MeshResponse:
         mesh = self._require_mesh()
         with trio.move_on_after(self._settings.mesh_request_timeout):
             try:
-                return await mesh.request(daemon_id, "POST", path, body=body, headers=JSON_HEADERS)
+                response = await mesh.request(
+                    daemon_id, "POST", path, body=body, headers=JSON_HEADERS
+                )
             except MeshError as exc:
+                if exc.code == "unknown_daemon":
+                    # The relay has never heard of it (any more): stop reporting it.
+                    self._known.forget(daemon_id)
                 raise ApiError.from_mesh(exc) from None
+            self._known.saw([daemon_id])
+            return response
         raise ApiError(
             504,
             "timeout",

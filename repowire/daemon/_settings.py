@@ -33,6 +33,23 @@ EVENTS_MAX_LIMIT: Final = 1000
 #: Longest accepted ``from`` (sender) field of a message, in characters.
 MAX_SENDER_LENGTH: Final = 256
 
+#: Message ids (``POST /notify``'s ``id``): up to this many characters from
+#: A-Z, a-z, 0-9, '.', '_', ':', '-' (a UUID fits, and so does a generated id).
+MAX_MESSAGE_ID_LENGTH: Final = 128
+
+#: How many delivered message ids a daemon remembers, to answer a retry of the same message
+#: without delivering it again; the oldest is forgotten first.
+MESSAGE_ID_MEMORY: Final = 10_000
+
+#: Seconds a delivered message id is remembered (whichever of this and MESSAGE_ID_MEMORY is
+#: reached first ends the memory of an id). A retry after that delivers again.
+MESSAGE_ID_TTL: Final = 24 * 3600.0
+
+#: How many other daemons of the scope a daemon remembers having seen (in the relay's
+#: directory or over the mesh), so a broadcast can name the ones now offline; the one seen
+#: longest ago is forgotten first.
+MAX_KNOWN_DAEMONS: Final = 256
+
 
 @attrs.frozen(kw_only=True)
 class DaemonSettings:
@@ -44,3 +61,6 @@ class DaemonSettings:
     mesh_request_timeout: float = MESH_REQUEST_TIMEOUT
     mesh_fanout_limit: int = MESH_FANOUT_LIMIT
     ws_final_send_timeout: float = WS_FINAL_SEND_TIMEOUT
+    message_id_memory: int = MESSAGE_ID_MEMORY
+    message_id_ttl: float = MESSAGE_ID_TTL
+    max_known_daemons: int = MAX_KNOWN_DAEMONS

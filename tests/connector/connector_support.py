@@ -360,7 +360,7 @@ def request_head(
     method: str, path: str, headers: Sequence[tuple[str, str]] = (), *, body: bytes = b""
 ) -> bytes:
     """A raw HTTP/1.1 request head (``Connection: close``, Content-Length of ``body``)."""
-    lines = [f"{method} {path} HTTP/1.1", "Host: daemon"]
+    lines = [f"{method} {path} HTTP/1.1", "Host: repowire-daemon"]
     lines += [f"{name}: {value}" for name, value in headers]
     lines += [f"Content-Length: {len(body)}", "Connection: close"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

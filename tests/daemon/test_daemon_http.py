@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import trio
@@ -14,13 +15,16 @@ from .daemon_support import DaemonFactory, HttpResponse, open_http_stream
 JSON = [("Content-Type", "application/json")]
 
 
-def assert_error(response: HttpResponse, status: int, code: str) -> None:
+def assert_error(
+    response: HttpResponse, status: int, code: str, *, extra: frozenset[str] = frozenset()
+) -> None:
+    """An error answer: ``error`` and ``detail``, and only the ``extra`` fields beside."""
     assert response.status == status, response.body
     assert response.header("content-type") == "application/json"
     body = response.json()
     assert body["error"] == code
     assert isinstance(body["detail"], str) and body["detail"]
-    assert set(body) == {"error", "detail"}
+    assert set(body) == {"error", "detail"} | extra
 
 
 async def test_health_without_relay(daemon_factory: DaemonFactory) -> None:
@@ -283,7 +287,10 @@ async def test_notify_local_peer(daemon_factory: DaemonFactory) -> None:
             "POST", "/notify", json_body={"to": "bob@alpha", "text": "again"}
         )
     assert plain.status == 200
-    assert plain.json() == {"delivered": True, "to": "bob", "daemon_id": "alpha", "event_id": 2}
+    answer = plain.json()
+    # Without an id of the sender's, the daemon names the message itself.
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", answer.pop("id"))
+    assert answer == {"delivered": True, "to": "bob", "daemon_id": "alpha", "event_id": 2}
     assert qualified.json()["event_id"] == 3
     messages = [e for e in daemon.state.events_after(0, 10) if e.type == "message"]
     assert [dict(m.data) for m in messages] == [
@@ -313,8 +320,10 @@ async def test_notify_errors(
     with trio.fail_after(10):
         daemon = await daemon_factory(daemon_id="alpha")
         daemon.state.add_peer("bob")
-        response = await daemon.request("POST", "/notify", json_body=body)
-    assert_error(response, status, code)
+        response = await daemon.request("POST", "/notify", json_body={**body, "id": "m-1"})
+    # Every notify answer names the message, so the sender can retry it safely.
+    assert_error(response, status, code, extra=frozenset({"id"}))
+    assert response.json()["id"] == "m-1"
     assert daemon.state.last_event_id == 1  # only the peer_joined
 
 

@@ -82,7 +82,9 @@ async def test_notify_reaches_a_peer_of_another_daemon(daemon_factory: DaemonFac
         alpha, beta, alpha_mesh, _ = await start_pair(daemon_factory)
         beta.state.add_peer("bob")
         response = await alpha.request(
-            "POST", "/notify", json_body={"to": "bob@beta", "text": "hi", "from": "ann"}
+            "POST",
+            "/notify",
+            json_body={"to": "bob@beta", "text": "hi", "from": "ann", "id": "m-1"},
         )
     assert response.status == 200
     assert response.json() == {
@@ -90,12 +92,14 @@ async def test_notify_reaches_a_peer_of_another_daemon(daemon_factory: DaemonFac
         "to": "bob",
         "daemon_id": "beta",
         "event_id": 2,
+        "id": "m-1",
     }
     assert messages(beta) == [{"from": "ann", "to": "bob", "text": "hi", "via": "alpha"}]
     assert messages(alpha) == []
     [(daemon_id, method, path, body)] = alpha_mesh.calls
     assert (daemon_id, method, path) == ("beta", "POST", "/notify")
-    assert json.loads(body) == {"to": "bob", "text": "hi", "from": "ann"}
+    # The id travels with the message, so the receiving daemon can recognise a retry.
+    assert json.loads(body) == {"to": "bob", "text": "hi", "from": "ann", "id": "m-1"}
 
 
 async def test_remote_error_is_passed_back(daemon_factory: DaemonFactory) -> None:
@@ -118,10 +122,13 @@ async def test_forwarded_request_is_json_with_its_content_type(
     with trio.fail_after(10):
         alpha = await daemon_factory(daemon_id="alpha", mesh=mesh)
         response = await alpha.request("POST", "/notify", json_body={"to": "bob@beta", "text": "x"})
-    assert response.json() == {"delivered": True, "to": "bob", "daemon_id": "beta"}
+    answer = response.json()
+    message_id = answer.pop("id")
+    assert answer == {"delivered": True, "to": "bob", "daemon_id": "beta"}
     [(_, _, _, body, headers)] = mesh.calls
     assert ("Content-Type", "application/json") in headers
-    assert json.loads(body) == {"to": "bob", "text": "x", "from": None}
+    # A generated id travels too, and the sender is told it.
+    assert json.loads(body) == {"to": "bob", "text": "x", "from": None, "id": message_id}
 
 
 @pytest.mark.parametrize(
@@ -143,10 +150,10 @@ async def test_mesh_errors_map_to_statuses(
     with trio.fail_after(10):
         alpha = await daemon_factory(daemon_id="alpha", mesh=ScriptedMesh(handler))
         response = await alpha.request(
-            "POST", "/notify", json_body={"to": "bob@beta", "text": "hi"}
+            "POST", "/notify", json_body={"to": "bob@beta", "text": "hi", "id": "m-1"}
         )
     assert response.status == status
-    assert response.json() == {"error": code, "detail": f"Mesh said {code}."}
+    assert response.json() == {"error": code, "detail": f"Mesh said {code}.", "id": "m-1"}
 
 
 def test_mesh_error_refuses_unknown_codes() -> None:
@@ -185,10 +192,10 @@ async def test_remote_5xx_json_is_passed_back(daemon_factory: DaemonFactory) -> 
     with trio.fail_after(10):
         alpha = await daemon_factory(daemon_id="alpha", mesh=ScriptedMesh(handler))
         response = await alpha.request(
-            "POST", "/notify", json_body={"to": "bob@beta", "text": "hi"}
+            "POST", "/notify", json_body={"to": "bob@beta", "text": "hi", "id": "m-1"}
         )
     assert response.status == 503
-    assert response.json() == {"error": "busy", "detail": "Try later."}
+    assert response.json() == {"error": "busy", "detail": "Try later.", "id": "m-1"}
 
 
 async def test_a_mesh_that_never_answers_times_out(daemon_factory: DaemonFactory) -> None:

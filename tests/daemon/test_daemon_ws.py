@@ -46,7 +46,9 @@ async def test_notify_over_websocket(daemon_factory: DaemonFactory) -> None:
         daemon = await daemon_factory(daemon_id="alpha")
         daemon.state.add_peer("bob")
         async with open_websocket(daemon.address, "/ws") as ws:
-            await send_json(ws, {"type": "notify", "to": "bob", "text": "hi", "from": "ann"})
+            await send_json(
+                ws, {"type": "notify", "to": "bob", "text": "hi", "from": "ann", "id": "m-1"}
+            )
             received = [await receive_json(ws) for _ in range(2)]
     by_type = {m["type"]: m for m in received}
     assert by_type["result"] == {
@@ -57,6 +59,7 @@ async def test_notify_over_websocket(daemon_factory: DaemonFactory) -> None:
         "to": "bob",
         "daemon_id": "alpha",
         "event_id": 2,
+        "id": "m-1",
     }
     assert by_type["event"]["event"]["data"] == {"from": "ann", "to": "bob", "text": "hi"}
 
@@ -77,6 +80,7 @@ async def test_notify_failure_is_a_result_not_a_close(daemon_factory: DaemonFact
         "status": 404,
         "error": "unknown_peer",
         "detail": unknown["detail"],
+        "id": unknown["id"],
     }
     assert disabled["ok"] is False and disabled["error"] == "relay_disabled"
     assert invalid["ok"] is False and invalid["status"] == 400

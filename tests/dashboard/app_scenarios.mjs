@@ -452,7 +452,9 @@ const scenarios = {
 
     await submit({ to: "nobody", message: "hello" });
     const sent = requests("POST", `${base}/notify`).at(-1);
-    assert.deepEqual(sent.body, { to: "nobody", text: "hello" });
+    const { id: firstId, ...firstBody } = sent.body;
+    assert.deepEqual(firstBody, { to: "nobody", text: "hello" });
+    assert.match(firstId, /^[0-9a-f]{32}$/);
     assert.equal(sent.headers["Content-Type"], "application/json");
     assert.equal(
       text("notify-result"),
@@ -460,13 +462,16 @@ const scenarios = {
     );
     assert.equal(byId("notify-text").value, "hello");
     assert.equal(byId("notify-send").disabled, false);
+    // Sending the kept text again is a retry of the same message: same id, delivered once.
+    await submit({ to: "nobody", message: "hello" });
+    assert.equal(requests("POST", `${base}/notify`).at(-1).body.id, firstId);
 
     await submit({ to: " alice@laptop-2 ", message: "hello", from: "me" });
-    assert.deepEqual(requests("POST", `${base}/notify`).at(-1).body, {
-      to: "alice@laptop-2",
-      text: "hello",
-      from: "me",
-    });
+    const { id: otherId, ...otherBody } = requests("POST", `${base}/notify`).at(-1).body;
+    assert.deepEqual(otherBody, { to: "alice@laptop-2", text: "hello", from: "me" });
+    // Other values are another message, with a new id.
+    assert.match(otherId, /^[0-9a-f]{32}$/);
+    assert.notEqual(otherId, firstId);
     assert.equal(text("notify-result"), "Delivered to alice@laptop-2.");
     assert.equal(byId("notify-text").value, "");
 

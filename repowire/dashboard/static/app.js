@@ -13,6 +13,7 @@ import {
   describeFailure,
   describeRelayLink,
   eventsUrl,
+  newMessageId,
   notifyBody,
   pageDaemonId,
   retryDelayMs,
@@ -709,6 +710,11 @@ ui.text.addEventListener("keydown", (event) => {
   }
 });
 
+// The message last sent but not known to be delivered: its form values and its id. Sending the
+// same values again (say, after a 503 while the relay was away) reuses the id, so a message that
+// did arrive after all is not delivered twice.
+let unconfirmed = null;
+
 ui.form.addEventListener("submit", async (event) => {
   event.preventDefault();
   if (ui.send.disabled) return;
@@ -722,13 +728,18 @@ ui.form.addEventListener("submit", async (event) => {
   }
   ui.send.disabled = true;
   showResult("pending", `Sending to ${values.to}…`);
+  const sent = JSON.stringify(values);
+  if (unconfirmed === null || unconfirmed.sent !== sent) {
+    unconfirmed = { sent, id: newMessageId() };
+  }
   try {
     const answer = await request(apiUrl(ROUTES.notify, location.href), {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(notifyBody(values)),
+      body: JSON.stringify(notifyBody(values, unconfirmed.id)),
     });
     if (answer.ok && answer.body?.delivered !== false) {
+      unconfirmed = null;
       showResult("ok", `Delivered to ${values.to}.`);
       // Only a delivered message is cleared: after an error the text is still there to retry.
       ui.text.value = "";

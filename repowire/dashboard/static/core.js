@@ -314,7 +314,17 @@ export function validateNotify({ to, text: body, from }) {
   return null;
 }
 
-/** The JSON body of POST ../notify for the form's values (`from` only when given). */
-export function notifyBody({ to, text: body, from }) {
-  return from === "" ? { to, text: body } : { to, text: body, from };
+/** The JSON body of POST ../notify for the form's values (`from` only when given), with the
+ * message `id` when one is given. */
+export function notifyBody({ to, text: body, from }, id) {
+  const out = from === "" ? { to, text: body } : { to, text: body, from };
+  if (id !== undefined) out.id = id;
+  return out;
+}
+
+/** A new message id for POST ../notify: 128 random bits as 32 hex digits. Sending a message
+ * again with the same id is a safe retry: the daemon delivers it once. */
+export function newMessageId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
