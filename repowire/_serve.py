@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 from collections.abc import Mapping
 
 import attrs
@@ -12,6 +14,7 @@ import trio
 from connector import Connector, ConnectorConfig
 
 from . import __version__
+from ._runtime import RuntimeRecord, acquire_home
 from .config import Settings
 from .daemon import DaemonState, create_app, serve_daemon
 from .dashboard import STATIC_DIR
@@ -78,17 +81,39 @@ async def run_daemon(
 
 
 async def serve(settings: Settings) -> None:
-    """The `repowire serve` command: run until SIGTERM or SIGINT."""
+    """The `repowire serve` command: run until SIGTERM or SIGINT.
+
+    Holds the home's daemon lock for its whole run and publishes the runtime file
+    (``<home>/daemon.json``) once the listener is bound; removes it on the way out.
+
+    Raises :class:`~repowire._runtime.DaemonAlreadyRunning` (before binding anything) when a
+    daemon of the same home is running, OSError when the address cannot be bound.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    async with trio.open_nursery() as nursery:
-        (host, port), connector = await nursery.start(run_daemon, settings)
-        print(f"repowire daemon {settings.daemon.daemon_id} listening on http://{host}:{port}")
-        print(f"dashboard: http://{host}:{port}/dashboard/")
-        if connector is not None:
-            print(f"relay access on: connecting to {settings.relay.url}")
-        else:
-            print("relay access off (repowire setup --relay to turn it on)")
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                break
-        nursery.cancel_scope.cancel()
+    # In a thread: the claim may retry for a moment while a reader tests the lock.
+    claim = await trio.to_thread.run_sync(acquire_home, settings.home)
+    try:
+        async with trio.open_nursery() as nursery:
+            (host, port), connector = await nursery.start(run_daemon, settings)
+            record = RuntimeRecord(
+                pid=os.getpid(),
+                host=host,
+                port=port,
+                daemon_id=settings.daemon.daemon_id,
+                started_at=time.time(),
+                version=__version__,
+            )
+            await trio.to_thread.run_sync(claim.publish, record)
+            print(f"repowire daemon {settings.daemon.daemon_id} listening on http://{host}:{port}")
+            print(f"dashboard: http://{host}:{port}/dashboard/")
+            if connector is not None:
+                print(f"relay access on: connecting to {settings.relay.url}")
+            else:
+                print("relay access off (repowire setup --relay to turn it on)")
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        # Synchronous on purpose: it must also run while cancelled, and it is two file calls.
+        claim.release()

@@ -16,6 +16,7 @@ Exit codes (also in ``repowire --help``):
       for ``status``: the relay link is connecting or down
 2     ``status``: the daemon is not running (or not answering)
 3     configuration error: a malformed config file or environment variable
+4     ``serve``: a daemon from this home is already running (its pid and URL are named)
 64    usage error: unknown command or flag, or a bad flag value
 130   interrupted (Ctrl-C), except ``serve``, for which Ctrl-C is the normal way to stop (0)
 ====  =====================================================================================
@@ -23,6 +24,10 @@ Exit codes (also in ``repowire --help``):
 Every error is one line on stderr; no command prints a traceback (set ``REPOWIRE_DEBUG=1`` to
 see one for an unexpected error). No command prints an API key, except ``relay keys create``,
 whose purpose is to hand out a new key once.
+
+Which daemon ``status`` asks: the one named by ``--host``/``--port`` when given; else the one
+this home's ``repowire serve`` recorded in ``<home>/daemon.json`` (see :mod:`repowire._runtime`),
+when it is still running; else the configured address (config file, environment, defaults).
 
 The parsing and printing here are thin; the work is done by functions that take plain values
 and can be tested on their own: :func:`setup_relay`, :func:`obtain_api_key`,
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import importlib
 import importlib.metadata
 import ipaddress
@@ -54,6 +60,14 @@ import repowire
 from relay._keys import looks_like_key, mask_key
 
 from ._httpclient import HttpError, request_json
+from ._runtime import (
+    DaemonAlreadyRunning,
+    RuntimeInfo,
+    RuntimeState,
+    already_running_message,
+    local_url,
+    read_runtime,
+)
 from .config import (
     DAEMON_ID_PATTERN,
     ENV_API_KEY,
@@ -77,6 +91,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_DAEMON_NOT_RUNNING = 2
 EXIT_CONFIG = 3
+EXIT_ALREADY_RUNNING = 4
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
 
@@ -95,12 +110,18 @@ ENV_DEBUG = "REPOWIRE_DEBUG"
 
 RELAY_STATES = ("connected", "connecting", "down", "disabled")
 
+#: Where ``status`` took the daemon's address from (``status --json``: ``daemon.source``).
+SOURCE_FLAGS = "flags"
+SOURCE_RUNTIME_FILE = "runtime_file"
+SOURCE_CONFIG = "config"
+
 _EXIT_CODES_HELP = """\
 exit codes:
   0    success; status: relay connected, or relay access disabled
   1    the command failed; status: relay connecting or down
   2    status: the daemon is not running
   3    configuration error (config file or environment variable)
+  4    serve: a daemon from this home is already running
   64   usage error (unknown command or flag, bad value)
   130  interrupted (serve: Ctrl-C exits 0)
 """
@@ -422,6 +443,27 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 
 
 @attrs.frozen(kw_only=True)
+class DaemonTarget:
+    """Which daemon to talk to, and how that was decided.
+
+    ``source`` is :data:`SOURCE_FLAGS`, :data:`SOURCE_RUNTIME_FILE` or :data:`SOURCE_CONFIG`.
+    ``runtime`` is what the home's runtime file said (whatever the source). ``expected_id``
+    is the daemon id the runtime file recorded: the daemon must answer ``/health`` with it.
+    """
+
+    url: str
+    source: str
+    runtime: RuntimeInfo
+    expected_id: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The daemon's pid, when it came from the runtime file."""
+        record = self.runtime.record
+        return record.pid if self.source == SOURCE_RUNTIME_FILE and record is not None else None
+
+
+@attrs.frozen(kw_only=True)
 class StatusReport:
     """The relay configuration and, when the daemon answered, its ``/health`` document."""
 
@@ -430,23 +472,63 @@ class StatusReport:
     daemon_url: str
     health: Mapping[str, Any] | None
     daemon_error: str | None
+    target: DaemonTarget
 
 
 def daemon_base_url(daemon: DaemonConfig) -> str:
     """``http://host:port`` for reaching the daemon (a wildcard listen address means loopback)."""
-    host = daemon.host
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{daemon.port}"
+    return local_url(daemon.host, daemon.port)
 
 
-def collect_status(settings: Settings, *, timeout: float = DAEMON_REQUEST_TIMEOUT) -> StatusReport:
-    """Ask the daemon for ``GET /health``; never raises for a daemon that is down or odd."""
-    base = daemon_base_url(settings.daemon)
+def locate_daemon(
+    settings: Settings, runtime: RuntimeInfo, *, flags_given: bool = False
+) -> DaemonTarget:
+    """Where the daemon is: the flags' address when ``flags_given``; else the running daemon
+    recorded in the home's runtime file; else the configured address. Reads nothing itself."""
+    if flags_given:
+        return DaemonTarget(
+            url=daemon_base_url(settings.daemon), source=SOURCE_FLAGS, runtime=runtime
+        )
+    if runtime.state is RuntimeState.RUNNING and runtime.record is not None:
+        return DaemonTarget(
+            url=runtime.record.url,
+            source=SOURCE_RUNTIME_FILE,
+            runtime=runtime,
+            expected_id=runtime.record.daemon_id,
+        )
+    return DaemonTarget(url=daemon_base_url(settings.daemon), source=SOURCE_CONFIG, runtime=runtime)
+
+
+def _not_running_note(target: DaemonTarget) -> str:
+    """What the runtime file adds to "not running", e.g. a stale file that was ignored."""
+    runtime = target.runtime
+    if target.source == SOURCE_FLAGS:
+        return ""
+    if runtime.state is RuntimeState.STALE:
+        left_by = f" left by pid {runtime.pid}" if runtime.pid is not None else ""
+        return f" (ignored the stale runtime file {runtime.path}{left_by})"
+    if runtime.state is RuntimeState.STARTING:
+        pid = f" (pid {runtime.pid})" if runtime.pid is not None else ""
+        return f" (a daemon from this home{pid} is starting; try again in a moment)"
+    if runtime.state is RuntimeState.UNREADABLE:
+        return f" (could not read this home's runtime files: {_one_line(str(runtime.detail))})"
+    return ""
+
+
+def collect_status(
+    settings: Settings,
+    *,
+    target: DaemonTarget | None = None,
+    timeout: float = DAEMON_REQUEST_TIMEOUT,
+) -> StatusReport:
+    """Ask the daemon at ``target`` for ``GET /health``; never raises for a daemon that is
+    down or odd. ``target`` defaults to :func:`locate_daemon` without flags.
+
+    Blocks for at most about ``timeout`` seconds (reading the runtime file never waits).
+    """
+    if target is None:
+        target = locate_daemon(settings, read_runtime(settings.home))
+    base = target.url
     health: Mapping[str, Any] | None = None
     error: str | None = None
     try:
@@ -454,21 +536,36 @@ def collect_status(settings: Settings, *, timeout: float = DAEMON_REQUEST_TIMEOU
             "GET", base + "/health", body=None, bearer=None, ca_file=None, timeout=timeout
         )
     except HttpError as exc:
-        if exc.unreachable:
-            error = f"the daemon is not running at {base}; start it with 'repowire serve'"
+        if exc.unreachable and target.source == SOURCE_RUNTIME_FILE:
+            error = (
+                f"the daemon from this home (pid {target.pid}) is running but not answering "
+                f"at {base}"
+            )
+        elif exc.unreachable:
+            error = (
+                f"the daemon is not running at {base}{_not_running_note(target)}; "
+                "start it with 'repowire serve'"
+            )
         else:
             error = f"the daemon at {base} is not answering properly: {_one_line(str(exc))}"
     else:
-        if status == 200:
-            health = answer
-        else:
+        answered_id = answer.get("daemon_id")
+        if status != 200:
             error = f"the daemon at {base} answered /health with {status}: {_detail(answer)}"
+        elif target.expected_id is not None and answered_id != target.expected_id:
+            error = (
+                f"the daemon at {base} answered as {_one_line(str(answered_id), 80)!r}, not as "
+                f"{target.expected_id!r} recorded in {target.runtime.path}"
+            )
+        else:
+            health = answer
     return StatusReport(
         settings=settings,
         config_exists=settings.config_path.exists(),
         daemon_url=base,
         health=health,
         daemon_error=error,
+        target=target,
     )
 
 
@@ -555,6 +652,7 @@ def render_status(report: StatusReport, now: float) -> list[str]:
         for part in (
             f"id {_one_line(str(daemon_id))}" if daemon_id else "",
             f"version {_one_line(str(version))}" if version else "",
+            f"pid {report.target.pid}" if report.target.pid is not None else "",
         )
         if part
     )
@@ -616,6 +714,12 @@ def status_document(report: StatusReport) -> dict[str, Any]:
         },
         "daemon": {
             "url": report.daemon_url,
+            "source": report.target.source,
+            "pid": report.target.pid,
+            "runtime_file": {
+                "path": str(report.target.runtime.path),
+                "state": report.target.runtime.state.value,
+            },
             "running": health is not None,
             "daemon_id": None if health is None else _redacted(health.get("daemon_id")),
             "version": None if health is None else _redacted(health.get("version")),
@@ -627,9 +731,13 @@ def status_document(report: StatusReport) -> dict[str, Any]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    home = repowire_home()
     overrides = Overrides(daemon_host=args.host, daemon_port=args.port)
-    settings = load_settings(repowire_home(), overrides)
-    report = collect_status(settings)
+    settings = load_settings(home, overrides)
+    flags_given = args.host is not None or args.port is not None
+    report = collect_status(
+        settings, target=locate_daemon(settings, read_runtime(home), flags_given=flags_given)
+    )
     code = status_exit_code(report)
     if args.json:
         print(json.dumps(status_document(report), indent=2, sort_keys=False))
@@ -675,7 +783,24 @@ def _attribute(module: Any, name: str, what: str) -> Any:
         ) from None
 
 
+def _serve_error(exc: OSError, settings: Settings) -> CommandError:
+    message = f"cannot serve: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        where = daemon_base_url(settings.daemon)
+        message += (
+            f" ({where} is taken by another program, perhaps a daemon of another home; "
+            "choose another port with --port)"
+        )
+    return CommandError(message)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    home = repowire_home()
+    # At once, before the config is touched or a key is registered. serve() checks again,
+    # race-free, when it takes the home's lock.
+    running = read_runtime(home)
+    if running.alive:
+        raise CommandError(already_running_message(running), exit_code=EXIT_ALREADY_RUNNING)
     enabled: bool | None = None
     if args.relay:
         enabled = True
@@ -688,7 +813,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         daemon_port=args.port,
         daemon_id=args.daemon_id,
     )
-    settings = load_settings(repowire_home(), overrides)
+    settings = load_settings(home, overrides)
     if settings.relay.enabled and settings.relay.api_key is None:
         try:
             key = obtain_api_key(settings)
@@ -708,9 +833,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Ctrl-C is how a foreground daemon is stopped: not an error.
         return EXIT_OK
+    except DaemonAlreadyRunning as exc:
+        raise CommandError(str(exc), exit_code=EXIT_ALREADY_RUNNING) from None
     except OSError as exc:
-        raise CommandError(f"cannot serve: {exc.strerror or exc}") from None
+        raise _serve_error(exc, settings) from None
+    except BaseExceptionGroup as group:
+        # A failed bind surfaces from the daemon's nursery wrapped in a group.
+        os_errors, rest = group.split(OSError)
+        if rest is not None or os_errors is None:
+            raise
+        first = _first_leaf(os_errors)
+        if not isinstance(first, OSError):
+            raise
+        raise _serve_error(first, settings) from None
     return EXIT_OK
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any]:
@@ -1076,15 +1217,24 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show relay configuration and the daemon's live relay state",
         description="Show the relay configuration and the running daemon's relay link state "
-        "(connected, connecting, down or disabled).",
+        "(connected, connecting, down or disabled).\n\nThe daemon asked is the one given by "
+        "--host/--port, else the one this home's 'repowire serve' is running\n(recorded in "
+        "$REPOWIRE_HOME/daemon.json), else the configured address.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
     )
     status.add_argument("--json", action="store_true", help="print one JSON document")
-    status.add_argument("--host", metavar="H", help="the daemon's address (default: as configured)")
     status.add_argument(
-        "--port", type=_port_arg, metavar="P", help="the daemon's port (default: as configured)"
+        "--host",
+        metavar="H",
+        help="the daemon's address (default: the running daemon of this home, else as configured)",
+    )
+    status.add_argument(
+        "--port",
+        type=_port_arg,
+        metavar="P",
+        help="the daemon's port (default: the running daemon of this home, else as configured)",
     )
     status.set_defaults(handler=_cmd_status)
 
@@ -1092,7 +1242,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the local daemon (with the relay connector when enabled)",
         description="Run the local daemon in the foreground; Ctrl-C stops it. With relay "
-        "access enabled and no API key configured, one is obtained from the relay first.",
+        "access enabled and no API key configured, one is obtained from the relay first.\n\n"
+        "One daemon per home: while it runs it is recorded in $REPOWIRE_HOME/daemon.json\n"
+        "(pid, address, daemon id; no secret), and a second 'serve' in the same home is "
+        "refused (exit code 4).",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
