@@ -15,11 +15,13 @@ from typing import Any
 
 import trio
 
+from ._asgi_guard import AsgiGuard, ResponseSequenceError
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._daemon_link import handle_daemon_link
+from ._keys import hash_secret
 from ._links import DaemonLink
-from ._tunnel import deny_websocket, refuse, tunnel_http, tunnel_websocket
+from ._tunnel import deny_websocket, refuse_early, send_json, tunnel_http, tunnel_websocket
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
@@ -27,6 +29,23 @@ _ROOT_ONLY = ("/", "/auth", "/health", "/metrics")
 #: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
 #: exists but is not registered yet) before the relay answers 503.
 LINK_ARRIVAL_WAIT = 5.0
+#: What the browser is told when its access ends mid-request (``LiveRequest.ended_by``).
+ACCESS_ENDED = {"revoked": "access revoked", "signed_out": "signed out"}
+#: WebSocket close code for a WebSocket whose access ended (policy violation).
+WS_ACCESS_ENDED = 1008
+
+
+async def reject(
+    scope: dict[str, Any], receive: Receive, send: Send, status: int, code: str, detail: str
+) -> None:
+    """Refuse a request the relay will not serve, WebSocket or HTTP alike: an HTTP ``status``
+    with a JSON body ``{"error": code, "detail": detail}`` (a WebSocket upgrade is denied
+    with it, where the server lets the app answer the handshake with HTTP)."""
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect
+        await deny_websocket(send, scope, status, code, detail)
+    else:
+        await refuse_early(scope, send, status, code, detail)
 
 
 def _owned(path: str, *, at_root: bool) -> bool:
@@ -53,6 +72,9 @@ class RelayApp:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self._quart = create_web_app(relay)
+        # Everything, the Quart pages included, runs behind the guard: nothing one request
+        # does can reach hypercorn as an exception or an invalid message sequence.
+        self._guarded = AsgiGuard(self.route)
 
     async def web(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         """The Quart app of the relay's own routes (typed loosely: ASGI dicts pass through)."""
@@ -60,6 +82,10 @@ class RelayApp:
         await app(scope, receive, send)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await self._guarded(scope, receive, send)
+
+    async def route(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """Route one request (unguarded: call the app itself)."""
         kind = scope["type"]
         if kind == "lifespan":
             await self.web(scope, receive, send)
@@ -70,11 +96,7 @@ class RelayApp:
             return
         if _head_size(scope) > self.relay.settings.max_header_size:
             detail = f"Request heads are limited to {self.relay.settings.max_header_size} bytes."
-            if kind == "websocket":
-                await receive()
-                await deny_websocket(send, scope, 431, "header_too_large", detail)
-            else:
-                await refuse(send, receive, 431, "header_too_large", detail, close=True)
+            await reject(scope, receive, send, 431, "header_too_large", detail)
             return
         daemon_id: str | None = None
         rest = path
@@ -108,25 +130,16 @@ class RelayApp:
         relay = self.relay
         websocket = scope["type"] == "websocket"
         headers = scope["headers"]
+        session_id = relay.session_id_from(headers)
         session = relay.browser_session(headers)
-        if session is None:
-            if websocket:
-                await receive()
-                await deny_websocket(
-                    send, scope, 401, "unauthorized", "Sign in on the relay first."
-                )
-            else:
-                await refuse(send, receive, 401, "unauthorized", "Sign in on the relay first.")
+        if session is None or session_id is None:
+            await reject(scope, receive, send, 401, "unauthorized", "Sign in on the relay first.")
             return
         state_changing = not websocket and scope["method"] not in ("GET", "HEAD", "OPTIONS")
         if (websocket or state_changing) and not relay.origin_allowed(
             headers, scope.get("scheme", "http")
         ):
-            if websocket:
-                await receive()
-                await deny_websocket(send, scope, 403, "bad_origin", "Cross-site request refused.")
-            else:
-                await refuse(send, receive, 403, "bad_origin", "Cross-site request refused.")
+            await reject(scope, receive, send, 403, "bad_origin", "Cross-site request refused.")
             return
         link = self._link_for(session.scope_id, daemon_id)
         if link is None and relay.links.is_arriving(session.scope_id, daemon_id):
@@ -136,18 +149,35 @@ class RelayApp:
             link = self._link_for(session.scope_id, daemon_id)
         if link is None:
             missing = self._offline_detail(session.scope_id, daemon_id)
-            if websocket:
-                await receive()
-                await deny_websocket(send, scope, 503, "daemon_offline", missing)
-            else:
-                await refuse(send, receive, 503, "daemon_offline", missing)
+            await reject(scope, receive, send, 503, "daemon_offline", missing)
             return
         query = scope.get("query_string") or b""
         target = raw_path + (b"?" + query if query else b"")
-        if websocket:
-            await tunnel_websocket(relay, scope, receive, send, link, target)
-        else:
-            await tunnel_http(relay, scope, receive, send, link, target)
+        # Registered by the session's digest (the raw id is never kept) and its key, so that
+        # revoking the key or signing out cancels this request at once.
+        with relay.live_access.hold(hash_secret(session_id), session.key_id) as live:
+            with live.cancel_scope:
+                if websocket:
+                    await tunnel_websocket(
+                        relay, scope, receive, send, link, target, session.scope_id
+                    )
+                else:
+                    await tunnel_http(relay, scope, receive, send, link, target, session.scope_id)
+            if live.ended_by is not None:
+                await self._access_ended(scope, send, live.ended_by)
+
+    async def _access_ended(self, scope: dict[str, Any], send: Send, why: str) -> None:
+        """Tell the browser its access ended mid-request: a WebSocket is closed with 1008, a
+        response not started yet becomes 401 JSON; a started one stays aborted (the guard
+        closes its connection)."""
+        reason = ACCESS_ENDED.get(why, "access ended")
+        try:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": WS_ACCESS_ENDED, "reason": reason})
+            else:
+                await send_json(send, 401, "access_ended", f"Access ended: {reason}.", close=True)
+        except ResponseSequenceError:
+            pass  # too late for an answer: the response had started (or the socket closed)
 
     def _link_for(self, scope_id: str, daemon_id: str | None) -> DaemonLink | None:
         links = self.relay.links

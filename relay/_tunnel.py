@@ -8,8 +8,11 @@ on the stream and relays messages and close codes to the browser's ASGI connecti
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import h11
@@ -23,7 +26,7 @@ from mux import MuxStream, SessionClosed
 from protocol import ErrorCode
 
 from ._asgi_transport import Receive, Send
-from ._context import Relay
+from ._context import Relay, header
 from ._links import DaemonLink
 
 log = logging.getLogger("repowire.relay")
@@ -48,9 +51,19 @@ DROPPED_REQUEST_HEADERS = frozenset(
         b"authorization",
         b"cookie",
         b"host",
+        # Client-address headers: a browser could forge them; the relay sets its own.
+        b"forwarded",
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-ssl",
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
         b"repowire-mesh-from",
         b"sec-websocket-key",
         b"sec-websocket-version",
@@ -73,6 +86,9 @@ DROPPED_RESPONSE_HEADERS = frozenset(
     }
 )
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: Methods forwarded without a request body unless the browser declared its length: h11 will
+#: not send a chunked body for them, so such a request is refused with 400 before a stream.
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 def json_body(error: str, detail: str) -> bytes:
@@ -82,6 +98,8 @@ def json_body(error: str, detail: str) -> bytes:
 async def send_json(
     send: Send, status: int, error: str, detail: str, *, close: bool = False
 ) -> None:
+    """A whole JSON error answer; ``close`` asks the browser to close the connection after
+    it (the request body was not read: the connection cannot carry another request)."""
     body = json_body(error, detail)
     headers = [
         (b"content-type", b"application/json"),
@@ -94,50 +112,36 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
-#: Seconds an early answer goes on reading (and dropping) the rest of the request body.
-DISCARD_TIMEOUT = 5.0
+def has_request_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request announces a body (chunked, or a non-zero Content-Length)."""
+    if header(headers, b"transfer-encoding") is not None:
+        return True
+    length = header(headers, b"content-length")
+    return length is not None and length.strip() not in (b"0", b"")
 
 
-async def discard_request_body(receive: Receive) -> None:
-    """Read and drop what is left of the request body.
+async def refuse(send: Send, status: int, error: str, detail: str, *, close: bool = False) -> None:
+    """Answer a request without tunneling it: a JSON error, before its body is read.
 
-    hypercorn queues body chunks for the application and blocks once its queue is full; an
-    application that answers early and stops reading would leave the connection stuck forever.
-    Bounded by :data:`DISCARD_TIMEOUT`.
+    hypercorn closes the connection after an answer to a request whose body is unread; with
+    ``close`` the answer says so (``Connection: close``) so the browser stops sending at once.
+    The unread body is drained by the ASGI guard (:mod:`relay._asgi_guard`) while the answer
+    goes out, and no longer.
     """
-    with trio.move_on_after(DISCARD_TIMEOUT):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect" or not message.get("more_body", False):
-                return
+    await send_json(send, status, error, detail, close=close)
 
 
-async def send_draining(send: Send, receive: Receive, *messages: dict[str, Any]) -> None:
-    """Send the end of a response while reading and dropping what is left of the request.
-
-    Completing a response makes hypercorn queue ``http.disconnect`` for the application; if
-    unread body chunks have filled its queue, that put (and so our send) would block forever
-    unless something reads at the same time.
-    """
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(discard_request_body, receive)
-        for message in messages:
-            await send(message)
-
-
-async def refuse(
-    send: Send, receive: Receive, status: int, error: str, detail: str, *, close: bool = False
+async def refuse_early(
+    scope: dict[str, Any], send: Send, status: int, error: str, detail: str
 ) -> None:
-    """Answer a request without tunneling it: a JSON error while the body is read and dropped."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(discard_request_body, receive)
-        await send_json(send, status, error, detail, close=close)
+    """:func:`refuse`, closing the connection if the request announced a body."""
+    await refuse(send, status, error, detail, close=has_request_body(scope["headers"]))
 
 
-async def refuse_too_large(send: Send, receive: Receive, limit: int) -> None:
+async def refuse_too_large(send: Send, limit: int) -> None:
     """413 for a body over ``limit``; the connection closes rather than read the rest."""
     detail = f"Request bodies are limited to {limit} bytes."
-    await refuse(send, receive, 413, "body_too_large", detail, close=True)
+    await refuse(send, 413, "body_too_large", detail, close=True)
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -158,11 +162,26 @@ def forwarded_headers(relay: Relay, scope: dict[str, Any]) -> list[tuple[bytes, 
     dropped = DROPPED_REQUEST_HEADERS | connection_tokens(headers)
     out = [(k, v) for k, v in headers if k.lower() not in dropped]
     host = next((v for k, v in headers if k.lower() == b"host"), b"")
+    proto = b"https" if secure else b"http"
     out.append((b"x-forwarded-for", address.encode("latin-1")))
-    out.append((b"x-forwarded-proto", b"https" if secure else b"http"))
+    out.append((b"x-forwarded-proto", proto))
     if host:
         out.append((b"x-forwarded-host", host))
+    out.append((b"forwarded", _forwarded_value(address, proto, host)))
     return out
+
+
+def _forwarded_value(address: str, proto: bytes, host: bytes) -> bytes:
+    """RFC 7239 ``Forwarded`` from what the relay knows: ``for=...;proto=...;host=...``."""
+    node = address
+    if ":" in node:  # an IPv6 address is quoted and bracketed (RFC 7239 section 6)
+        node = f'"[{node}]"'
+    parts = [b"for=" + node.encode("latin-1"), b"proto=" + proto]
+    if host:
+        # A quoted string: a host with a port has a colon, not allowed in a token.
+        safe = host.replace(b"\\", b"").replace(b'"', b"")
+        parts.append(b'host="' + safe + b'"')
+    return b";".join(parts)
 
 
 async def open_tunnel_stream(link: DaemonLink, kind: str) -> MuxStream | None:
@@ -175,6 +194,65 @@ async def open_tunnel_stream(link: DaemonLink, kind: str) -> MuxStream | None:
 # ---------------------------------------------------------------------- HTTP
 
 
+class TunnelRefused(Exception):
+    """A tunneled request cannot get a stream: ``status``, ``error`` and ``detail`` are the
+    answer the browser gets (503 ``daemon_offline``, ``daemon_busy`` or ``too_many_streams``)."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@contextmanager
+def scope_stream_slot(relay: Relay, scope_id: str) -> Iterator[None]:
+    """Hold one of the scope's stream slots (``relay.scope_streams``) for the block; raises
+    :class:`TunnelRefused` (503 ``too_many_streams``) if the scope holds its quota."""
+    counter = relay.scope_streams
+    if not counter.try_take(scope_id):
+        raise TunnelRefused(
+            503,
+            "too_many_streams",
+            f"This key's daemons already have {counter.limit} requests open at once "
+            "(the relay's per-key limit); try again when some have finished.",
+        )
+    try:
+        yield
+    finally:
+        counter.give_back(scope_id)
+
+
+async def open_daemon_stream(relay: Relay, link: DaemonLink) -> MuxStream:
+    """Open a stream to ``link``'s daemon within ``settings.stream_open_timeout``. Raises
+    :class:`TunnelRefused`: 503 ``daemon_busy`` if every stream slot of the link stays taken
+    that long, 503 ``daemon_offline`` if the link is closing."""
+    timeout = relay.settings.stream_open_timeout
+    stream: MuxStream | None = None
+    with trio.move_on_after(timeout):
+        stream = await open_tunnel_stream(link, "http")
+        if stream is None:
+            raise TunnelRefused(503, "daemon_offline", "The daemon's link just closed; try again.")
+    if stream is None:
+        raise TunnelRefused(
+            503,
+            "daemon_busy",
+            f"The daemon has no free stream for {timeout:g} s: it is carrying as many "
+            "requests as its link allows. Try again shortly.",
+        )
+    return stream
+
+
+def framing_problem(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why the request's body framing cannot be forwarded as it is, or None."""
+    chunked = header(headers, b"transfer-encoding") is not None
+    if chunked and header(headers, b"content-length") is not None:
+        return "Content-Length together with Transfer-Encoding is ambiguous."
+    if chunked and method in BODYLESS_METHODS:
+        return f"A {method} request with a chunked body is not forwarded."
+    return None
+
+
 async def tunnel_http(
     relay: Relay,
     scope: dict[str, Any],
@@ -182,34 +260,59 @@ async def tunnel_http(
     send: Send,
     link: DaemonLink,
     target: bytes,
+    scope_id: str,
 ) -> None:
-    """Carry one HTTP request to ``link``'s daemon and its response back."""
+    """Carry one HTTP request to ``link``'s daemon and its response back. ``scope_id`` is the
+    scope whose stream quota the request counts against."""
     method: str = scope["method"]
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     limit = relay.settings.max_body_size
-    declared = next((v for k, v in headers if k.lower() == b"content-length"), None)
+    problem = framing_problem(method, headers)
+    if problem is not None:
+        await refuse(send, 400, "bad_request", problem, close=True)
+        return
+    declared = header(headers, b"content-length")
     if declared is not None:
         try:
             declared_size = int(declared)
         except ValueError:
-            await refuse(send, receive, 400, "bad_request", "Content-Length is not a number.")
+            await refuse(send, 400, "bad_request", "Content-Length is not a number.")
             return
         if declared_size > limit:
-            await refuse_too_large(send, receive, limit)
+            await refuse_too_large(send, limit)
             return
-    stream = await open_tunnel_stream(link, "http")
-    if stream is None:
-        await refuse(
-            send, receive, 503, "daemon_offline", "The daemon's link just closed; try again."
-        )
-        return
-    relay.metrics.streams_total.labels("http").inc()
-    relay.metrics.streams_open.inc()
     try:
-        await _exchange(relay, scope, receive, send, stream, method, target, declared is not None)
-    finally:
-        relay.metrics.streams_open.dec()
-        await trio.aclose_forcefully(stream)
+        with scope_stream_slot(relay, scope_id):
+            stream = await open_daemon_stream(relay, link)
+            relay.metrics.streams_total.labels("http").inc()
+            relay.metrics.streams_open.inc()
+            try:
+                exchange = HttpExchange(relay, scope, receive, send, stream, target)
+                await exchange.run(has_length=declared is not None)
+            except BaseException:
+                # Cancelled (access revoked, the relay stopping) or failed: the daemon's side
+                # learns at once, rather than reading an orderly end of the request.
+                stream.reset(ErrorCode.CANCEL)
+                raise
+            finally:
+                relay.metrics.streams_open.dec()
+                await trio.aclose_forcefully(stream)
+    except TunnelRefused as refused:
+        await refuse_early(scope, send, refused.status, refused.error, refused.detail)
+
+
+class ExchangeState(enum.Enum):
+    """Where one tunneled HTTP exchange is, towards the browser."""
+
+    #: No part of a response has been sent to the browser.
+    REQUEST = enum.auto()
+    #: The response head is out (set before the send: a cancelled send may still have
+    #: reached hypercorn); only body may follow.
+    RESPONSE_STARTED = enum.auto()
+    #: The whole response has been sent.
+    RESPONSE_ENDED = enum.auto()
+    #: The response cannot complete; the browser sees its connection end.
+    ABORTED = enum.auto()
 
 
 class _BodyTooLarge(Exception):
@@ -220,44 +323,113 @@ class _BodyTimeout(Exception):
     pass
 
 
-async def _exchange(
-    relay: Relay,
-    scope: dict[str, Any],
-    receive: Receive,
-    send: Send,
-    stream: MuxStream,
-    method: str,
-    target: bytes,
-    has_length: bool,
-) -> None:
-    conn = h11.Connection(h11.CLIENT)
-    out_headers = forwarded_headers(relay, scope)
-    out_headers.insert(0, (b"host", b"repowire-daemon"))
-    out_headers.append((b"connection", b"close"))
-    if method not in ("GET", "HEAD", "OPTIONS", "DELETE") and not has_length:
-        out_headers.append((b"transfer-encoding", b"chunked"))
-    request = h11.Request(method=method, target=target, headers=out_headers)
-    response_started = False
-    browser_gone = False
-    request_read = False  # the whole request body has been read from hypercorn
-    metrics = relay.metrics
-    limit = relay.settings.max_body_size
-    body_timeout = relay.settings.body_timeout
+class HttpExchange:
+    """One HTTP request tunneled over ``stream``: the request (head, body) goes up, the
+    response comes down, each in its own task, while :attr:`state` says what the browser has
+    been sent. :meth:`run` never raises for a failure of the daemon, the stream or the
+    browser; it answers, or aborts the response, as :attr:`state` allows."""
 
-    async def upload(cancel: trio.CancelScope) -> None:
-        nonlocal browser_gone, request_read
+    def __init__(
+        self,
+        relay: Relay,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        stream: MuxStream,
+        target: bytes,
+    ) -> None:
+        self.relay = relay
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.target = target
+        self._receive = receive
+        self._send = send
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+        self.state = ExchangeState.REQUEST
+        #: The browser went away (hypercorn reported ``http.disconnect``).
+        self.browser_gone = False
+        #: The whole request body has been read from hypercorn.
+        self.request_read = False
+
+    async def run(self, *, has_length: bool) -> None:
+        out_headers = forwarded_headers(self.relay, self.scope)
+        out_headers.insert(0, (b"host", b"repowire-daemon"))
+        out_headers.append((b"connection", b"close"))
+        if self.method not in BODYLESS_METHODS and not has_length:
+            out_headers.append((b"transfer-encoding", b"chunked"))
+        request = h11.Request(method=self.method, target=self.target, headers=out_headers)
+        failure: str | None = None
+        too_large = timed_out = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._upload, request, nursery.cancel_scope)
+                await self._download()
+                nursery.cancel_scope.cancel()
+        except* _BodyTooLarge:
+            too_large = True
+        except* _BodyTimeout:
+            timed_out = True
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as group:
+            failure = str(group.exceptions[0])
+        limit = self.relay.settings.max_body_size
+        if too_large:
+            await self._fail(
+                ErrorCode.CANCEL,
+                413,
+                "body_too_large",
+                f"Request bodies are limited to {limit} bytes.",
+            )
+        elif timed_out:
+            timeout = self.relay.settings.body_timeout
+            await self._fail(
+                ErrorCode.CANCEL,
+                408,
+                "body_timeout",
+                f"No part of the request body arrived for {timeout:g} s.",
+            )
+        elif self.browser_gone:
+            self.stream.reset(ErrorCode.CANCEL)
+        elif failure is not None:
+            log.info("tunnel %s request failed: %s", self.method, failure)
+            await self._fail(
+                ErrorCode.UPSTREAM_FAILED,
+                502,
+                "daemon_failed",
+                "The daemon failed before answering this request.",
+            )
+        elif self.state is ExchangeState.RESPONSE_STARTED:
+            self.state = ExchangeState.RESPONSE_ENDED
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, code: ErrorCode, status: int, error: str, detail: str) -> None:
+        """The exchange cannot complete: reset the daemon's stream; answer the browser with
+        ``status`` if it has been sent nothing yet, else leave its response aborted."""
+        self.stream.reset(code)
+        if self.state is ExchangeState.REQUEST:
+            self.state = ExchangeState.RESPONSE_ENDED
+            await send_json(self._send, status, error, detail, close=not self.request_read)
+        elif self.state is ExchangeState.RESPONSE_STARTED:
+            # Headers are out: the only honest signal left is an aborted response, which is
+            # what the browser sees when this request's task ends without finishing it.
+            self.state = ExchangeState.ABORTED
+
+    async def _upload(self, request: h11.Request, cancel: trio.CancelScope) -> None:
+        conn, stream = self.conn, self.stream
+        metrics = self.relay.metrics
+        limit = self.relay.settings.max_body_size
+        body_timeout = self.relay.settings.body_timeout
         await stream.send_all(conn.send(request) or b"")
-        message: dict[str, Any] | None
         sent = 0
         more = True
         while more:
-            message = None
+            message: dict[str, Any] | None = None
             with trio.move_on_after(body_timeout):
-                message = await receive()
+                message = await self._receive()
             if message is None:
                 raise _BodyTimeout
             if message["type"] == "http.disconnect":
-                browser_gone = True
+                self.browser_gone = True
                 cancel.cancel()
                 return
             body = message.get("body", b"")
@@ -268,30 +440,31 @@ async def _exchange(
                     raise _BodyTooLarge
                 metrics.bytes_to_daemon.inc(len(body))
                 await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-        request_read = True
+        self.request_read = True
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         # The request is complete; wait for the browser to go away (hypercorn reports it here)
         # so a closed tab cancels the daemon's work at once.
         while True:
-            message = await receive()
+            message = await self._receive()
             if message["type"] == "http.disconnect":
-                browser_gone = True
+                self.browser_gone = True
                 cancel.cancel()
                 return
 
-    async def download() -> None:
-        nonlocal response_started
+    async def _download(self) -> None:
+        conn, stream, send = self.conn, self.stream, self._send
+        metrics = self.relay.metrics
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(READ_SIZE)
-                conn.receive_data(data)
+                conn.receive_data(await stream.receive_some(READ_SIZE))
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
                 dropped = DROPPED_RESPONSE_HEADERS | connection_tokens(list(event.headers))
                 response_headers = [(k, v) for k, v in event.headers if k not in dropped]
+                self.state = ExchangeState.RESPONSE_STARTED
                 await send(
                     {
                         "type": "http.response.start",
@@ -299,7 +472,6 @@ async def _exchange(
                         "headers": response_headers,
                     }
                 )
-                response_started = True
             elif isinstance(event, h11.Data):
                 metrics.bytes_from_daemon.inc(len(event.data))
                 await send(
@@ -311,57 +483,14 @@ async def _exchange(
             else:  # ConnectionClosed before the response finished
                 raise h11.RemoteProtocolError("daemon closed the stream mid-response")
 
-    failure: str | None = None
-    too_large = timed_out = False
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload, nursery.cancel_scope)
-            await download()
-            nursery.cancel_scope.cancel()
-    except* _BodyTooLarge:
-        too_large = True
-    except* _BodyTimeout:
-        timed_out = True
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as group:
-        failure = str(group.exceptions[0])
-    if too_large:
-        stream.reset(ErrorCode.CANCEL)
-        if response_started:
-            raise _Aborted("request body over the limit")
-        await refuse_too_large(send, receive, limit)
-        return
-    if timed_out:
-        stream.reset(ErrorCode.CANCEL)
-        if response_started:
-            raise _Aborted("request body stalled")
-        detail = f"No part of the request body arrived for {body_timeout:g} s."
-        await refuse(send, receive, 408, "body_timeout", detail, close=True)
-        return
-    if browser_gone:
-        stream.reset(ErrorCode.CANCEL)
-        return
-    if failure is None:
-        end = {"type": "http.response.body", "body": b"", "more_body": False}
-        if request_read:
-            await send(end)  # nothing left to drain: spare the draining task
-        else:
-            await send_draining(send, receive, end)
-        return
-    log.info("tunnel %s request failed: %s", method, failure)
-    stream.reset(ErrorCode.UPSTREAM_FAILED)
-    if response_started:
-        # Headers are out: the only honest signal left is an aborted response.
-        raise _Aborted(failure)
-    await refuse(
-        send, receive, 502, "daemon_failed", "The daemon failed before answering this request."
-    )
-
-
-class _Aborted(Exception):
-    """Raised into hypercorn to abort a response that cannot complete."""
-
 
 # ---------------------------------------------------------------------- WebSocket
+
+#: Most bytes of a daemon's refusal body (an upgrade answered with an HTTP error) the relay
+#: reads; the browser gets the first 200 characters in the JSON detail anyway.
+MAX_REJECTION_BODY = 64 * 1024
+#: WebSocket close code for a message over ``settings.max_websocket_message_size``.
+WS_MESSAGE_TOO_BIG = 1009
 
 
 async def deny_websocket(
@@ -392,22 +521,28 @@ async def tunnel_websocket(
     send: Send,
     link: DaemonLink,
     target: bytes,
+    scope_id: str,
 ) -> None:
-    """Bridge a browser WebSocket to the daemon over one stream."""
+    """Bridge a browser WebSocket to the daemon over one stream. ``scope_id`` is the scope
+    whose stream quota it counts against."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    stream = await open_tunnel_stream(link, "http")
-    if stream is None:
-        await deny_websocket(send, scope, 503, "daemon_offline", "The daemon is offline.")
-        return
-    relay.metrics.streams_total.labels("websocket").inc()
-    relay.metrics.streams_open.inc()
     try:
-        await _bridge(relay, scope, receive, send, stream, target)
-    finally:
-        relay.metrics.streams_open.dec()
-        await trio.aclose_forcefully(stream)
+        with scope_stream_slot(relay, scope_id):
+            stream = await open_daemon_stream(relay, link)
+            relay.metrics.streams_total.labels("websocket").inc()
+            relay.metrics.streams_open.inc()
+            try:
+                await _bridge(relay, scope, receive, send, stream, target)
+            except BaseException:
+                stream.reset(ErrorCode.CANCEL)  # as for HTTP: the daemon learns at once
+                raise
+            finally:
+                relay.metrics.streams_open.dec()
+                await trio.aclose_forcefully(stream)
+    except TunnelRefused as refused:
+        await deny_websocket(send, scope, refused.status, refused.error, refused.detail)
 
 
 async def _bridge(
@@ -439,7 +574,7 @@ async def _bridge(
         # Read the daemon's answer to the upgrade.
         accepted: ws.AcceptConnection | None = None
         rejection: ws.RejectConnection | None = None
-        rejection_body = b""
+        rejection_body = bytearray()
         while accepted is None:
             data = await stream.receive_some(READ_SIZE)
             if not data:
@@ -451,15 +586,17 @@ async def _bridge(
                 elif isinstance(event, ws.RejectConnection):
                     rejection = event
                 elif isinstance(event, ws.RejectData):
-                    rejection_body += event.data
-                    if event.body_finished:
+                    rejection_body += event.data[: MAX_REJECTION_BODY - len(rejection_body)]
+                    # Read no more than the bound: answer with what has arrived.
+                    if event.body_finished or len(rejection_body) >= MAX_REJECTION_BODY:
                         assert rejection is not None
+                        stream.reset(ErrorCode.CANCEL)
                         await deny_websocket(
                             send,
                             scope,
                             rejection.status_code,
                             "upgrade_refused",
-                            rejection_body.decode("utf-8", "replace")[:200],
+                            bytes(rejection_body).decode("utf-8", "replace")[:200],
                         )
                         return
             if rejection is not None and not rejection.has_body:
@@ -501,9 +638,14 @@ async def _bridge(
                 cancel.cancel()
                 return
 
+    limit = relay.settings.max_websocket_message_size
+
     async def daemon_to_browser(cancel: trio.CancelScope) -> None:
+        # One unfinished message at most, and at most ``limit`` bytes of it: the relay holds
+        # no more than that plus one stream window for this WebSocket.
         text_parts: list[str] = []
         byte_parts: list[bytes] = []
+        held = 0
         while True:
             data = await stream.receive_some(READ_SIZE)
             if not data:
@@ -516,6 +658,12 @@ async def _bridge(
             relay.metrics.bytes_from_daemon.inc(len(data))
             conn.receive_data(data)
             for event in conn.events():
+                if isinstance(event, ws.TextMessage | ws.BytesMessage):
+                    held += len(event.data)
+                    if held > limit:
+                        raise _MessageTooBig(limit)
+                    if event.message_finished:
+                        held = 0
                 if isinstance(event, ws.TextMessage):
                     text_parts.append(event.data)
                     if event.message_finished:
@@ -546,7 +694,16 @@ async def _bridge(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(browser_to_daemon, nursery.cancel_scope)
             nursery.start_soon(daemon_to_browser, nursery.cancel_scope)
+    except* _MessageTooBig:
+        stream.reset(ErrorCode.CANCEL)
+        if not closed_by_browser:
+            reason = f"message over the relay's limit of {limit} bytes"
+            await send({"type": "websocket.close", "code": WS_MESSAGE_TOO_BIG, "reason": reason})
     except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
         if not closed_by_browser:
             await send({"type": "websocket.close", "code": 1011, "reason": "daemon link failed"})
         stream.reset(ErrorCode.UPSTREAM_FAILED)
+
+
+class _MessageTooBig(Exception):
+    """A tunneled WebSocket message from the daemon grew past the limit."""

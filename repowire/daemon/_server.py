@@ -12,6 +12,8 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from relay._asgi_guard import AsgiGuard
+
 from ._settings import MAX_JSON_BODY
 
 #: The daemon's usual address.
@@ -101,7 +103,15 @@ async def serve_daemon(
             async def run(task_status: trio.TaskStatus[list[str]]) -> None:
                 with server_scope:
                     await worker_serve(
-                        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                        # The guard shields the sends that end a response: quart-trio cancels
+                        # its request task when hypercorn reports the disconnect during that
+                        # send, which otherwise lands in hypercorn's own close and idle-timer
+                        # code and leaves the connection open for ever.
+                        wrap_app(
+                            AsgiGuard(app, "daemon", server_logger),  # type: ignore[arg-type]
+                            config.wsgi_max_body_size,
+                            "asgi",
+                        ),
                         config,
                         sockets=Sockets(
                             secure_sockets=[], insecure_sockets=[sock], quic_sockets=[]

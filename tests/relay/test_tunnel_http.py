@@ -22,14 +22,16 @@ import h11
 import pytest
 import trio
 
-from mux import MuxStream, StreamReset
-from protocol import ErrorCode
+from mux import MuxConfig, MuxStream, StreamReset
+from protocol import ErrorCode, SessionConfig
 from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
 from tests.relay.link_support import (
+    STAND_IN_MUX,
     RunningStack,
     ScriptedHttp,
     SeenRequest,
     StackFactory,
+    hold_stream,
     identity_handler,
     relay_stacks,
     start_stand_in,
@@ -890,3 +892,141 @@ async def test_an_oversized_request_head_is_refused(stacks: StackFactory) -> Non
         )
         assert 400 <= response.status < 500
         assert stand_in.accepted == []
+
+
+# ---------------------------------------------------------------------- framing, forwarding
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("GET", []),
+        ("DELETE", []),
+        ("POST", [("content-length", "4")]),
+    ],
+    ids=["get-chunked", "delete-chunked", "length-and-chunked"],
+)
+async def test_a_body_the_relay_cannot_forward_gets_400_before_any_stream(
+    stacks: StackFactory, method: str, extra: list[tuple[str, str]]
+) -> None:
+    with trio.fail_after(15):
+        stack, key, cookie = await scoped_relay(stacks)
+        relay = stack.relay
+        stand_in = await start_stand_in(
+            stack.links, relay.address, key, "laptop", identity_handler("x")
+        )
+        raw = await trio.open_tcp_stream(*relay.address)
+        async with raw:
+            head = (
+                f"{method} /thing HTTP/1.1\r\nHost: relay\r\n{cookie[0]}: {cookie[1]}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in extra)
+                + "Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+            )
+            await raw.send_all(head.encode())
+            conn = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+            status, body = 0, b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await raw.receive_some(CLIENT_CHUNK))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+        if status != 400:
+            # h11 (hypercorn) may refuse the framing itself; then it must be a 4xx too.
+            assert 400 <= status < 500, status
+        else:
+            assert json.loads(body)["error"] == "bad_request"
+        assert stand_in.accepted == [], "a refused request must not open a stream"
+
+
+async def test_forged_client_address_headers_are_replaced_by_the_relays_own(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(15):
+        stack, key, cookie = await scoped_relay(stacks)
+        relay = stack.relay
+        seen: list[SeenRequest] = []
+        await start_stand_in(stack.links, relay.address, key, "laptop", identity_handler("x", seen))
+        forged = [
+            ("Forwarded", "for=203.0.113.9;proto=https"),
+            ("X-Real-IP", "203.0.113.9"),
+            ("X-Forwarded-Port", "443"),
+            ("X-Forwarded-Server", "evil"),
+            ("X-Client-IP", "203.0.113.9"),
+            ("True-Client-IP", "203.0.113.9"),
+            ("CF-Connecting-IP", "203.0.113.9"),
+        ]
+        response = await http_request(relay.address, "GET", "/who", headers=[cookie, *forged])
+        assert response.status == 200
+        headers = seen[0].headers
+        assert "203.0.113.9" not in repr(headers)
+        for name in ("x-real-ip", "x-forwarded-port", "x-forwarded-server", "x-client-ip"):
+            assert name not in dict(headers), f"{name} reached the daemon"
+        assert "true-client-ip" not in dict(headers)
+        assert "cf-connecting-ip" not in dict(headers)
+        assert [v for k, v in headers if k == "forwarded"] == [
+            f'for=127.0.0.1;proto=http;host="127.0.0.1:{relay.address[1]}"'
+        ]
+
+
+# ---------------------------------------------------------------------- stream slots
+
+
+async def test_a_full_stream_table_answers_503_daemon_busy_within_the_deadline(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack, key, cookie = await scoped_relay(stacks, stream_open_timeout=0.5)
+        relay = stack.relay
+        one_stream = MuxConfig(
+            keepalive_interval=STAND_IN_MUX.keepalive_interval,
+            handshake_timeout=STAND_IN_MUX.handshake_timeout,
+            protocol=SessionConfig(max_concurrent_streams=1),
+        )
+        stand_in = await start_stand_in(
+            stack.links, relay.address, key, "laptop", hold_stream, mux_config=one_stream
+        )
+        async with trio.open_nursery() as inner:
+            # The one slot, held by a request the daemon never answers.
+            inner.start_soon(lambda: http_request(relay.address, "GET", "/held", headers=[cookie]))
+            await eventually(lambda: len(stand_in.accepted) == 1)
+            started = trio.current_time()
+            response = await http_request(relay.address, "GET", "/next", headers=[cookie])
+            took = trio.current_time() - started
+            inner.cancel_scope.cancel()
+        assert response.status == 503
+        assert response.json()["error"] == "daemon_busy"
+        assert 0.4 <= took < 2.0, took
+
+
+async def test_a_scope_over_its_stream_quota_gets_503_too_many_streams(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack = await stacks(max_streams_per_scope=1)
+        relay = stack.relay
+        record, key = relay.new_scope()
+        cookie = relay.session_cookie(record)
+        other_record, other_key = relay.new_scope("other")
+        other_cookie = relay.session_cookie(other_record)
+        stand_in = await start_stand_in(stack.links, relay.address, key, "laptop", hold_stream)
+        await start_stand_in(stack.links, relay.address, other_key, "laptop", identity_handler("o"))
+        counter = relay.running.relay.scope_streams
+        async with trio.open_nursery() as inner:
+            inner.start_soon(lambda: http_request(relay.address, "GET", "/held", headers=[cookie]))
+            await eventually(lambda: len(stand_in.accepted) == 1)
+            refused = await http_request(relay.address, "GET", "/next", headers=[cookie])
+            # Another scope is not affected by this one's quota.
+            other = await http_request(relay.address, "GET", "/x", headers=[other_cookie])
+            inner.cancel_scope.cancel()
+        assert refused.status == 503
+        assert refused.json()["error"] == "too_many_streams"
+        assert "1" in refused.json()["detail"]
+        assert other.status == 200
+        # The held request's slot is given back once it ends.
+        await eventually(lambda: counter.held(record.scope_id) == 0)

@@ -6,12 +6,14 @@ behind a real connector shows the same paths work end to end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 import wsproto.events as ws_events
@@ -358,3 +360,143 @@ async def test_real_daemon_websocket_through_a_real_connector(
         by_type = {m["type"]: m for m in received}
         assert by_type["result"]["delivered"] is True
         assert by_type["event"]["event"]["data"]["text"] == "hi"
+
+
+# ---------------------------------------------------------------------- bounds
+
+
+#: The smallest WebSocket message limit a relay accepts (a daemon link's message size).
+SMALL_WS_LIMIT = 256 * 1024
+
+
+async def test_a_daemon_message_over_the_limit_closes_the_browser_with_1009(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack, key, cookie = await scoped_relay(stacks, max_websocket_message_size=SMALL_WS_LIMIT)
+        sent = [0]
+        outcome: list[BaseException] = []
+
+        async def endless(stream: MuxStream) -> None:
+            socket = ScriptedWebSocket(stream)
+            await socket.accept()
+            piece = b"m" * (64 * 1024)
+            try:
+                # One message that never ends, many times the limit.
+                for _ in range(1000):
+                    await stream.send_all(
+                        socket.conn.send(ws_events.BytesMessage(data=piece, message_finished=False))
+                    )
+                    sent[0] += len(piece)
+            except trio.BrokenResourceError as exc:
+                outcome.append(exc)
+
+        await start_stand_in(stack.links, stack.relay.address, key, "laptop", endless)
+        async with open_browser_websocket(
+            stack.relay.address, "/ws", [cookie, origin_of(stack)]
+        ) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1009
+        await eventually(lambda: bool(outcome))
+        # The daemon's stream was reset soon after the limit: it never got far past it.
+        assert sent[0] < 4 * SMALL_WS_LIMIT + 2 * 1024 * 1024
+
+
+async def test_a_huge_upgrade_refusal_body_is_read_only_up_to_the_bound(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack, key, cookie = await scoped_relay(stacks)
+
+        async def refusing(stream: MuxStream) -> None:
+            socket = ScriptedWebSocket(stream)
+            await socket._next_event()  # the upgrade request
+            await stream.send_all(
+                socket.conn.send(
+                    ws_events.RejectConnection(
+                        status_code=418, headers=[(b"content-type", b"text/plain")], has_body=True
+                    )
+                )
+            )
+            # A body that never ends: the relay must answer from its first part (and reset).
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(1000):
+                    await stream.send_all(
+                        socket.conn.send(
+                            ws_events.RejectData(data=b"r" * 65536, body_finished=False)
+                        )
+                    )
+
+        await start_stand_in(stack.links, stack.relay.address, key, "laptop", refusing)
+        with pytest.raises(ConnectionRejected) as rejected:
+            async with open_browser_websocket(
+                stack.relay.address, "/ws", [cookie, origin_of(stack)]
+            ):
+                pass
+        assert rejected.value.status_code == 418
+
+
+async def test_revoking_the_key_ends_an_open_sse_stream_and_websocket_within_a_second(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack = await stacks()
+        relay = stack.relay
+        record, key = relay.new_scope()
+        cookie = relay.session_cookie(record)
+        streams_reset: list[BaseException] = []
+
+        async def handler(stream: MuxStream) -> None:
+            exchange = ScriptedHttp(stream)
+            try:
+                await exchange.receive_request()
+                if exchange.target == "/events/stream":
+                    await exchange.read_body()
+                    await exchange.send_head(200, [("content-type", "text/event-stream")])
+                    await exchange.send_data(b"data: hello\n\n")
+                    await stream.receive_some()
+            except trio.BrokenResourceError as exc:
+                streams_reset.append(exc)
+
+        sse_stand_in = await start_stand_in(stack.links, relay.address, key, "feed", handler)
+
+        async def echo(stream: MuxStream) -> None:
+            socket = ScriptedWebSocket(stream)
+            await socket.accept()
+            try:
+                while True:
+                    message = await socket.receive()
+                    if isinstance(message, ws_events.CloseConnection):
+                        return
+                    await socket.send(message)
+            except trio.BrokenResourceError as exc:
+                streams_reset.append(exc)
+
+        await start_stand_in(stack.links, relay.address, key, "chat", echo)
+        async with (
+            open_http_stream(
+                relay.address, "GET", "/d/feed/events/stream", headers=[cookie]
+            ) as sse,
+            open_browser_websocket(relay.address, "/d/chat/ws", [cookie, origin_of(stack)]) as ws,
+        ):
+            assert sse.status == 200
+            assert await sse.read_chunk() == b"data: hello\n\n"
+            await ws.send_message("hi")
+            assert await ws.get_message() == "hi"
+            ended = relay.running.relay.live_access.end_key(record.key_id)
+            assert ended == 2
+            started = trio.current_time()
+            with trio.fail_after(1.0):
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                with pytest.raises(h11.RemoteProtocolError):
+                    await sse.read_all()
+            took = trio.current_time() - started
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1008
+        assert closed.value.reason.reason == "access revoked"
+        print(f"\nrevocation ended an SSE stream and a WebSocket in {1000 * took:.1f} ms")
+        await eventually(lambda: len(streams_reset) == 2)
+        assert len(sse_stand_in.accepted) == 1
