@@ -75,7 +75,8 @@ def _request_headers(
     address: Address, headers: Sequence[tuple[str, str]], body: bytes | None
 ) -> list[tuple[str, str]]:
     out = [("Host", f"{address[0]}:{address[1]}")]
-    if body is not None:
+    chunked = any(name.lower() == "transfer-encoding" for name, _ in headers)
+    if body is not None and not chunked:
         out.append(("Content-Length", str(len(body))))
     out.extend(headers)
     return out
