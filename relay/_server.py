@@ -352,7 +352,15 @@ async def serve_relay(
                 metrics_url = None
                 if settings.metrics_listen is not None:
                     metrics_url = await nursery.start(_serve_metrics, relay, http_stopped)
-                await nursery.start(watch_revocations, relay)
+                # Its own scope: stopping it must not cancel hypercorn, whose connections get
+                # HTTP_STOP_TIMEOUT once the links are drained.
+                watcher = trio.CancelScope()
+
+                async def watch(*, task_status: trio.TaskStatus[None]) -> None:
+                    with watcher:
+                        await watch_revocations(relay, task_status=task_status)
+
+                await nursery.start(watch)
                 task_status.started(RunningRelay(relay, list(binds), stop, metrics_url))
                 try:
                     await stop.wait()
@@ -365,7 +373,7 @@ async def serve_relay(
                             # Even past the deadline: without it hypercorn would never stop.
                             http_stopped.set()
                     # The watcher's work is done once the links are.
-                    nursery.cancel_scope.cancel()
+                    watcher.cancel()
     finally:
         store.close()
         if stop.is_set():

@@ -82,8 +82,9 @@ CONNECTOR_PING_TIMEOUT = MuxConfig().keepalive_timeout
 
 #: How many connectors see the relay restart.
 HERD = 100
-#: Keys (scopes) the herd is spread over.
-HERD_KEYS = 4
+#: Keys (scopes) the herd is spread over: 10 links each, within the relay's default quota of
+#: links per scope (16).
+HERD_KEYS = 10
 #: The product's restart spread (BackoffConfig default).
 RESTART_SPREAD = BackoffConfig().restart_spread
 #: How often the herd's status is sampled, seconds, and at most how many times.
