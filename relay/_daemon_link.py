@@ -133,6 +133,8 @@ async def handle_daemon_link(
     # connector may already report "connected" (it has the relay's HELLO) while the relay is
     # still reading the connector's.
     relay.links.expect(scope_id, daemon_id)
+    # A key revoked or rotated from here on ends this link too (Relay.end_key_access).
+    relay.links.begin_handshake(link)
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -144,6 +146,7 @@ async def handle_daemon_link(
             handshakes.leave(scope_id)
             await _serve_link(relay, link)
     finally:
+        relay.links.end_handshake(link)
         if in_handshake:
             handshakes.leave(scope_id)
         if not link.registered:
@@ -203,6 +206,13 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         # sent to the others, so tell it now.
         await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
+    if not _key_still_live(relay, link):
+        # Revoked or rotated since the link's headers were checked (the HELLOs take a while):
+        # the revocation watcher may have looked already, and would never look at it again.
+        relay.metrics.access_revoked.labels("link").inc()
+        log.info("daemon %s refused: its key was revoked during the handshake", link.daemon_id)
+        await session.aclose(CloseCode.KEY_REVOKED, "key revoked")
+        return
     if not link.holds_link_slot:
         # Admitted past a full quota to replace a link of the same daemon id: take over that
         # link's slot, or (the other one's handshake failed meanwhile) a free one.
@@ -219,8 +229,10 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
                 f"{TOO_MANY_LINKS_REASON} ({relay.scope_links.limit}); stop another daemon",
             )
             return
+    # No await from the check to here: a revocation after it finds the link registered.
     replaced = relay.links.add(link)
     link.registered = True
+    relay.links.end_handshake(link)
     relay.links.settle(link.scope_id, link.daemon_id)
     try:
         relay.store.record_daemon(link.scope_id, link.daemon_id, now=link.connected_at)
@@ -239,6 +251,16 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         if session.close_reason and "protocol error" in session.close_reason:
             relay.metrics.rejected_frames.inc()
         log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
+
+
+def _key_still_live(relay: Relay, link: DaemonLink) -> bool:
+    """Whether the key ``link`` was opened with is still live. A key store that cannot be read
+    counts as live: the key was verified moments ago, and the revocation watcher retries."""
+    try:
+        return relay.store.is_key_live(link.key_id)
+    except StoreError as exc:
+        log.warning("daemon %s: cannot recheck its key: %s", link.daemon_id, exc)
+        return True
 
 
 async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:

@@ -92,6 +92,17 @@ class LinkRegistry:
         # Links between their WebSocket accept and their registration, per (scope, daemon id):
         # how many, and an event set when the last of them is registered or gone.
         self._arriving: dict[tuple[str, str], tuple[int, trio.Event]] = {}
+        # The same links themselves, so that a key revoked during their handshake can end them
+        # (:meth:`for_key`): they are not in ``_links`` yet.
+        self._handshaking: set[DaemonLink] = set()
+
+    def begin_handshake(self, link: DaemonLink) -> None:
+        """``link`` is in its handshake: :meth:`for_key` lists it until :meth:`end_handshake`."""
+        self._handshaking.add(link)
+
+    def end_handshake(self, link: DaemonLink) -> None:
+        """``link``'s handshake is over (registered, refused or failed). Idempotent."""
+        self._handshaking.discard(link)
 
     def expect(self, scope_id: str, daemon_id: str) -> None:
         """A link for ``daemon_id`` is in its handshake: requests for it may wait for it
@@ -160,7 +171,11 @@ class LinkRegistry:
         return links[0] if links else None
 
     def for_key(self, key_id: str) -> list[DaemonLink]:
-        return [link for link in self._links.values() if link.key_id == key_id]
+        """The links opened with ``key_id``: registered ones and those still in their
+        handshake (see :meth:`begin_handshake`)."""
+        registered = [link for link in self._links.values() if link.key_id == key_id]
+        arriving = [link for link in self._handshaking if link.key_id == key_id]
+        return registered + arriving
 
     def key_ids(self) -> set[str]:
         """The key ids the connected links were opened with."""

@@ -447,6 +447,18 @@ class KeyStore:
             rows = self._conn().execute("SELECT key_id FROM keys WHERE revoked_at IS NOT NULL")
             return {key_id for (key_id,) in rows}
 
+    def is_key_live(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that exists and is not revoked: for checks made
+        without the raw key (a daemon link about to be registered). Raises
+        :class:`StoreError` if the database cannot be read."""
+        with self._guard("checking a key"):
+            row = (
+                self._conn()
+                .execute("SELECT 1 FROM keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,))
+                .fetchone()
+            )
+        return row is not None
+
     def list_keys(self, scope_id: str | None = None) -> list[KeyRecord]:
         """All keys (revoked ones included), or one scope's: oldest first, ties by insertion."""
         query = "SELECT key_id, scope_id, label, created_at, revoked_at FROM keys"

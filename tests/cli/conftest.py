@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay._keys import generate_key
+from tests.support.system import skip_missing
 
 from .cli_support import FakeHttpServer, SelfSigned, serve_fake
 
@@ -55,7 +56,7 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
     """A self-signed certificate for 127.0.0.1 (it is its own CA), made with openssl."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is needed to make a test certificate")
+        skip_missing("openssl, to make a test certificate", "apt-get install openssl")
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(

@@ -20,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 
 import repowire.dashboard as dashboard
+from tests.support.system import needs
 
 STATIC = dashboard.STATIC_DIR
 HARNESS = Path(__file__).with_name("core_harness.mjs")
@@ -498,7 +499,7 @@ def find_node() -> str | None:
 
 
 NODE = find_node()
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (no /usr/bin/node)")
+needs_node = needs("node", NODE is not None, "apt-get install nodejs")
 
 
 @pytest.fixture(scope="module")

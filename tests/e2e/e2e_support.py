@@ -50,6 +50,7 @@ from repowire.config import load_settings
 from tests.cli.cli_support import FULL_KEY
 from tests.connector.connector_support import LOOPBACK, TERM_TIMEOUT, Cli, free_port
 from tests.daemon.daemon_support import Address, HttpResponse, http_request
+from tests.support.system import skip_missing
 
 #: Debian's Chromium; Playwright never downloads a browser for these tests.
 CHROMIUM: Final = Path("/usr/bin/chromium")
@@ -492,10 +493,7 @@ class Browsing:
 def launch_browser() -> Iterator[Browser]:
     """Debian's Chromium under Playwright, closed on exit."""
     if not CHROMIUM.is_file():
-        pytest.fail(
-            f"no Chromium at {CHROMIUM}: install Debian's chromium package, or deselect these "
-            "tests with -m 'not browser'"
-        )
+        skip_missing(f"Chromium at {CHROMIUM}", "apt-get install chromium")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,

@@ -31,6 +31,7 @@ from repowire.config import load_settings
 from tests.cli.cli_support import assert_no_full_key
 from tests.connector.connector_support import LOOPBACK, ChildProcess, Cli, free_port, start_child
 from tests.daemon.daemon_support import Address, HttpResponse, SseReader, http_request
+from tests.support.system import needs
 
 from .tls_support import (
     DEPLOY_DIR,
@@ -55,9 +56,10 @@ from .tls_support import (
 )
 
 #: The tests that run nginx; the ones about the other deployment files run anywhere.
-needs_nginx = pytest.mark.skipif(
-    find_nginx() is None or shutil.which("openssl") is None,
-    reason="needs nginx and openssl (installed by .ci/run)",
+needs_nginx = needs(
+    "nginx and openssl",
+    find_nginx() is not None and shutil.which("openssl") is not None,
+    "apt-get install nginx-light openssl",
 )
 
 #: Seconds to bring up certificates, the relay, nginx and the daemon.
@@ -590,7 +592,7 @@ async def _check_forwarding(nginx: RunningNginx, tls: TlsFiles, recorder: Record
 
 
 @needs_nginx
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@needs("curl", shutil.which("curl") is not None, "apt-get install curl")
 async def test_nginx_site_speaks_http2_and_forwards_the_host(tmp_path: Path) -> None:
     """Browsers use HTTP/2 where they can; the relay still gets HTTP/1.1 and the Host."""
     curl = shutil.which("curl")
@@ -647,7 +649,7 @@ def test_systemd_unit_runs_a_command_the_cli_accepts(name: str) -> None:
     assert unit_values(unit, "ProtectSystem") == ["strict"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@needs("systemd-analyze", shutil.which("systemd-analyze") is not None, "apt-get install systemd")
 @pytest.mark.parametrize("name", UNITS)
 async def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     analyze = shutil.which("systemd-analyze")
@@ -697,7 +699,7 @@ def test_deployment_examples_agree_with_each_other() -> None:
     assert filled["SERVER_NAME"] == public.hostname
 
 
-@pytest.mark.skipif(shutil.which("caddy") is None, reason="needs caddy")
+@needs("caddy", shutil.which("caddy") is not None, "apt-get install caddy")
 async def test_caddyfile_is_valid_for_caddy(tmp_path: Path) -> None:
     caddy = shutil.which("caddy")
     assert caddy is not None
