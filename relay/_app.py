@@ -141,23 +141,25 @@ class RelayApp:
         ):
             await reject(scope, receive, send, 403, "bad_origin", "Cross-site request refused.")
             return
-        link = self._link_for(session.scope_id, daemon_id)
-        if link is None and relay.links.is_arriving(session.scope_id, daemon_id):
-            # Its link is in the handshake: a moment's wait beats a 503.
-            with trio.move_on_after(LINK_ARRIVAL_WAIT):
-                await relay.links.wait_arrival(session.scope_id, daemon_id)
-            link = self._link_for(session.scope_id, daemon_id)
-        if link is None:
-            missing = self._offline_detail(session.scope_id, daemon_id)
-            await reject(scope, receive, send, 503, "daemon_offline", missing)
-            return
         query = scope.get("query_string") or b""
         target = raw_path + (b"?" + query if query else b"")
         # Registered by the session's digest (the raw id is never kept) and its key, so that
-        # revoking the key or signing out cancels this request at once.
+        # revoking the key or signing out cancels this request at once -- the wait for its
+        # daemon's link included, so no request slips past a revocation during that wait.
         with relay.live_access.hold(hash_secret(session_id), session.key_id) as live:
             with live.cancel_scope:
-                if websocket:
+                link = self._link_for(session.scope_id, daemon_id)
+                if link is None and relay.links.is_arriving(session.scope_id, daemon_id):
+                    # Its link is in the handshake: a moment's wait beats a 503.
+                    with trio.move_on_after(LINK_ARRIVAL_WAIT):
+                        await relay.links.wait_arrival(session.scope_id, daemon_id)
+                    link = self._link_for(session.scope_id, daemon_id)
+                if live.ended_by is not None:
+                    pass  # answered below (the guard shields sends: none may go out here)
+                elif link is None:
+                    missing = self._offline_detail(session.scope_id, daemon_id)
+                    await reject(scope, receive, send, 503, "daemon_offline", missing)
+                elif websocket:
                     await tunnel_websocket(
                         relay, scope, receive, send, link, target, session.scope_id
                     )

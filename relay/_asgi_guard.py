@@ -19,6 +19,8 @@ through its request queue; if the app stopped reading a body that queue is full,
   never part; hypercorn shields its socket writes already, so this adds no new unbounded wait;
 - a send that ends the exchange while the request body is unread reads and drops that body
   until the send is through, so hypercorn's queue always has room for ``http.disconnect``;
+  when a WebSocket app returns, the guard likewise closes it with hypercorn while dropping
+  the client's messages until ``websocket.disconnect`` (within ``WEBSOCKET_SETTLE_TIMEOUT``);
 - every Exception raised by the app (not a cancellation) is caught and logged as one line;
   the browser then gets a 500 JSON answer if nothing was sent yet, or an aborted response
   (the connection closes) if a response had started. Nothing propagates into hypercorn.
@@ -45,6 +47,11 @@ INTERNAL_ERROR_STATUS = 500
 _INTERNAL_ERROR_BODY = json.dumps(
     {"error": "internal_error", "detail": "The relay failed while handling this request."}
 ).encode()
+#: Seconds a WebSocket whose app has returned may take to be settled: the guard reads and
+#: drops the client's messages until hypercorn reports ``websocket.disconnect`` (hypercorn's
+#: queue of 10 messages would otherwise block its close, and the connection, for ever). The
+#: close itself takes one socket write; this bounds a client that never lets it finish.
+WEBSOCKET_SETTLE_TIMEOUT = 10.0
 
 
 class ResponseState(enum.Enum):
@@ -110,14 +117,20 @@ class _HttpExchange:
         with the unread request body drained meanwhile so the disconnect fits in the queue.
         ``None`` is hypercorn's own "the app has finished" (it closes an unfinished
         response's connection)."""
-        with trio.CancelScope(shield=True):
-            if self.request_done:
-                await self._send(cast(dict[str, Any], message))
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drain)
-                await self._send(cast(dict[str, Any], message))
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.CancelScope(shield=True):
+                if self.request_done:
+                    await self._send(cast(dict[str, Any], message))
+                    return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._drain)
+                    await self._send(cast(dict[str, Any], message))
+                    nursery.cancel_scope.cancel()
+        except BaseException:
+            # The end did not go out whole (h11 refused it, or the socket broke): hypercorn
+            # must see an aborted response, never one the guard believes ended.
+            self.state = ResponseState.ABORTED
+            raise
 
     async def _drain(self) -> None:
         while not self.request_done:
@@ -160,16 +173,27 @@ class _HttpExchange:
 class _WebSocketExchange:
     """The guard's view of one WebSocket: handshake, accepted, or closed."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send) -> None:
         self.state = ResponseState.REQUEST
         #: The handshake is being refused with an HTTP response (``websocket.http.response``).
         self.rejecting = False
+        #: hypercorn reported ``websocket.disconnect``: it puts nothing more in the queue.
+        self.disconnected = False
+        self._receive = receive
         self._send = send
+
+    async def receive(self) -> dict[str, Any]:
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect":
+            self.disconnected = True
+        return message
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         state = self.state
         if kind == "websocket.send" and state is ResponseState.RESPONSE_STARTED:
+            if self.rejecting:
+                raise ResponseSequenceError(f"{kind} is not valid during a refusal")
             await self._send(message)
             return
         if state is ResponseState.RESPONSE_ENDED:
@@ -178,9 +202,9 @@ class _WebSocketExchange:
             return
         if kind == "websocket.accept" and state is ResponseState.REQUEST:
             self.state = ResponseState.RESPONSE_STARTED
-        elif kind == "websocket.close" and state in (
-            ResponseState.REQUEST,
-            ResponseState.RESPONSE_STARTED,
+        elif kind == "websocket.close" and (
+            state is ResponseState.REQUEST
+            or (state is ResponseState.RESPONSE_STARTED and not self.rejecting)
         ):
             self.state = ResponseState.RESPONSE_ENDED
         elif kind == "websocket.http.response.start" and state is ResponseState.REQUEST:
@@ -206,6 +230,23 @@ class _WebSocketExchange:
             await self.send({"type": "websocket.close", "code": 1011, "reason": "relay error"})
         # A rejection half-sent: hypercorn closes the connection when the app returns.
 
+    async def finish(self) -> None:
+        """The app has returned: tell hypercorn (``send(None)``, which closes the stream) while
+        reading and dropping the client's messages until ``websocket.disconnect``, so that
+        hypercorn's queue has room for it. Shielded, within ``WEBSOCKET_SETTLE_TIMEOUT``;
+        hypercorn's own ``send(None)`` afterwards finds the stream closed and returns."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(WEBSOCKET_SETTLE_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._drain)
+                    await self._send(cast(dict[str, Any], None))
+                    if self.disconnected:
+                        nursery.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        while not self.disconnected:
+            await self.receive()
+
 
 class AsgiGuard:
     """Wraps ``app`` (an ASGI app served by hypercorn) so that nothing a request does can
@@ -229,8 +270,8 @@ class AsgiGuard:
             exchange = _HttpExchange(receive, send)
             app_receive: Receive = exchange.receive
         elif kind == "websocket":
-            exchange = _WebSocketExchange(send)
-            app_receive = receive
+            exchange = _WebSocketExchange(receive, send)
+            app_receive = exchange.receive
         else:
             await self.app(scope, receive, send)
             return
@@ -267,6 +308,8 @@ class AsgiGuard:
                     await exchange.fail()  # the app answered nothing: 500, not a hang
                 else:
                     await exchange.abort()  # a no-op for a response that ended
+            if isinstance(exchange, _WebSocketExchange):
+                await exchange.finish()
         except Exception as exc:  # the connection is gone already: nothing left to tell
             self.log.debug(
                 "%s: could not finish %s %s: %r", self.name, scope["type"], _path(scope), exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,11 @@ log = logging.getLogger("repowire.relay")
 
 #: Bytes read from the stream per receive.
 READ_SIZE = 64 * 1024
+#: Seconds the daemon has to start its response (the head) once the whole request has been
+#: sent up: then the browser gets 504 ``daemon_timeout`` and the stream is reset. Generous,
+#: because a daemon may answer a long-poll late; once the head is out no deadline applies,
+#: so Server-Sent Events and slow bodies are unaffected. Read at call time.
+RESPONSE_HEAD_TIMEOUT = 60.0
 
 #: Request headers never forwarded: hop-by-hop ones, the relay's credentials and the browser's
 #: cookies (the daemon does not use them), and headers only the connector may set.
@@ -323,6 +329,10 @@ class _BodyTimeout(Exception):
     pass
 
 
+class _HeadTimeout(Exception):
+    """The daemon sent no response head within ``RESPONSE_HEAD_TIMEOUT``."""
+
+
 class HttpExchange:
     """One HTTP request tunneled over ``stream``: the request (head, body) goes up, the
     response comes down, each in its own task, while :attr:`state` says what the browser has
@@ -351,6 +361,10 @@ class HttpExchange:
         self.browser_gone = False
         #: The whole request body has been read from hypercorn.
         self.request_read = False
+        #: Bounds the wait for the daemon's response head: no deadline while the request
+        #: goes up, ``RESPONSE_HEAD_TIMEOUT`` from its end, none once the head has arrived.
+        self._head_wait = trio.CancelScope()
+        self._head_received = False
 
     async def run(self, *, has_length: bool) -> None:
         out_headers = forwarded_headers(self.relay, self.scope)
@@ -360,7 +374,7 @@ class HttpExchange:
             out_headers.append((b"transfer-encoding", b"chunked"))
         request = h11.Request(method=self.method, target=self.target, headers=out_headers)
         failure: str | None = None
-        too_large = timed_out = False
+        too_large = timed_out = head_timed_out = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._upload, request, nursery.cancel_scope)
@@ -370,6 +384,8 @@ class HttpExchange:
             too_large = True
         except* _BodyTimeout:
             timed_out = True
+        except* _HeadTimeout:
+            head_timed_out = True
         except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as group:
             failure = str(group.exceptions[0])
         limit = self.relay.settings.max_body_size
@@ -390,6 +406,13 @@ class HttpExchange:
             )
         elif self.browser_gone:
             self.stream.reset(ErrorCode.CANCEL)
+        elif head_timed_out:
+            await self._fail(
+                ErrorCode.CANCEL,
+                504,
+                "daemon_timeout",
+                f"The daemon did not start its answer within {RESPONSE_HEAD_TIMEOUT:g} s.",
+            )
         elif failure is not None:
             log.info("tunnel %s request failed: %s", self.method, failure)
             await self._fail(
@@ -442,6 +465,8 @@ class HttpExchange:
                 await stream.send_all(conn.send(h11.Data(data=body)) or b"")
         self.request_read = True
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        if not self._head_received:
+            self._head_wait.deadline = trio.current_time() + RESPONSE_HEAD_TIMEOUT
         # The request is complete; wait for the browser to go away (hypercorn reports it here)
         # so a closed tab cancels the daemon's work at once.
         while True:
@@ -452,6 +477,12 @@ class HttpExchange:
                 return
 
     async def _download(self) -> None:
+        with self._head_wait:
+            await self._relay_response()
+        if self._head_wait.cancelled_caught:
+            raise _HeadTimeout
+
+    async def _relay_response(self) -> None:
         conn, stream, send = self.conn, self.stream, self._send
         metrics = self.relay.metrics
         while True:
@@ -462,7 +493,13 @@ class HttpExchange:
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
+                self._head_received = True
+                self._head_wait.deadline = math.inf
                 dropped = DROPPED_RESPONSE_HEADERS | connection_tokens(list(event.headers))
+                if any(k == b"transfer-encoding" for k, _ in event.headers):
+                    # h11 framed the body by Transfer-Encoding and the relay re-frames it: a
+                    # Content-Length alongside would not match what the browser is sent.
+                    dropped |= {b"content-length"}
                 response_headers = [(k, v) for k, v in event.headers if k not in dropped]
                 self.state = ExchangeState.RESPONSE_STARTED
                 await send(
@@ -489,6 +526,11 @@ class HttpExchange:
 #: Most bytes of a daemon's refusal body (an upgrade answered with an HTTP error) the relay
 #: reads; the browser gets the first 200 characters in the JSON detail anyway.
 MAX_REJECTION_BODY = 64 * 1024
+#: Seconds the daemon has to answer a tunneled WebSocket upgrade (its 101 or a refusal)
+#: before the browser is denied with 504 ``daemon_timeout`` and the stream is reset. A
+#: module constant (read at call time) rather than ``settings.stream_open_timeout``: that
+#: one bounds getting a stream, this one the daemon's own handler, which may do some work.
+UPGRADE_ANSWER_TIMEOUT = 30.0
 #: WebSocket close code for a message over ``settings.max_websocket_message_size``.
 WS_MESSAGE_TOO_BIG = 1009
 
@@ -571,42 +613,51 @@ async def _bridge(
                 )
             )
         )
-        # Read the daemon's answer to the upgrade.
-        accepted: ws.AcceptConnection | None = None
-        rejection: ws.RejectConnection | None = None
-        rejection_body = bytearray()
-        while accepted is None:
-            data = await stream.receive_some(READ_SIZE)
-            if not data:
-                raise trio.BrokenResourceError("daemon closed the stream during the upgrade")
-            conn.receive_data(data)
-            for event in conn.events():
-                if isinstance(event, ws.AcceptConnection):
-                    accepted = event
-                elif isinstance(event, ws.RejectConnection):
-                    rejection = event
-                elif isinstance(event, ws.RejectData):
-                    rejection_body += event.data[: MAX_REJECTION_BODY - len(rejection_body)]
-                    # Read no more than the bound: answer with what has arrived.
-                    if event.body_finished or len(rejection_body) >= MAX_REJECTION_BODY:
-                        assert rejection is not None
-                        stream.reset(ErrorCode.CANCEL)
-                        await deny_websocket(
-                            send,
-                            scope,
-                            rejection.status_code,
-                            "upgrade_refused",
-                            bytes(rejection_body).decode("utf-8", "replace")[:200],
-                        )
-                        return
-            if rejection is not None and not rejection.has_body:
-                await deny_websocket(
-                    send, scope, rejection.status_code, "upgrade_refused", "The daemon refused."
-                )
-                return
     except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
         await deny_websocket(send, scope, 502, "daemon_failed", "The daemon failed the upgrade.")
         return
+    # Wait for the daemon's answer to the upgrade within UPGRADE_ANSWER_TIMEOUT, and watch
+    # the browser meanwhile: a browser that leaves ends the wait at once.
+    answer: ws.AcceptConnection | tuple[int, str] | None = None
+    browser_left = False
+
+    async def watch_browser(cancel: trio.CancelScope) -> None:
+        nonlocal browser_left
+        while True:
+            # Before the accept hypercorn delivers nothing but the disconnect.
+            if (await receive())["type"] == "websocket.disconnect":
+                browser_left = True
+                cancel.cancel()
+                return
+
+    async def read_answer(cancel: trio.CancelScope) -> None:
+        nonlocal answer
+        answer = await _upgrade_answer(conn, stream)
+        cancel.cancel()
+
+    timeout = UPGRADE_ANSWER_TIMEOUT
+    try:
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_browser, nursery.cancel_scope)
+                nursery.start_soon(read_answer, nursery.cancel_scope)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+        await deny_websocket(send, scope, 502, "daemon_failed", "The daemon failed the upgrade.")
+        return
+    if answer is None or isinstance(answer, tuple):
+        # Refused, timed out or abandoned: the daemon's side of the stream ends at once.
+        stream.reset(ErrorCode.CANCEL)
+    if browser_left:
+        return
+    if answer is None:
+        detail = f"The daemon did not answer the WebSocket upgrade within {timeout:g} s."
+        await deny_websocket(send, scope, 504, "daemon_timeout", detail)
+        return
+    if isinstance(answer, tuple):
+        status, detail = answer
+        await deny_websocket(send, scope, status, "upgrade_refused", detail)
+        return
+    accepted = answer
 
     await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
     closed_by_browser = False
@@ -703,6 +754,34 @@ async def _bridge(
         if not closed_by_browser:
             await send({"type": "websocket.close", "code": 1011, "reason": "daemon link failed"})
         stream.reset(ErrorCode.UPSTREAM_FAILED)
+
+
+async def _upgrade_answer(
+    conn: wsproto.WSConnection, stream: MuxStream
+) -> ws.AcceptConnection | tuple[int, str]:
+    """Read the daemon's answer to the upgrade: its accept, or its refusal as (status, the
+    first 200 characters of its body). Raises BrokenResourceError if the stream ends."""
+    rejection: ws.RejectConnection | None = None
+    rejection_body = bytearray()
+    while True:
+        data = await stream.receive_some(READ_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("daemon closed the stream during the upgrade")
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, ws.AcceptConnection):
+                return event
+            if isinstance(event, ws.RejectConnection):
+                rejection = event
+            elif isinstance(event, ws.RejectData):
+                rejection_body += event.data[: MAX_REJECTION_BODY - len(rejection_body)]
+                # Read no more than the bound: answer with what has arrived.
+                if event.body_finished or len(rejection_body) >= MAX_REJECTION_BODY:
+                    assert rejection is not None
+                    text = bytes(rejection_body).decode("utf-8", "replace")[:200]
+                    return rejection.status_code, text
+        if rejection is not None and not rejection.has_body:
+            return rejection.status_code, "The daemon refused."
 
 
 class _MessageTooBig(Exception):

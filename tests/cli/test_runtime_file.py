@@ -328,8 +328,13 @@ def a_record(port: int, daemon_id: str = "box-000001") -> RuntimeRecord:
 
 
 def test_status_in_a_fresh_home_creates_no_runtime_files(
-    home: Path, capsys: pytest.CaptureFixture[str]
+    home: Path,
+    closed_port: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # The configured port has nothing on it (the user's own daemon may hold the default one).
+    monkeypatch.setenv("REPOWIRE_DAEMON_PORT", str(closed_port))
     assert main(["status", "--json"]) == 2
     document = status_json(capsys.readouterr().out)
     assert document["daemon"]["runtime_file"]["state"] == "absent"
