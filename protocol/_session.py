@@ -229,14 +229,17 @@ class Session:
 
     @property
     def queued_control_bytes(self) -> int:
-        """Bytes of control frames (PONG, RESET, WINDOW_UPDATE, GOAWAY) among
-        :attr:`queued_bytes`: what reading the peer's frames makes this side queue. DATA is
-        left out: it is bounded by the windows the peer grants, not by what the peer sends."""
+        """Bytes of control frames queued in answer to the peer (PONGs, RESETs answering the
+        peer's frames, WINDOW_UPDATEs for the peer's data) among :attr:`queued_bytes`: what
+        reading the peer's frames makes this side queue. DATA is left out: it is bounded by
+        the windows the peer grants, not by what the peer sends; so are the frames the
+        application queues on its own (its resets, a GOAWAY)."""
         return self._control_bytes
 
     @property
     def queued_control_frames(self) -> int:
-        """How many control frames are queued (see :attr:`queued_control_bytes`)."""
+        """How many control frames are queued in answer to the peer (see
+        :attr:`queued_control_bytes`)."""
         return len(self._control)
 
     def stream_state(self, stream_id: int) -> StreamState:
@@ -402,13 +405,28 @@ class Session:
         self.send_data(stream_id, b"", end_stream=True)
 
     def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
-        """Abort the stream in both directions. A no-op on a stream that is already closed."""
+        """Abort the stream in both directions. A no-op on a stream that is already closed.
+
+        The RESET is the application's own: it is not counted among the control frames queued
+        in answer to the peer (:attr:`queued_control_frames`)."""
+        self._reset_stream(stream_id, code, answer=False)
+
+    def _reset_stream(self, stream_id: int, code: int, *, answer: bool) -> None:
+        """:meth:`reset_stream`; ``answer`` if the RESET answers a frame of the peer's (it then
+        counts toward the bounds of SPEC.md, "Queued answers")."""
         self._check_usable()
         stream = self._streams.get(stream_id)
         if stream is None or stream.state is _S.CLOSED:
             return
         self._transition(stream, StreamInput.SEND_RESET)
-        self._queue_control(pack_header(FrameType.RESET, 0, stream_id, 4) + U32.pack(int(code)))
+        frame = pack_header(FrameType.RESET, 0, stream_id, 4) + U32.pack(int(code))
+        if answer:
+            self._queue_control(frame)
+        else:
+            # The application's own reset (say a browser went away): not an answer the peer
+            # made us queue, so it does not count toward the peer's bounds (SPEC.md, "Queued
+            # answers"); the application paces it, as it does its OPEN and DATA frames.
+            self._queue(frame)
         # Whatever the application has not consumed is discarded with the stream.
         self._after_close(stream, reset=True)
 
@@ -634,7 +652,8 @@ class Session:
         self.goaway_sent = True
         self._local_last_stream_id = min(self._local_last_stream_id, self._highest_remote_id)
         payload = encode_goaway(self._local_last_stream_id, int(code), reason)
-        self._queue_control(pack_header(FrameType.GOAWAY, 0, 0, len(payload)) + payload)
+        # Sent once per session, on this side's own initiative: not counted as an answer.
+        self._queue(pack_header(FrameType.GOAWAY, 0, 0, len(payload)), payload)
 
     def _fail(self, exc: ProtocolError) -> None:
         if self.state is not SessionState.ERROR:
@@ -764,7 +783,7 @@ class Session:
             # The peer sent FIN and then more data: a stream-level error.
             self._session_unacked += size
             self._credit_session(size)
-            self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED)
+            self._reset_stream(stream_id, ErrorCode.STREAM_CLOSED, answer=True)
             self._check_control_backlog()
             events.append(
                 StreamReset(stream_id=stream_id, code=ErrorCode.STREAM_CLOSED, remote=False)

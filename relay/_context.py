@@ -91,8 +91,8 @@ class Relay:
         """A key was revoked or rotated (``why`` says which, for the close reason and the
         log): forget its cached sessions, cancel its browser requests in flight (tunneled
         requests, SSE streams, WebSockets) and close its daemon links, those still in their
-        handshake included, with :data:`CloseCode.KEY_REVOKED`. Returns once the links are closed; never raises for a
-        link that is gone already."""
+        handshake included, with :data:`CloseCode.KEY_REVOKED`. Returns once the links are
+        closed; never raises for a link that is gone already."""
         self.store.forget_sessions_of(key_id)
         requests = self.live_access.end_key(key_id, why)
         links = self.links.for_key(key_id)

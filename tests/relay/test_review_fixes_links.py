@@ -17,7 +17,13 @@ import trio
 from protocol import CloseCode
 from relay import Relay
 from tests.daemon.daemon_support import http_request
-from tests.relay.link_support import RunningStack, StandIn, hold_stream, running_relay, start_stand_in
+from tests.relay.link_support import (
+    RunningStack,
+    StandIn,
+    hold_stream,
+    running_relay,
+    start_stand_in,
+)
 
 #: Seconds the stand-in holds its HELLO back: the relay is in the handshake that long.
 HELLO_DELAY = 3.0
