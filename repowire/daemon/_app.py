@@ -22,7 +22,7 @@ from ._messaging import Messenger
 from ._settings import EVENTS_DEFAULT_LIMIT, EVENTS_MAX_LIMIT, DaemonSettings
 from ._sse import event_stream
 from ._state import DaemonState, InvalidPeerName, TooManyPeers, UnknownPeer, is_valid_name
-from ._static import resolve_static
+from ._static import DASHBOARD_CACHE_CONTROL, resolve_static
 from ._ws import WebSocketLink, WebSocketSession
 
 logger = logging.getLogger("repowire.daemon")
@@ -283,10 +283,11 @@ class _Routes:
         if path is None:
             raise ApiError(404, "not_found", "There is no dashboard file at this path.")
         response = await send_file(path, conditional=True)
-        if path.suffix == ".html":
-            # Pages name their hashed assets; they must be revalidated to pick up a new build.
-            response.headers["Cache-Control"] = "no-cache"
-            response.headers.pop("Expires", None)
+        # Every file, not only the page: the dashboard's names carry no content hash, so a
+        # browser that kept app.js for hours would run old code after an upgrade. "no-cache"
+        # still stores the file but revalidates it (ETag / Last-Modified, a cheap 304).
+        response.headers["Cache-Control"] = DASHBOARD_CACHE_CONTROL
+        response.headers.pop("Expires", None)
         return response
 
     async def ws_plain(self) -> Response:

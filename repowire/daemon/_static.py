@@ -7,6 +7,12 @@ from typing import Final
 
 INDEX_FILE: Final = "index.html"
 
+#: Cache-Control of every dashboard file the daemon serves. The names carry no content hash,
+#: so browsers must revalidate (a cheap 304 with the ETag or Last-Modified) instead of keeping
+#: a file for a while: after an upgrade the next load runs the new code. Hashing the names
+#: would also work but needs a build step, and a custom dashboard export may not have one.
+DASHBOARD_CACHE_CONTROL: Final = "no-cache"
+
 
 def resolve_static(root: Path, subpath: str) -> Path | None:
     """The regular file under ``root`` that ``subpath`` names, or None.

@@ -456,10 +456,11 @@ const scenarios = {
     assert.deepEqual(firstBody, { to: "nobody", text: "hello" });
     assert.match(firstId, /^[0-9a-f]{32}$/);
     assert.equal(sent.headers["Content-Type"], "application/json");
-    assert.equal(
-      text("notify-result"),
-      "Not sent: No peer named nobody is registered. (unknown_peer)",
-    );
+    // The words first; the code after them, in its own small element.
+    assert.equal(text("notify-result"), "Not sent: No peer named nobody is registered. unknown_peer");
+    const code = byId("notify-result").find((e) => e.tagName === "CODE");
+    assert.equal(code.className, "result__code");
+    assert.equal(code.textContent, "unknown_peer");
     assert.equal(byId("notify-text").value, "hello");
     assert.equal(byId("notify-send").disabled, false);
     // Sending the kept text again is a retry of the same message: same id, delivered once.
@@ -482,10 +483,16 @@ const scenarios = {
     offlineSource.fail(FakeEventSource.CLOSED);
     await advance(0);
     assert.equal(offlineSource.closed, true);
+    // Said once, with the daemon's name (the relay's detail only restates it).
     assert.match(
       text("banner"),
-      /^The daemon is offline\. laptop-1 is not connected\. Fix: run repowire status on the daemon's machine\./,
+      /^Daemon laptop-1 is offline\. Fix: run repowire status on the daemon's machine\./,
     );
+    assert.doesNotMatch(text("banner"), /not connected/);
+    assert.match(text("relay-state"), /^Down/);
+    // One source of truth: the relay's list (fetched before it noticed) still says online,
+    // but the shown daemon's row follows the Connection card.
+    assert.match(items("daemons-list")[0].textContent, /^laptop-1Offline/);
     assert.match(text("banner"), /Online now: laptop-2\./);
     const other = byId("banner").find((e) => e.tagName === "A");
     assert.equal(other.getAttribute("href"), "../../laptop-2/dashboard/");
@@ -496,11 +503,19 @@ const scenarios = {
     assert.equal(FakeEventSource.instances.length, 1, "no stream is opened while offline");
 
     // It comes back, restarted: its event ids start over, so the shown events are cleared.
+    // The relay's list lags behind (it still says offline); the row follows ../health.
+    daemons = daemons.map((d) => (d.daemon_id === "laptop-1" ? { ...d, online: false } : d));
+    await advance(15_000);
+    assert.match(items("daemons-list")[0].textContent, /^laptop-1Offline/);
+    const daemonPolls = requests("GET", `${base}/api/v1/daemons`).length;
     health = [200, healthy];
     const data = { from: "c", text: "after restart" };
     log = [{ id: 1, type: "message", time: 1_700_000_100, data }];
     await advance(5_000);
     assert.equal(text("banner"), "");
+    assert.match(text("daemon-state"), /^Online/);
+    assert.match(items("daemons-list")[0].textContent, /^laptop-1Online/);
+    assert.ok(requests("GET", `${base}/api/v1/daemons`).length > daemonPolls, "list refreshed");
     assert.equal(FakeEventSource.instances.length, 2);
     lastSource().open();
     await advance(0);
@@ -590,7 +605,7 @@ const scenarios = {
     assert.equal(text("current-daemon"), "No daemon selected");
     assert.match(
       text("banner"),
-      /^No daemon is online for this key\. No daemon is connected for this key\. Fix: run repowire/,
+      /^No daemon is online for this key\. Fix: run repowire status on the daemon's machine\.$/,
     );
     assert.equal(byId("daemons-empty").hidden, false);
     assert.equal(FakeEventSource.instances.length, 0);

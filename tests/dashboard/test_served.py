@@ -7,13 +7,15 @@ page's API calls resolving (through the relay) to the daemon's real routes.
 from __future__ import annotations
 
 import mimetypes
+import os
+import shutil
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import trio
 
 from repowire.dashboard import STATIC_DIR
-from tests.daemon.daemon_support import http_request
+from tests.daemon.daemon_support import http_request, start_daemon
 from tests.relay.relay_support import start_daemon_with_connector, start_relay
 
 ASSETS = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
@@ -73,3 +75,38 @@ async def test_every_asset_is_served_locally_and_through_the_relay(
         # Without a session the relay does not serve the dashboard's assets.
         refused = await http_request(relay.address, "GET", "/d/laptop/dashboard/app.js")
         assert refused.status in (401, 303)
+
+
+async def test_an_upgraded_file_is_seen_by_the_next_load(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The daemon serves its unhashed dashboard files with ``no-cache`` and a validator: a
+    reload revalidates (304 while unchanged) and picks up a changed file at once."""
+    dashboard = tmp_path / "dashboard"
+    shutil.copytree(STATIC_DIR, dashboard)
+    with trio.fail_after(20):
+        daemon = await start_daemon(nursery, dashboard_dir=dashboard)
+        for name in ASSETS:
+            first = await daemon.request("GET", f"/dashboard/{name}")
+            assert first.status == 200, name
+            assert first.header("cache-control") == "no-cache", name
+            assert first.header("expires") is None, name
+            assert first.header("etag") is not None, name
+
+        first = await daemon.request("GET", "/dashboard/app.js")
+        etag = first.header("etag")
+        assert etag is not None
+        unchanged = await daemon.request(
+            "GET", "/dashboard/app.js", headers=[("If-None-Match", etag)]
+        )
+        assert unchanged.status == 304 and unchanged.body == b""
+
+        # The upgrade: new bytes (and a newer time, as an installer leaves them).
+        app_js = dashboard / "app.js"
+        app_js.write_bytes(first.body + b"\n// upgraded\n")
+        later = app_js.stat().st_mtime + 10
+        os.utime(app_js, (later, later))
+        again = await daemon.request("GET", "/dashboard/app.js", headers=[("If-None-Match", etag)])
+        assert again.status == 200
+        assert again.body.endswith(b"// upgraded\n")
+        assert again.header("etag") not in (None, etag)

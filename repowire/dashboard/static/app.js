@@ -223,6 +223,8 @@ function daemonOnline(health) {
     loadPeers();
     feed.policy.daemonBack();
     startFeed();
+    // The other daemons' rows may be as stale as this one's was: refresh them now too.
+    if (state.mode !== "local") loadDaemons();
   }
   render();
 }
@@ -575,12 +577,13 @@ function renderStatus() {
     const word = link.state === "connected" ? "since" : "at";
     const when = since === null ? "" : `${word} ${since.label}`;
     setFact(ui.relay, kind, link.label, [link.detail, when].filter(Boolean).join(", "));
+  } else if (state.daemon === "offline" && state.mode === "relay") {
+    // Seen from the relay, an offline daemon is one whose link is down: say that, not
+    // "Unknown" (the banner above already says the daemon is offline).
+    setFact(ui.relay, "bad", "Down", "no link from this daemon");
   } else if (state.daemon === "offline") {
-    const detail =
-      state.mode === "relay"
-        ? "the daemon is not connected to the relay"
-        : "the daemon does not answer";
-    setFact(ui.relay, "neutral", "Unknown", detail);
+    // Only the daemon knows its link's state, and it does not answer.
+    setFact(ui.relay, "neutral", "Not known", "until the daemon answers");
   } else {
     setFact(ui.relay, "neutral", "Checking…");
   }
@@ -609,7 +612,10 @@ function renderDaemon(daemon) {
           text: id,
           attrs: shown ? { href, "aria-current": "page" } : { href },
         });
-  const online = daemon.online === true;
+  // The shown daemon's state comes from ../health and the live feed, which the Connection card
+  // shows too; the list (polled less often) could lag behind them for a whole poll interval.
+  const known = shown && !state.signedOut && state.daemon !== "unknown";
+  const online = known ? state.daemon === "online" : daemon.online === true;
   const item = el("li", { className: "row" }, [
     name,
     badge(online ? "ok" : "bad", online ? "Online" : "Offline"),
@@ -618,7 +624,8 @@ function renderDaemon(daemon) {
   if (shown) item.append(badge("neutral", "Shown"));
   const details = [];
   if (online && typeof daemon.rtt_ms === "number") details.push(`${Math.round(daemon.rtt_ms)} ms`);
-  if (typeof daemon.version === "string") details.push(`version ${daemon.version}`);
+  const version = known && online ? (state.health?.version ?? daemon.version) : daemon.version;
+  if (typeof version === "string") details.push(`version ${version}`);
   const since = online ? formatTime(daemon.connected_since) : null;
   if (since !== null) details.push(`connected since ${since.label}`);
   if (details.length > 0) {
@@ -651,16 +658,20 @@ function bannerContent() {
   }
   if (state.daemon !== "offline") return { key: "", parts: [] };
   const failure = state.failure ?? { code: "", detail: "" };
+  const offline = state.mode === "relay" || failure.code === "daemon_offline";
   let headline;
   if (state.mode === "relay" && state.current === null) {
     headline = "No daemon is online for this key.";
-  } else if (state.mode === "relay" || failure.code === "daemon_offline") {
-    headline = "The daemon is offline.";
+  } else if (offline) {
+    headline = state.current ? `Daemon ${state.current} is offline.` : "The daemon is offline.";
   } else {
     headline = "The daemon does not answer.";
   }
   const parts = [el("strong", { text: `${headline} ` })];
-  if (failure.detail) parts.push(el("span", { text: `${failure.detail} ` }));
+  // An "offline" answer only restates the headline ("Daemon X is offline."); other failures
+  // (a timeout, an HTTP error) say something the headline does not.
+  const detail = offline && failure.code === "daemon_offline" ? "" : failure.detail;
+  if (detail) parts.push(el("span", { text: `${detail} ` }));
   parts.push("Fix: run ", el("code", { text: "repowire status" }), " on the daemon's machine.");
   const online = (state.daemons?.daemons ?? []).filter(
     (daemon) =>
@@ -677,7 +688,7 @@ function bannerContent() {
     });
     parts.push(".");
   }
-  const key = JSON.stringify([headline, failure.detail, online.map((daemon) => daemon.daemon_id)]);
+  const key = JSON.stringify([headline, detail, online.map((daemon) => daemon.daemon_id)]);
   return { key, parts };
 }
 
@@ -694,9 +705,11 @@ function render() {
 
 const fields = { to: ui.to, text: ui.text, from: ui.from };
 
-function showResult(kind, text) {
+/** Show the send form's outcome; `code` (an API error code) goes after the words, small. */
+function showResult(kind, text, code = "") {
   ui.result.className = `result result--${kind}`;
-  ui.result.textContent = text;
+  ui.result.replaceChildren(text);
+  if (code) ui.result.append(" ", el("code", { className: "result__code", text: code }));
 }
 
 for (const input of Object.values(fields)) {
@@ -749,7 +762,7 @@ ui.form.addEventListener("submit", async (event) => {
     } else {
       const failure = describeFailure(answer.status, answer.body);
       const verb = answer.ok ? "Not delivered" : "Not sent";
-      showResult("error", `${verb}: ${failure.detail} (${failure.code})`);
+      showResult("error", `${verb}: ${failure.detail}`, failure.code);
       if (answer.status === 503 || answer.status === 0) checkHealth();
     }
   } finally {
