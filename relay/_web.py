@@ -11,7 +11,10 @@ root paths arrive as they are. Every answer carries the security headers of
 
 Secrets: an API key reaches this app only in the sign-in form or an ``Authorization: Bearer``
 header, and leaves it only in the answers of ``/api/v1/register`` and ``/api/v1/keys/rotate``.
-Nothing here logs a key, a session id or a cookie, or puts one in a URL.
+Nothing here logs a key, a session id or a cookie, or puts one in a URL. A one-time sign-in
+token (:mod:`relay._login_links`) leaves only in the answer of ``POST /api/v1/login-links``, in
+the fragment of the URL given there (``/signin#<token>``), which browsers never send to a
+server, so it appears in no request line, log or Referer.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from werkzeug.exceptions import HTTPException
 import repowire.dashboard
 
 from ._context import Relay
+from ._login_links import LoginLink, LoginLinks, looks_like_token
 from ._store import KeyRecord, StoreError, UnknownRecordError
 
 logger = logging.getLogger("relay.web")
@@ -68,6 +72,12 @@ NO_DAEMON_MESSAGE: Final = (
 
 _DAEMON_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TEMPLATE: Final = "page.html"
+_SIGNIN_TEMPLATE: Final = "signin.html"
+
+#: Why a sign-in link did not work, shown by the ``/signin`` page.
+LOGIN_LINK_GONE_MESSAGE: Final = (
+    "This sign-in link has expired or was already used. Run `repowire relay login-link` again."
+)
 _STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 
 # Types of the files a static export holds. Explicit, so the answer does not depend on the
@@ -132,6 +142,7 @@ def create_web_app(relay: Relay) -> QuartTrio:
         ("/", "landing", routes.landing, ["GET"]),
         ("/auth", "auth", routes.auth, ["POST"]),
         ("/logout", "logout", routes.logout, ["POST"]),
+        ("/signin", "signin", routes.signin, ["GET"]),
         ("/static/<path:name>", "static_file", routes.static_file, ["GET"]),
         ("/dashboard", "dashboard", routes.dashboard_redirect, ["GET"]),
         ("/dashboard/", "dashboard_index", routes.dashboard_index, ["GET"]),
@@ -140,6 +151,8 @@ def create_web_app(relay: Relay) -> QuartTrio:
         ("/api/v1/register", "register", routes.register, ["POST"]),
         ("/api/v1/daemons", "daemons", routes.daemons, ["GET"]),
         ("/api/v1/keys/rotate", "rotate", routes.rotate, ["POST"]),
+        ("/api/v1/login-links", "login_links", routes.issue_login_link, ["POST"]),
+        ("/api/v1/login-links/redeem", "redeem", routes.redeem_login_link, ["POST"]),
     ]
     for rule, endpoint, view, methods in rules:
         app.add_url_rule(rule, endpoint, view, methods=methods)
@@ -245,6 +258,8 @@ class _Routes:
         self._dashboard_root = dashboard_root
         self._static_root = _STATIC_DIR
         self._version = version
+        #: The one-time sign-in links this relay issued (in memory: they live minutes).
+        self.login_links = LoginLinks()
 
     # -- who is asking --------------------------------------------------------------------
 
@@ -527,12 +542,13 @@ class _Routes:
             headers={"Cache-Control": "no-store"},
         )
 
-    async def _registration_label(self) -> str:
-        """The optional ``label`` of a registration body; "" without a body."""
+    async def _json_object_body(self, example: str) -> dict[str, object]:
+        """The request's JSON object body; {} without a body. Raises :class:`_Refusal` (415
+        for another media type, 400 for anything but a JSON object, naming ``example``)."""
         data = await request.get_data(as_text=False)
         raw = data.encode("utf-8") if isinstance(data, str) else data
         if not raw.strip():
-            return ""
+            return {}
         if request.mimetype != "application/json":
             raise _Refusal(415, "unsupported_media_type", "Send the body as application/json.")
         try:
@@ -540,7 +556,12 @@ class _Routes:
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise _Refusal(400, "bad_request", "The body is not valid JSON.") from None
         if not isinstance(document, dict):
-            raise _Refusal(400, "bad_request", 'The body must be a JSON object: {"label": "..."}.')
+            raise _Refusal(400, "bad_request", f"The body must be a JSON object: {example}.")
+        return document
+
+    async def _registration_label(self) -> str:
+        """The optional ``label`` of a registration body; "" without a body."""
+        document = await self._json_object_body('{"label": "..."}')
         label = document.get("label")
         if label is None:
             return ""
@@ -611,6 +632,121 @@ class _Routes:
         relay = self._relay
         session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
         return relay.cookie_header(session_id, secure=self._secure())
+
+    # -- one-time sign-in links -----------------------------------------------------------
+
+    async def issue_login_link(self) -> Response:
+        """``POST /api/v1/login-links`` with a Bearer key and an optional JSON body
+        ``{"daemon_id": ...}`` (a daemon of the key's scope the store knows; else the
+        ``/d/<id>/`` prefix, else none): 201 ``{"url", "expires_at", "expires_in"}``. The URL
+        carries the token in its fragment, which browsers never send to a server."""
+        relay = self._relay
+        if not self._origin_ok():
+            raise _Refusal(403, "forbidden", "This request came from another site.")
+        if self._bearer() is None:
+            # A browser session must not mint links that outlive it on another device.
+            raise _unauthorized("Send the API key as a Bearer header.")
+        caller = self._api_caller(where="login_link", cookie_needs_origin=True)
+        document = await self._json_object_body('{"daemon_id": "..."}')
+        daemon_id = document.get("daemon_id", self._daemon_id())
+        if daemon_id is not None:
+            known = (
+                isinstance(daemon_id, str)
+                and _DAEMON_ID.fullmatch(daemon_id) is not None
+                and any(
+                    known_id == daemon_id
+                    for known_id, _, _ in relay.store.known_daemons(caller.scope_id)
+                )
+            )
+            if not known:
+                raise _Refusal(
+                    404, "unknown_daemon", "No daemon with this id has connected with this key."
+                )
+            assert isinstance(daemon_id, str)
+        now = relay.clock()
+        token, link = self.login_links.issue(
+            key_id=caller.key_id, scope_id=caller.scope_id, daemon_id=daemon_id, now=now
+        )
+        logger.info(
+            "sign-in link issued for key %s (daemon %s)", caller.key_id, daemon_id or "default"
+        )
+        return _json(
+            {
+                "url": f"{self._public_base()}/signin#{token}",
+                "expires_at": link.expires_at,
+                "expires_in": math.ceil(self.login_links.ttl),
+            },
+            status=201,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _public_base(self) -> str:
+        """The relay's browser origin: ``public_url`` when set, else the origin this request
+        was sent to."""
+        public = self._relay.settings.public_url
+        if public:
+            return public.rstrip("/")
+        return f"{request.scheme}://{request.host}"
+
+    async def signin(self) -> Response:
+        """The page a sign-in link opens: its script reads the token from the fragment and
+        redeems it (the server never sees the fragment, so this page is the same for all)."""
+        # The page words LOGIN_LINK_GONE_MESSAGE itself (with the command as code).
+        body = await render_template(_SIGNIN_TEMPLATE, title="Signing in")
+        return Response(body, content_type="text/html")
+
+    async def redeem_login_link(self) -> Response:
+        """``POST /api/v1/login-links/redeem`` ``{"token": ...}`` from the ``/signin`` page:
+        a new browser session (as ``/auth`` opens it) and 200 ``{"next": <dashboard path>}``;
+        400 for a malformed body or token, 410 for a token that is unknown, used, expired or
+        whose key is no longer live, 429 once the address's failures are spent."""
+        relay = self._relay
+        if not self._origin_ok():
+            raise _Refusal(403, "forbidden", "This request came from another site.")
+        document = await self._json_object_body('{"token": "..."}')
+        now = relay.clock()
+        address = self._address()
+        # Nothing awaits from here to the verdict (as on /auth): concurrent attempts cannot
+        # slip past the limit between its check and its charge. Only failures are charged.
+        link = self.login_links.redeem(document.get("token"), now=now)
+        record = None if link is None else self._live_key(link)
+        if link is None or record is None:
+            relay.metrics.auth_failures.labels("login_link").inc()
+            wait = relay.auth_limiter.retry_after(address, now)
+            if wait > 0 or not relay.auth_limiter.allow(address, now):
+                relay.metrics.rate_limited.labels("login_link").inc()
+                wait = max(wait, relay.auth_limiter.retry_after(address, now))
+                raise _Refusal(
+                    429,
+                    "rate_limited",
+                    "Too many failed sign-ins from this address; try again later.",
+                    headers={"Retry-After": _retry_after(wait)},
+                )
+            if not looks_like_token(document.get("token")):
+                raise _Refusal(400, "bad_token", LOGIN_LINK_GONE_MESSAGE)
+            raise _Refusal(410, "link_gone", LOGIN_LINK_GONE_MESSAGE)
+        try:
+            session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
+        except UnknownRecordError:
+            # Revoked between the check above and now.
+            relay.metrics.auth_failures.labels("login_link").inc()
+            raise _Refusal(410, "link_gone", LOGIN_LINK_GONE_MESSAGE) from None
+        previous = relay.session_id_from(self._headers)
+        if previous is not None:
+            relay.store.end_session(previous)
+        logger.info("browser session opened by a sign-in link of key %s", record.key_id)
+        target = "/dashboard/" if link.daemon_id is None else f"/d/{link.daemon_id}/dashboard/"
+        response = _json({"next": target}, headers={"Cache-Control": "no-store"})
+        response.headers["Set-Cookie"] = relay.cookie_header(session_id, secure=self._secure())
+        return response
+
+    def _live_key(self, link: LoginLink) -> KeyRecord | None:
+        """The record of the key that issued ``link`` if the store still holds it live: a
+        token of a revoked or rotated key never signs in."""
+        for record in self._relay.store.list_keys(link.scope_id):
+            if record.key_id == link.key_id and not record.revoked:
+                return record
+        return None
 
     # -- errors ---------------------------------------------------------------------------
 
