@@ -2,7 +2,8 @@
 
 - ``/ws/relay``: daemon links (plain ASGI, :mod:`relay._daemon_link`).
 - The relay's own pages and API (the Quart app of :mod:`relay._web`): ``/``, ``/auth``,
-  ``/health``, ``/metrics``, ``/static/...``, and, at the root or under ``/d/<daemon id>/``,
+  ``/health``, ``/signin``, ``/favicon.ico``, ``/static/...``, and, at the root or under
+  ``/d/<daemon id>/``,
   ``/dashboard...``, ``/api/v1/...`` and ``/logout``.
 - Everything else is tunneled (plain ASGI, :mod:`relay._tunnel`): under ``/d/<daemon id>/`` to
   that daemon, elsewhere to the scope's default daemon (the one connected the longest).
@@ -25,7 +26,7 @@ from ._tunnel import deny_websocket, refuse_early, send_json, tunnel_http, tunne
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
-_ROOT_ONLY = ("/", "/auth", "/health", "/metrics")
+_ROOT_ONLY = ("/", "/auth", "/health", "/signin", "/favicon.ico")
 #: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
 #: exists but is not registered yet) before the relay answers 503.
 LINK_ARRIVAL_WAIT = 5.0

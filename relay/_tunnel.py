@@ -89,6 +89,8 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"set-cookie",
+        # hypercorn dates every response itself: the daemon's would make a second header.
+        b"date",
     }
 )
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -636,12 +638,15 @@ async def _bridge(
         cancel.cancel()
 
     timeout = UPGRADE_ANSWER_TIMEOUT
+    failed = False
     try:
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_browser, nursery.cancel_scope)
                 nursery.start_soon(read_answer, nursery.cancel_scope)
     except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+        failed = True
+    if failed:
         await deny_websocket(send, scope, 502, "daemon_failed", "The daemon failed the upgrade.")
         return
     if answer is None or isinstance(answer, tuple):

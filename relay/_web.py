@@ -144,6 +144,7 @@ def create_web_app(relay: Relay) -> QuartTrio:
         ("/logout", "logout", routes.logout, ["POST"]),
         ("/signin", "signin", routes.signin, ["GET"]),
         ("/static/<path:name>", "static_file", routes.static_file, ["GET"]),
+        ("/favicon.ico", "favicon", routes.favicon, ["GET"]),
         ("/dashboard", "dashboard", routes.dashboard_redirect, ["GET"]),
         ("/dashboard/", "dashboard_index", routes.dashboard_index, ["GET"]),
         ("/dashboard/<path:asset>", "dashboard_file", routes.dashboard_file, ["GET"]),
@@ -455,6 +456,10 @@ class _Routes:
         response = await send_file(path, mimetype=_content_type(path), conditional=True)
         response.headers["Cache-Control"] = "no-cache"
         return response
+
+    async def favicon(self) -> Response:
+        """Browsers ask for ``/favicon.ico`` on their own: the relay's icon, not a 401."""
+        return await self.static_file("favicon.svg")
 
     # -- dashboard ------------------------------------------------------------------------
 

@@ -551,6 +551,25 @@ async def test_headers_named_in_connection_are_hop_by_hop_too(stacks: StackFacto
         assert response.header("x-answer-hop") is None, "a hop-by-hop answer header was forwarded"
 
 
+async def test_a_tunneled_response_carries_one_date_header(stacks: StackFactory) -> None:
+    with trio.fail_after(15):
+        stack, key, cookie = await scoped_relay(stacks)
+        relay = stack.relay
+
+        async def handler(stream: MuxStream) -> None:
+            exchange = ScriptedHttp(stream)
+            await exchange.receive_request()
+            await exchange.read_body()
+            await exchange.respond(200, b"ok", [("Date", "Tue, 01 Jan 2030 00:00:00 GMT")])
+
+        await start_stand_in(stack.links, relay.address, key, "laptop", handler)
+        response = await http_request(relay.address, "GET", "/peers", headers=[cookie])
+        assert response.status == 200
+        dates = [value for name, value in response.headers if name == "date"]
+        assert len(dates) == 1, dates
+        assert "2030" not in dates[0]
+
+
 async def test_response_hop_by_hop_headers_and_cookies_are_dropped(stacks: StackFactory) -> None:
     with trio.fail_after(15):
         stack, key, cookie = await scoped_relay(stacks)

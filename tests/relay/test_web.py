@@ -27,6 +27,8 @@ from relay._context import SESSION_COOKIE, Relay
 from relay._links import DaemonLink
 from relay._settings import RelaySettings
 from relay._web import DASHBOARD_CSP, MAX_BODY_SIZE, NO_DAEMON_MESSAGE, PAGE_CSP, create_web_app
+from tests.daemon.daemon_support import http_request
+from tests.relay.link_support import running_relay
 
 START = 1_700_000_000.0
 ORIGIN = "http://localhost"  # the test client sends Host: localhost
@@ -229,9 +231,7 @@ async def test_landing_page_shows_the_form_with_safe_headers(web: Web) -> None:
     assert '<label for="api-key">' in page
     assert 'action="/auth"' in page and 'method="post"' in page
     # One external script (the key's show/hide toggle), nothing inline: the CSP allows 'self'.
-    assert re.findall(r"<script\b[^>]*>", page) == [
-        '<script type="module" src="/static/relay.js">'
-    ]
+    assert re.findall(r"<script\b[^>]*>", page) == ['<script type="module" src="/static/relay.js">']
     assert re.findall(r"<script\b[^>]*>(.*?)</script>", page, re.S) == [""]
     assert "style=" not in page and "<style" not in page
 
@@ -1034,3 +1034,23 @@ async def test_no_secret_in_any_answer_or_log(web: Web, caplog: pytest.LogCaptur
         assert session_id not in location and key not in location
     for secret in (key, new_key, key[:-1], session_id):
         assert secret not in caplog.text
+
+
+async def test_the_favicon_is_the_relays_icon_for_anyone(web: Web) -> None:
+    # Browsers ask for it on every page, signed in or not: an icon, never a 401.
+    answer = await web.request("GET", "/favicon.ico")
+    assert answer.status == 200
+    assert answer.content_type.startswith("image/svg+xml")
+    assert "<svg" in answer.text
+
+
+async def test_the_relay_serves_its_own_icon_and_sign_in_page_without_a_session(
+    tmp_path: Path,
+) -> None:
+    # Routed to the relay's own pages, not tunneled (a tunneled path needs a session: 401).
+    with trio.fail_after(20):
+        async with running_relay(tmp_path / "relay") as stack:
+            for path, kind in (("/favicon.ico", "image/svg+xml"), ("/signin", "text/html")):
+                answer = await http_request(stack.relay.address, "GET", path)
+                assert answer.status == 200, (path, answer.status)
+                assert (answer.header("content-type") or "").startswith(kind)
