@@ -40,7 +40,7 @@ from ._context import Relay
 from ._login_links import LoginLink, LoginLinks, looks_like_token
 from ._store import KeyRecord, StoreError, UnknownRecordError
 
-logger = logging.getLogger("relay.web")
+logger = logging.getLogger("repowire.relay.web")
 
 #: Content-Security-Policy of the sign-in form, the error pages and the JSON answers.
 PAGE_CSP: Final = "default-src 'self'; frame-ancestors 'none'; form-action 'self'"
