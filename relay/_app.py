@@ -26,7 +26,8 @@ from ._tunnel import deny_websocket, refuse_early, send_json, tunnel_http, tunne
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
-_ROOT_ONLY = ("/", "/auth", "/health", "/signin", "/favicon.ico")
+# /metrics stays the relay's own path (404 here: it is served on its own listener), never tunneled.
+_ROOT_ONLY = ("/", "/auth", "/health", "/metrics", "/signin", "/favicon.ico")
 #: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
 #: exists but is not registered yet) before the relay answers 503.
 LINK_ARRIVAL_WAIT = 5.0
