@@ -27,6 +27,8 @@ TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
 BUSY_REASON = "relay busy: too many daemons connecting at once; try again later"
 
 
+#: Daemons seen before but offline now that a ``directory`` answer lists at most.
+DIRECTORY_MAX_OFFLINE = 256
 #: The close reason sent with :data:`CloseCode.TOO_MANY_LINKS` (the limit is appended).
 TOO_MANY_LINKS_REASON = "this key's scope holds its quota of daemon links"
 
@@ -275,13 +277,29 @@ async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:
 
 
 async def _answer_directory(relay: Relay, source: DaemonLink, stream: MuxStream) -> None:
-    """A ``directory`` stream: the relay answers with the scope's online daemons, as JSON."""
-    listing = {
+    """A ``directory`` stream: the relay answers with the scope's online daemons and, under
+    ``offline``, the ones it has seen before that are not connected now (the most recently
+    seen first, at most :data:`DIRECTORY_MAX_OFFLINE`), as JSON. ``offline`` is left out when
+    the key store cannot be read: the online list is still right."""
+    online = relay.links.for_scope(source.scope_id)
+    listing: dict[str, object] = {
         "daemons": [
-            {"daemon_id": link.daemon_id, "connected_since": link.connected_at}
-            for link in relay.links.for_scope(source.scope_id)
+            {"daemon_id": link.daemon_id, "connected_since": link.connected_at} for link in online
         ]
     }
+    try:
+        known = relay.store.known_daemons(source.scope_id)
+    except StoreError as exc:
+        log.warning("daemon %s: offline daemons not listed: %s", source.daemon_id, exc)
+    else:
+        online_ids = {link.daemon_id for link in online}
+        offline = sorted(
+            (entry for entry in known if entry[0] not in online_ids),
+            key=lambda entry: (-entry[2], entry[0]),
+        )[:DIRECTORY_MAX_OFFLINE]
+        listing["offline"] = [
+            {"daemon_id": daemon_id, "last_seen": last_seen} for daemon_id, _, last_seen in offline
+        ]
     try:
         await stream.send_all(json.dumps(listing).encode())
         await stream.send_eof()

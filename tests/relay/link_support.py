@@ -688,3 +688,12 @@ async def open_raw_link(
         if handshake:
             await link.hello()
         yield link
+
+
+async def scoped_relay(
+    stacks: StackFactory, **settings: object
+) -> tuple[RunningStack, str, tuple[str, str]]:
+    """A relay, a new scope's key and a browser session cookie for that scope."""
+    stack = await stacks(**settings)
+    record, key = stack.relay.new_scope()
+    return stack, key, stack.relay.session_cookie(record)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -36,24 +35,14 @@ from tests.relay.link_support import (
     open_frame,
     open_link_websocket,
     open_raw_link,
-    relay_stacks,
     start_stand_in,
 )
 from tests.relay.relay_support import RelayHandle, start_daemon_with_connector, start_relay
 
-#: Hard stop for the relays of one test, teardown included (each test has its own deadline).
-STACK_LIFETIME = 120
 #: How soon the relay must close a link that broke the protocol.
 PROMPT = 1.0
 #: Concurrent streams a link may open in the flood test.
 STREAM_LIMIT = 4
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 async def relay_with_key(stacks: StackFactory, **settings: object) -> tuple[RunningStack, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -27,13 +26,10 @@ from tests.relay.link_support import (
     StackFactory,
     identity_handler,
     open_browser_websocket,
-    relay_stacks,
     start_stand_in,
 )
 from tests.relay.relay_support import DaemonHandle, start_daemon_with_connector
 
-#: Hard stop for the relays of one test, teardown included (each test has its own deadline).
-STACK_LIFETIME = 120
 #: Requests tried on each plain path, to show the choice of daemon never varies.
 REPEATS = 5
 
@@ -51,13 +47,6 @@ ROUTES = [
     ("GET", "/no/such/route"),
     ("PUT", "/anything"),
 ]
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 def dashboard_dir(tmp_path: Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -40,22 +39,12 @@ from tests.relay.link_support import (
     link_headers,
     link_refusal,
     open_link_websocket,
-    relay_stacks,
     start_stand_in,
 )
 from tests.relay.relay_support import RelayHandle, start_daemon_with_connector, start_relay
 
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 60
 #: "At once": how soon a refusal or an idle link's close must come.
 PROMPT = 1.0
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 def in_progress(stack: RunningStack) -> int:

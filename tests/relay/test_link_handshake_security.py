@@ -14,7 +14,7 @@ import base64
 import os
 import re
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -31,12 +31,9 @@ from tests.relay.link_support import (
     ScriptedWebSocket,
     StackFactory,
     link_headers,
-    relay_stacks,
     start_stand_in,
 )
 
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 60
 #: Offered by browsers (and by the attacker): what the relay must not accept.
 DEFLATE_OFFER = b"permessage-deflate; client_max_window_bits"
 #: Largest response head read by :func:`raw_upgrade`.
@@ -49,13 +46,6 @@ BOMBERS = 20
 RSS_GROWTH_BOUND = 16 * 1024 * 1024
 #: Seconds the memory test may take, relay start and stop included.
 PROCESS_TEST_TIMEOUT = 60
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 async def raw_upgrade(

@@ -9,10 +9,8 @@ stream waits at most ``stream_open_timeout`` for a slot on its target's link.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import trio
 import trio.testing
 
@@ -26,22 +24,12 @@ from tests.relay.link_support import (
     identity_handler,
     link_headers,
     link_refusal,
-    relay_stacks,
     start_stand_in,
 )
 from tests.relay.relay_support import start_daemon_with_connector
 
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 60
 #: The quota of links these tests run with.
 LINKS = 3
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 async def hold(stream: MuxStream) -> None:

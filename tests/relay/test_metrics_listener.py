@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,17 +13,7 @@ import trio
 from relay import RelaySettings, serve_relay
 from tests.connector.connector_support import Cli
 from tests.daemon.daemon_support import http_request
-from tests.relay.link_support import StackFactory, identity_handler, relay_stacks, start_stand_in
-
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 60
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
+from tests.relay.link_support import StackFactory, identity_handler, start_stand_in
 
 
 async def test_metrics_are_served_on_their_own_listener_only(stacks: StackFactory) -> None:

@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
 import h11
-import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -32,21 +30,11 @@ from tests.relay.link_support import (
     StackFactory,
     StandIn,
     open_browser_websocket,
-    relay_stacks,
     start_stand_in,
 )
 
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 60
 #: What the brief promises: access ends this soon after the revocation, rotation or sign-out.
 PROMPT = 1.0
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
 
 
 async def event_stream(stream: MuxStream) -> None:

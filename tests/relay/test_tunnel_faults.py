@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
@@ -25,12 +24,11 @@ from mux import MuxStream
 from protocol import ErrorCode
 from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
 from tests.relay.link_support import (
-    RunningStack,
     ScriptedHttp,
     StackFactory,
     StreamHandler,
     identity_handler,
-    relay_stacks,
+    scoped_relay,
     start_stand_in,
 )
 
@@ -43,23 +41,6 @@ HOSTILE_BODY = 3 * MIB
 REQUEST_BODY = 4 * MIB
 #: Requests per hostile sequence: the relay used to fall over within a few.
 ROUNDS = 6
-#: Hard stop for the relays of one test, teardown included.
-STACK_LIFETIME = 120
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
-
-
-async def scoped_relay(
-    stacks: StackFactory, **settings: object
-) -> tuple[RunningStack, str, tuple[str, str]]:
-    stack = await stacks(**settings)
-    record, key = stack.relay.new_scope()
-    return stack, key, stack.relay.session_cookie(record)
 
 
 #: hypercorn's error log: "Error in ASGI Framework" there means an exception left a request's

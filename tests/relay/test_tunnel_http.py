@@ -27,13 +27,12 @@ from protocol import ErrorCode, SessionConfig
 from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
 from tests.relay.link_support import (
     STAND_IN_MUX,
-    RunningStack,
     ScriptedHttp,
     SeenRequest,
     StackFactory,
     hold_stream,
     identity_handler,
-    relay_stacks,
+    scoped_relay,
     start_stand_in,
 )
 
@@ -61,8 +60,6 @@ _PATTERN = random.Random(20240611).randbytes(PATTERN_PERIOD) * 2
 
 #: How soon the daemon's side of a stream must learn that the browser left.
 PROMPT = 1.0
-#: Hard stop for the relays of one test, teardown included (each test has its own deadline).
-STACK_LIFETIME = 120
 #: Requests sent by the tests that look for connections left behind.
 REPEATS = 8
 #: Body size limit used by the 413 tests.
@@ -201,22 +198,6 @@ async def browser(address: Address) -> AsyncIterator[Browser]:
     stream = await trio.open_tcp_stream(*address)
     async with stream:
         yield Browser(stream, address)
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
-
-
-async def scoped_relay(
-    stacks: StackFactory, **settings: object
-) -> tuple[RunningStack, str, tuple[str, str]]:
-    """A relay, a new scope's key and a browser session cookie for that scope."""
-    stack = await stacks(**settings)
-    record, key = stack.relay.new_scope()
-    return stack, key, stack.relay.session_cookie(record)
 
 
 # ---------------------------------------------------------------------- large bodies

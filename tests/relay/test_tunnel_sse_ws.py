@@ -10,7 +10,6 @@ import contextlib
 import json
 import statistics
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import h11
@@ -28,13 +27,11 @@ from tests.relay.link_support import (
     StackFactory,
     StreamHandler,
     open_browser_websocket,
-    relay_stacks,
+    scoped_relay,
     start_stand_in,
 )
 from tests.relay.relay_support import DaemonHandle, start_daemon_with_connector
 
-#: Hard stop for the relays of one test, teardown included (each test has its own deadline).
-STACK_LIFETIME = 120
 #: Events sent in the SSE tests.
 EVENTS = 20
 #: How long a scripted daemon waits for the browser to get an event before calling it held back.
@@ -43,22 +40,6 @@ EVENT_WAIT = 2.0
 PROMPT = 1.0
 #: A binary WebSocket message well above one stream frame (64 KiB), below the limits.
 BIG_MESSAGE = 256 * 1024
-
-
-@pytest.fixture
-async def stacks(tmp_path: Path) -> AsyncIterator[StackFactory]:
-    with trio.fail_after(STACK_LIFETIME):
-        async with relay_stacks(tmp_path) as start:
-            yield start
-
-
-async def scoped_relay(
-    stacks: StackFactory, **settings: object
-) -> tuple[RunningStack, str, tuple[str, str]]:
-    """A relay, a new scope's key and a browser session cookie for that scope."""
-    stack = await stacks(**settings)
-    record, key = stack.relay.new_scope()
-    return stack, key, stack.relay.session_cookie(record)
 
 
 def dashboard_dir(tmp_path: Path) -> Path:
