@@ -5,21 +5,22 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlsplit
 
 import trio
 
-from protocol import DEFAULT_INITIAL_WINDOW_SIZE, CloseCode
+from protocol import CloseCode
 
 from ._keys import hash_secret
 from ._links import HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
 from ._metrics import RelayMetrics
-from ._quota import ScopeCounter
+from ._quota import QuotaExceeded, ScopeCounter
 from ._ratelimit import RateLimiter
-from ._settings import RelaySettings
+from ._settings import RelaySettings, stream_cost
 from ._store import KeyStore, SessionRecord
 
 log = logging.getLogger("repowire.relay")
@@ -57,19 +58,10 @@ class Relay:
             settings.link_handshake_limit, settings.link_handshake_limit_per_key
         )
         self.metrics = RelayMetrics()
-        #: Streams each scope holds open (tunneled requests, WebSockets, mesh streams): at most
-        #: ``max_streams_per_scope``, and at most ``max_scope_buffered`` divided by the stream
-        #: window, since each open stream may hold one window of bytes on the relay.
-        self.scope_streams = ScopeCounter(
-            "open streams",
-            max(
-                1,
-                min(
-                    settings.max_streams_per_scope,
-                    settings.max_scope_buffered // DEFAULT_INITIAL_WINDOW_SIZE,
-                ),
-            ),
-        )
+        #: Streams each scope holds open (tunneled requests, WebSockets, mesh streams).
+        self.scope_streams = ScopeCounter("open streams", settings.max_streams_per_scope)
+        #: Bytes those streams may make the relay hold (``_settings.stream_cost`` each).
+        self.scope_bytes = ScopeCounter("bytes held", settings.max_scope_buffered)
         #: Browser requests in flight, by session and key, so revocation can end them.
         self.live_access = LiveAccess()
         #: Daemon links each scope holds (registered or in their handshake).
@@ -80,6 +72,24 @@ class Relay:
         )
         self.shutting_down = False
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+
+    @contextmanager
+    def stream_slot(self, scope_id: str, kind: str) -> Iterator[None]:
+        """Hold one of the scope's stream slots and the bytes a ``kind`` stream may make the
+        relay hold (:func:`~relay._settings.stream_cost`) for the block. Raises
+        :class:`~relay._quota.QuotaExceeded` (nothing taken) if either quota is full."""
+        cost = stream_cost(self.settings, kind)
+        streams, held = self.scope_streams, self.scope_bytes
+        if not streams.try_take(scope_id):
+            raise QuotaExceeded(streams.what, streams.limit)
+        if not held.try_take(scope_id, cost):
+            streams.give_back(scope_id)
+            raise QuotaExceeded(held.what, held.limit)
+        try:
+            yield
+        finally:
+            held.give_back(scope_id, cost)
+            streams.give_back(scope_id)
 
     def is_shutting_down(self) -> bool:
         """Whether a graceful shutdown has begun (new daemon links are turned away)."""

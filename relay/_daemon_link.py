@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import ExitStack
 
 import trio
 
@@ -14,6 +15,7 @@ from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role, SessionConfig
 from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
+from ._quota import QuotaExceeded
 from ._store import StoreError
 
 log = logging.getLogger("repowire.relay")
@@ -320,16 +322,21 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
     target_id = stream.metadata.get("target", "")
     target = relay.links.get(source.scope_id, target_id)
     if target is None:
-        known = {d for d, _, _ in relay.store.known_daemons(source.scope_id)}
-        stream.reset(ErrorCode.TARGET_OFFLINE if target_id in known else ErrorCode.UNKNOWN_TARGET)
+        try:
+            known = target_id in {d for d, _, _ in relay.store.known_daemons(source.scope_id)}
+        except StoreError:
+            known = True  # offline and unknown cannot be told apart now: say offline
+        stream.reset(ErrorCode.TARGET_OFFLINE if known else ErrorCode.UNKNOWN_TARGET)
         return
-    # A spliced mesh stream holds up to a window of bytes on the relay, like a tunneled
-    # request: it counts against the scope's stream quota for as long as it is open.
-    if not relay.scope_streams.try_take(source.scope_id):
-        relay.metrics.streams_refused.labels("mesh").inc()
-        stream.reset(ErrorCode.REFUSED_STREAM)
-        return
-    try:
+    # A spliced mesh stream holds up to a window of bytes on each side of the relay: it counts
+    # against the scope's stream and byte quotas for as long as it is open.
+    with ExitStack() as held:
+        try:
+            held.enter_context(relay.stream_slot(source.scope_id, "mesh"))
+        except QuotaExceeded:
+            relay.metrics.streams_refused.labels("mesh").inc()
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            return
         # The target's link may have all its stream slots taken: wait for one, but not forever.
         outbound: MuxStream | None = None
         with trio.move_on_after(relay.settings.stream_open_timeout):
@@ -350,5 +357,3 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
             await splice(stream, outbound)
         finally:
             relay.metrics.streams_open.dec()
-    finally:
-        relay.scope_streams.give_back(source.scope_id)

@@ -34,31 +34,33 @@ class ScopeCounter:
     def held(self, scope_id: str) -> int:
         return self._held.get(scope_id, 0)
 
-    def try_take(self, scope_id: str) -> bool:
-        """Take one for ``scope_id`` and return True, or return False (nothing taken)."""
+    def try_take(self, scope_id: str, amount: int = 1) -> bool:
+        """Take ``amount`` for ``scope_id`` and return True, or return False (nothing taken)
+        if that would go over the limit."""
         held = self._held.get(scope_id, 0)
-        if held >= self.limit:
+        if held + amount > self.limit:
             return False
-        self._held[scope_id] = held + 1
+        self._held[scope_id] = held + amount
         return True
 
-    def give_back(self, scope_id: str) -> None:
-        """Return one taken by :meth:`try_take`. Raises RuntimeError if none is held."""
+    def give_back(self, scope_id: str, amount: int = 1) -> None:
+        """Return ``amount`` taken by :meth:`try_take`. Raises RuntimeError if the scope holds
+        less than that."""
         held = self._held.get(scope_id, 0)
-        if held == 0:
+        if held < amount:
             raise RuntimeError(f"{self.what}: give_back() without a matching try_take()")
-        if held == 1:
+        if held == amount:
             del self._held[scope_id]
         else:
-            self._held[scope_id] = held - 1
+            self._held[scope_id] = held - amount
 
     @contextmanager
-    def hold(self, scope_id: str) -> Iterator[None]:
-        """Hold one for the duration of the block; raises :class:`QuotaExceeded` if the scope
-        holds its quota already (nothing is taken then)."""
-        if not self.try_take(scope_id):
+    def hold(self, scope_id: str, amount: int = 1) -> Iterator[None]:
+        """Hold ``amount`` for the duration of the block; raises :class:`QuotaExceeded` if the
+        scope cannot take it (nothing is taken then)."""
+        if not self.try_take(scope_id, amount):
             raise QuotaExceeded(self.what, self.limit)
         try:
             yield
         finally:
-            self.give_back(scope_id)
+            self.give_back(scope_id, amount)

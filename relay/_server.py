@@ -26,7 +26,7 @@ from ._app import RelayApp
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._links import DaemonLink
-from ._settings import RelaySettings
+from ._settings import APP_QUEUE_SIZE, RelaySettings
 from ._store import KeyStore, StoreError
 
 log = logging.getLogger("repowire.relay")
@@ -105,6 +105,7 @@ def hypercorn_config(settings: RelaySettings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("repowire.relay.http")
     config.websocket_max_message_size = settings.max_websocket_message_size
+    config.max_app_queue_size = APP_QUEUE_SIZE
     config.h11_max_incomplete_size = settings.max_header_size
     # hypercorn's idle timer runs from the accept (and between requests) until a whole request
     # head has arrived: it is the slowloris deadline as well as the keep-alive timeout.

@@ -8,8 +8,18 @@ from typing import Literal
 import attrs
 
 from mux import MuxConfig
+from protocol import DEFAULT_INITIAL_WINDOW_SIZE
 
 MIB = 1024 * 1024
+#: Messages (WebSocket messages, request body pieces) hypercorn queues for one connection's
+#: handler before it stops reading that connection (``max_app_queue_size``; hypercorn's own
+#: default is 10). Part of what a stream may make the relay hold: see :func:`stream_cost`.
+APP_QUEUE_SIZE = 2
+#: The most hypercorn reads from a socket at once: one queued request body piece.
+BODY_PIECE_SIZE = 64 * 1024
+#: Receive window of one stream (the protocol's default, which the relay announces).
+STREAM_WINDOW = DEFAULT_INITIAL_WINDOW_SIZE
+
 #: Smallest ``max_websocket_message_size`` accepted: the largest WebSocket message a connector
 #: writes on its link (``mux.MuxConfig.max_message_size``, 256 KiB). The setting bounds every
 #: WebSocket message the relay reads: daemon links' and tunneled browsers'.
@@ -81,16 +91,18 @@ class RelaySettings:
     #: Streams of one scope open at once, over all its links: tunneled browser requests,
     #: WebSockets, SSE and mesh streams. A request beyond it gets 503 ``too_many_streams``.
     max_streams_per_scope: int = 512
-    #: Bytes the relay may hold for one scope: every stream holds at most one receive window
-    #: (256 KiB) on the relay, so the streams admitted at once are also bounded by this
-    #: divided by the window (the smaller of the two limits applies).
-    max_scope_buffered: int = 128 * MIB
+    #: Bytes the relay may hold for one scope at once. Each open stream is charged what it may
+    #: make the relay hold (see :func:`stream_cost`): a tunneled request one stream window
+    #: (256 KiB) plus hypercorn's queue of body pieces (2 x 64 KiB), a WebSocket also its
+    #: queued and assembling messages, a mesh stream two windows (one each side). The default
+    #: admits ``max_streams_per_scope`` plain requests.
+    max_scope_buffered: int = 192 * MIB
     #: Seconds a tunneled request waits for a free stream slot on its daemon's link (the
     #: link's ``max_streams_per_link`` are all taken) before it is answered 503.
     stream_open_timeout: float = 5.0
     #: Largest tunneled WebSocket message, either way (browser to daemon and back). A larger
     #: one closes that WebSocket with 1009 and a reason; nothing else is affected.
-    max_websocket_message_size: int = 4 * MIB
+    max_websocket_message_size: int = 1 * MIB
     #: ``host:port`` where ``/metrics`` is served, apart from the public listener (it shows
     #: every tenant's traffic). ``None``: not served. ``repowire relay start`` defaults to
     #: ``127.0.0.1:9108``.
@@ -134,3 +146,15 @@ class RelaySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+
+
+def stream_cost(settings: RelaySettings, kind: str) -> int:
+    """Bytes one open stream of ``kind`` (``http``, ``websocket``, ``mesh``) may make the relay
+    hold, charged against ``settings.max_scope_buffered`` while it is open."""
+    if kind == "mesh":
+        return 2 * STREAM_WINDOW
+    queued = APP_QUEUE_SIZE * BODY_PIECE_SIZE
+    if kind == "websocket":
+        # Queued by hypercorn, and one being assembled from the daemon's frames.
+        queued = (APP_QUEUE_SIZE + 1) * settings.max_websocket_message_size
+    return STREAM_WINDOW + queued

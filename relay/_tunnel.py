@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import h11
@@ -29,6 +29,7 @@ from protocol import ErrorCode
 from ._asgi_transport import Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
+from ._quota import QuotaExceeded
 
 log = logging.getLogger("repowire.relay")
 
@@ -214,21 +215,28 @@ class TunnelRefused(Exception):
 
 
 @contextmanager
-def scope_stream_slot(relay: Relay, scope_id: str) -> Iterator[None]:
-    """Hold one of the scope's stream slots (``relay.scope_streams``) for the block; raises
-    :class:`TunnelRefused` (503 ``too_many_streams``) if the scope holds its quota."""
-    counter = relay.scope_streams
-    if not counter.try_take(scope_id):
-        raise TunnelRefused(
-            503,
-            "too_many_streams",
-            f"This key's daemons already have {counter.limit} requests open at once "
-            "(the relay's per-key limit); try again when some have finished.",
-        )
-    try:
+def scope_stream_slot(relay: Relay, scope_id: str, kind: str) -> Iterator[None]:
+    """Hold one of the scope's stream slots and the bytes a ``kind`` stream may hold
+    (:meth:`Relay.stream_slot`) for the block; raises :class:`TunnelRefused` (503
+    ``too_many_streams``) if the scope holds its quota."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(relay.stream_slot(scope_id, kind))
+        except QuotaExceeded as full:
+            raise TunnelRefused(503, "too_many_streams", _quota_detail(full)) from None
         yield
-    finally:
-        counter.give_back(scope_id)
+
+
+def _quota_detail(full: QuotaExceeded) -> str:
+    if full.what == "open streams":
+        return (
+            f"This key's daemons already have {full.limit} requests open at once "
+            "(the relay's per-key limit); try again when some have finished."
+        )
+    return (
+        "This key's open requests already hold the relay's per-key share of memory "
+        f"({full.limit} bytes); try again when some have finished."
+    )
 
 
 async def open_daemon_stream(relay: Relay, link: DaemonLink) -> MuxStream:
@@ -290,7 +298,7 @@ async def tunnel_http(
             await refuse_too_large(send, limit)
             return
     try:
-        with scope_stream_slot(relay, scope_id):
+        with scope_stream_slot(relay, scope_id, "http"):
             stream = await open_daemon_stream(relay, link)
             relay.metrics.streams_total.labels("http").inc()
             relay.metrics.streams_open.inc()
@@ -573,7 +581,7 @@ async def tunnel_websocket(
     if message["type"] != "websocket.connect":
         return
     try:
-        with scope_stream_slot(relay, scope_id):
+        with scope_stream_slot(relay, scope_id, "websocket"):
             stream = await open_daemon_stream(relay, link)
             relay.metrics.streams_total.labels("websocket").inc()
             relay.metrics.streams_open.inc()

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import trio
 
 from mux import MuxConfig, MuxStream, StreamReset
 from protocol import ErrorCode, SessionConfig
+from relay._settings import RelaySettings, stream_cost
 from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
 from tests.relay.link_support import (
     STAND_IN_MUX,
@@ -1030,3 +1032,32 @@ async def test_a_scope_over_its_stream_quota_gets_503_too_many_streams(
         assert other.status == 200
         # The held request's slot is given back once it ends.
         await eventually(lambda: counter.held(record.scope_id) == 0)
+
+
+async def test_a_scope_over_its_memory_quota_gets_503_too_many_streams(
+    stacks: StackFactory,
+) -> None:
+    """Streams are also charged what they may make the relay hold: a budget of two plain
+    requests admits two, then refuses, whatever the stream count allows."""
+    with trio.fail_after(20):
+        budget = 2 * stream_cost(RelaySettings(data_dir="unused"), "http")
+        stack = await stacks(max_scope_buffered=budget)
+        relay = stack.relay
+        record, key = relay.new_scope()
+        cookie = relay.session_cookie(record)
+        stand_in = await start_stand_in(stack.links, relay.address, key, "laptop", hold_stream)
+        held = relay.running.relay.scope_bytes
+        async with trio.open_nursery() as inner:
+            for path in ("/held-1", "/held-2"):
+                inner.start_soon(
+                    partial(http_request, relay.address, "GET", path, headers=[cookie])
+                )
+            await eventually(lambda: len(stand_in.accepted) == 2)
+            assert held.held(record.scope_id) == budget
+            refused = await http_request(relay.address, "GET", "/next", headers=[cookie])
+            inner.cancel_scope.cancel()
+        assert refused.status == 503
+        assert refused.json()["error"] == "too_many_streams"
+        assert str(budget) in refused.json()["detail"]
+        await eventually(lambda: held.held(record.scope_id) == 0)
+        assert relay.running.relay.scope_streams.held(record.scope_id) == 0

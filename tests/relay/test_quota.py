@@ -1,0 +1,50 @@
+"""Per-scope counters and what a stream is charged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay._quota import QuotaExceeded, ScopeCounter
+from relay._settings import APP_QUEUE_SIZE, MIB, STREAM_WINDOW, RelaySettings, stream_cost
+
+
+def test_a_counter_takes_amounts_up_to_its_limit_per_scope() -> None:
+    counter = ScopeCounter("bytes held", 10)
+    assert counter.try_take("a", 6)
+    assert not counter.try_take("a", 5)  # 11 > 10: nothing taken
+    assert counter.held("a") == 6
+    assert counter.try_take("b", 10)  # another scope has its own share
+    counter.give_back("a", 6)
+    assert counter.held("a") == 0
+    with pytest.raises(RuntimeError):
+        counter.give_back("a")
+
+
+def test_hold_gives_back_on_every_path() -> None:
+    counter = ScopeCounter("open streams", 1)
+    with pytest.raises(ValueError), counter.hold("a"):
+        assert counter.held("a") == 1
+        raise ValueError("the request failed")
+    assert counter.held("a") == 0
+    with counter.hold("a"), pytest.raises(QuotaExceeded) as caught, counter.hold("a"):
+        pass
+    assert caught.value.limit == 1
+    assert counter.held("a") == 0
+
+
+def test_a_stream_is_charged_what_it_may_make_the_relay_hold(tmp_path: Path) -> None:
+    settings = RelaySettings(data_dir=tmp_path, max_websocket_message_size=2 * MIB)
+    assert stream_cost(settings, "http") == STREAM_WINDOW + APP_QUEUE_SIZE * 64 * 1024
+    assert stream_cost(settings, "mesh") == 2 * STREAM_WINDOW
+    # Queued by hypercorn, one more being assembled, and the window.
+    assert stream_cost(settings, "websocket") == STREAM_WINDOW + (APP_QUEUE_SIZE + 1) * 2 * MIB
+
+
+def test_the_defaults_admit_the_stream_quota_of_plain_requests(tmp_path: Path) -> None:
+    settings = RelaySettings(data_dir=tmp_path)
+    admitted = settings.max_scope_buffered // stream_cost(settings, "http")
+    assert admitted >= settings.max_streams_per_scope
+    # and tens of WebSockets (a dashboard tab holds one)
+    assert settings.max_scope_buffered // stream_cost(settings, "websocket") >= 32
