@@ -141,7 +141,8 @@ class RelayApp:
         if (websocket or state_changing) and not relay.origin_allowed(
             headers, scope.get("scheme", "http")
         ):
-            await reject(scope, receive, send, 403, "bad_origin", "Cross-site request refused.")
+            detail = relay.origin_refusal(headers, scope.get("scheme", "http"), scope["path"])
+            await reject(scope, receive, send, 403, "bad_origin", detail)
             return
         query = scope.get("query_string") or b""
         target = raw_path + (b"?" + query if query else b"")

@@ -183,6 +183,31 @@ class Relay:
         parsed = urlsplit(origin_text)
         return parsed.netloc == host.decode("latin-1").strip().lower()
 
+    def expected_origin(self, headers: Headers, scheme: str) -> str:
+        """The origin a browser's request must come from: the public URL's, or (none set) the
+        one of the Host the request was sent to."""
+        if self.settings.public_url:
+            public = urlsplit(self.settings.public_url)
+            return f"{public.scheme}://{public.netloc}"
+        host = (header(headers, b"host") or b"").decode("latin-1").strip() or "this relay"
+        return f"{'https' if scheme in ('https', 'wss') else 'http'}://{host}"
+
+    def origin_refusal(self, headers: Headers, scheme: str, path: str) -> str:
+        """Log a request refused for its origin (one line) and return the one-line reason to
+        answer with, naming the origin this relay expects."""
+        origin = (header(headers, b"origin") or b"").decode("latin-1").strip()
+        expected = self.expected_origin(headers, scheme)
+        log.info(
+            "refused a cross-site request to %s from origin %r (expected %s)",
+            path[:200],
+            origin[:100],
+            expected,
+        )
+        return (
+            f"This request came from {origin[:100] or 'another site'}, not from {expected}, "
+            "and was refused. Open the relay at that address (set it with --public-url)."
+        )
+
     # ------------------------------------------------------------------ browser sessions
 
     def session_id_from(self, headers: Headers) -> str | None:

@@ -441,12 +441,12 @@ class _Routes:
         response.headers["Set-Cookie"] = relay.clearing_cookie_header(secure=self._secure())
         return response
 
+    def _origin_refusal(self) -> str:
+        return self._relay.origin_refusal(self._headers, request.scheme, request.path)
+
     async def _forbidden_page(self) -> Response:
         return await self._page(
-            status=403,
-            title="Forbidden",
-            message="This request came from another site and was refused.",
-            show_form=False,
+            status=403, title="Forbidden", message=self._origin_refusal(), show_form=False
         )
 
     async def static_file(self, name: str) -> Response:
@@ -521,7 +521,7 @@ class _Routes:
                 "This relay does not register new keys; ask its operator for one.",
             )
         if not self._origin_ok():
-            raise _Refusal(403, "forbidden", "This request came from another site.")
+            raise _Refusal(403, "forbidden", self._origin_refusal())
         now = relay.clock()
         address = self._address()
         if not relay.register_limiter.allow(address, now):
@@ -614,7 +614,7 @@ class _Routes:
     async def rotate(self) -> Response:
         relay = self._relay
         if not self._origin_ok():
-            raise _Refusal(403, "forbidden", "This request came from another site.")
+            raise _Refusal(403, "forbidden", self._origin_refusal())
         caller = self._api_caller(where="rotate", cookie_needs_origin=True)
         now = relay.clock()
         try:
@@ -647,7 +647,7 @@ class _Routes:
         carries the token in its fragment, which browsers never send to a server."""
         relay = self._relay
         if not self._origin_ok():
-            raise _Refusal(403, "forbidden", "This request came from another site.")
+            raise _Refusal(403, "forbidden", self._origin_refusal())
         if self._bearer() is None:
             # A browser session must not mint links that outlive it on another device.
             raise _unauthorized("Send the API key as a Bearer header.")
@@ -707,7 +707,7 @@ class _Routes:
         whose key is no longer live, 429 once the address's failures are spent."""
         relay = self._relay
         if not self._origin_ok():
-            raise _Refusal(403, "forbidden", "This request came from another site.")
+            raise _Refusal(403, "forbidden", self._origin_refusal())
         document = await self._json_object_body('{"token": "..."}')
         now = relay.clock()
         address = self._address()

@@ -1054,3 +1054,25 @@ async def test_the_relay_serves_its_own_icon_and_sign_in_page_without_a_session(
                 answer = await http_request(stack.relay.address, "GET", path)
                 assert answer.status == 200, (path, answer.status)
                 assert (answer.header("content-type") or "").startswith(kind)
+
+
+async def test_a_cross_site_refusal_names_the_expected_origin_and_is_logged(
+    web: Web, caplog: pytest.LogCaptureFixture
+) -> None:
+    record, key = web.new_scope()
+    web.connect(record, "laptop")
+    hostile = 'https://evil.example"><script>alert(1)</script>'
+    with caplog.at_level("INFO", logger="repowire.relay"):
+        page = await web.request("POST", "/auth", form={"api_key": key}, origin=hostile)
+        api = await web.request("POST", "/api/v1/register", origin="https://evil.example")
+    assert page.status == 403
+    # The expected origin is the Host the request was sent to (no --public-url here).
+    assert f"not from {ORIGIN}" in page.text
+    assert "--public-url" in page.text
+    assert "<script>alert(1)" not in page.text  # the page escapes what the browser sent
+    assert api.status == 403
+    assert f"not from {ORIGIN}" in api.json()["detail"]
+    refusals = [r.getMessage() for r in caplog.records if "cross-site" in r.getMessage()]
+    assert len(refusals) == 2
+    assert "evil.example" in refusals[0] and f"expected {ORIGIN}" in refusals[0]
+    assert key not in caplog.text
