@@ -1,6 +1,8 @@
 """The outbound side of relay access: dial the relay, serve its streams, reach other daemons."""
 
 from ._connector import DEFAULT_MESH_ALLOWLIST as DEFAULT_MESH_ALLOWLIST
+from ._connector import GOING_AWAY as GOING_AWAY
+from ._connector import SHUTDOWN_GRACE as SHUTDOWN_GRACE
 from ._connector import Connector as Connector
 from ._connector import ConnectorConfig as ConnectorConfig
 from ._connector import link_url as link_url

@@ -42,6 +42,14 @@ DEFAULT_MESH_ALLOWLIST: frozenset[tuple[str, str]] = frozenset(
 LINK_MAX_MESSAGE = 4 * 1024 * 1024
 #: Largest mesh response body read by :meth:`Connector.request`.
 MAX_MESH_RESPONSE = 8 * 1024 * 1024
+#: While the link stays down, one log line (INFO) per this many failed attempts sums them up
+#: ("still down after 5 attempts, last error ..."); the retries between are logged at DEBUG.
+LINK_DOWN_SUMMARY_EVERY = 5
+#: Seconds a stopping daemon lets the streams in flight finish after telling the relay it is
+#: going away (GOAWAY), before it closes the link (:meth:`Connector.shutdown`).
+SHUTDOWN_GRACE = 2.0
+#: WebSocket close code "going away" (RFC 6455): the endpoint is shutting down.
+GOING_AWAY = 1001
 
 
 def link_url(relay_url: str) -> str:
@@ -117,6 +125,13 @@ class Connector:
         self._ended_with: Decision | None = None
         self._state_changed = trio.Event()
         self._pool: DaemonPool | None = None
+        #: Attempts that failed since the link was last up (for the log's summary lines).
+        self._failures_in_a_row = 0
+        #: Set by :meth:`shutdown`: the loop dials no more.
+        self._stopping = False
+        #: Set once the loop has stopped dialling after :meth:`shutdown` (the link, if any, is
+        #: closed by then).
+        self._idle = trio.Event()
 
     # ------------------------------------------------------------------ status
 
@@ -134,7 +149,8 @@ class Connector:
             rtt_ms=round(rtt * 1000, 3) if rtt is not None else None,
             attempts=self._attempts,
             next_retry_at=self._next_retry_at,
-            retrying=self._retrying,
+            # Only a link that is not up can be retrying.
+            retrying=self._retrying and self._state is not LinkState.CONNECTED,
         )
 
     async def wait_state(self, state: LinkState) -> None:
@@ -162,6 +178,9 @@ class Connector:
                 self._set_state(LinkState.CONNECTING)
                 reason, detail = await self._connect_once()
                 decision = self._ended_with or self._record_end(reason, detail)
+                if self._stopping:
+                    self._idle.set()
+                    await trio.sleep_forever()
                 if not decision.retry:
                     await trio.sleep_forever()
                 await trio.sleep(decision.delay)
@@ -169,6 +188,21 @@ class Connector:
             if self._pool is not None:
                 with trio.CancelScope(shield=True):
                     await self._pool.aclose()
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Leave the relay cleanly, as a stopping daemon does: send GOAWAY (the relay opens no
+        new streams), give the open streams up to ``grace`` seconds, then close the WebSocket
+        with 1001 (going away) and wait for the closing handshake (bounded by the mux
+        ``close_timeout``). Returns at once when no link is up. The connector dials no more
+        afterwards; the caller still cancels :meth:`run`. The caller bounds the whole wait.
+        """
+        self._stopping = True
+        session = self._session
+        if session is None or session.ended:
+            return
+        await session.drain(grace, reason="daemon shutting down")
+        await session.aclose(GOING_AWAY, "daemon shutting down")
+        await self._idle.wait()
 
     @property
     def daemon_pool(self) -> DaemonPool | None:
@@ -200,10 +234,21 @@ class Connector:
         self._retrying = decision.retry
         self._next_retry_at = now + decision.delay if decision.retry else None
         self._set_state(LinkState.DOWN)
-        if decision.retry:
-            log.info("relay link down (%s); retrying in %.1f s", detail, decision.delay)
-        else:
+        self._failures_in_a_row += 1
+        failures = self._failures_in_a_row
+        if not decision.retry:
             log.warning("relay link stopped: %s", self._last_error)
+        elif failures == 1:
+            log.info("relay link down (%s); retrying in %.1f s", detail, decision.delay)
+        elif failures % LINK_DOWN_SUMMARY_EVERY == 0:
+            log.info(
+                "relay link still down after %d attempts, last error: %s; next retry in %.1f s",
+                failures,
+                detail,
+                decision.delay,
+            )
+        else:
+            log.debug("relay link down (%s); retrying in %.1f s", detail, decision.delay)
         return decision
 
     async def _connect_once(self) -> tuple[DisconnectReason, str]:
@@ -273,7 +318,7 @@ class Connector:
                     nursery.cancel_scope.cancel()
             except* trio_websocket.ConnectionRejected as group:
                 status = getattr(group.exceptions[0], "status_code", None)
-                outcome = _rejected(status)
+                outcome = _rejected(status, url)
             except* (
                 trio_websocket.HandshakeError,
                 trio_websocket.ConnectionClosed,
@@ -307,7 +352,7 @@ class Connector:
         except trio.TooSlowError:
             return DisconnectReason.NETWORK, "timed out in the handshake with the relay"
         except trio_websocket.ConnectionRejected as exc:
-            return _rejected(exc.status_code)
+            return _rejected(exc.status_code, f"{netloc}{path}")
         except trio_websocket.HandshakeError as exc:
             return (
                 DisconnectReason.NETWORK,
@@ -351,6 +396,7 @@ class Connector:
             self._connected_since = now
             self._last_connected_at = now
             self._backoff.connected(trio.current_time())
+            self._failures_in_a_row = 0
             self._set_state(LinkState.CONNECTED)
             log.info("relay link up: %s as %s", self.config.relay_url, self.config.daemon_id)
             nursery.start_soon(self._accept_streams, session)
@@ -468,10 +514,23 @@ class Connector:
         return [d for d in ids if d != self.config.daemon_id]
 
 
-def _rejected(status: int | None) -> tuple[DisconnectReason, str]:
-    """Why the relay (or a proxy in front of it) answered the upgrade with an HTTP status.
+def _rejected(status: int | None, where: str) -> tuple[DisconnectReason, str]:
+    """Why the relay (or a proxy in front of it) answered the upgrade to ``where`` with an
+    HTTP status, in words that tell a wrong URL (404) from a refused key (401, 403).
     503 and 429 mean busy, not down: back off as from a 1013."""
-    detail = f"relay refused the upgrade (HTTP {status if status is not None else '?'})"
+    shown = status if status is not None else "?"
+    if status == 404:
+        detail = (
+            f"no relay at {where} (HTTP 404 to the upgrade): check relay.url, which names the "
+            "relay's root or its /ws/relay endpoint"
+        )
+    elif status in (401, 403):
+        detail = (
+            f"the relay refused the API key (HTTP {shown} to the upgrade): run "
+            "'repowire setup --relay --new-key' for a new key"
+        )
+    else:
+        detail = f"relay refused the upgrade (HTTP {shown})"
     if status in (429, 503):
         return DisconnectReason.RELAY_BUSY, detail
     return DisconnectReason.NETWORK, detail

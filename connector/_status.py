@@ -29,7 +29,9 @@ class ConnectorStatus:
     rtt_ms: float | None = None
     attempts: int = 0
     next_retry_at: float | None = None
-    #: False once the connector gave up (incompatible version): no retry will come.
+    #: True while the link is not up and a retry will come (dialling now, or scheduled at
+    #: ``next_retry_at``); False while connected, and once the connector gave up
+    #: (incompatible version).
     retrying: bool = True
 
     def to_json(self) -> dict[str, Any]:

@@ -380,11 +380,11 @@ def _failures_text(failures: int) -> str:
 _SLOW_LEADS: dict[DisconnectReason, str] = {
     DisconnectReason.INVALID_KEY: (
         "invalid API key: the relay refused it; get a new one with "
-        "`repowire setup --relay --rotate-key` or check relay.api_key in the config file"
+        "`repowire setup --relay --new-key` or check relay.api_key in the config file"
     ),
     DisconnectReason.KEY_REVOKED: (
         "key revoked: the relay ended the link because its API key was revoked or rotated; "
-        "get a new one with `repowire setup --relay --rotate-key`"
+        "get a new one with `repowire setup --relay --new-key`"
     ),
     DisconnectReason.TOO_MANY_LINKS: (
         "too many links: this key's scope holds the relay's quota of daemon links; "

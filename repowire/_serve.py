@@ -6,20 +6,24 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import attrs
 import trio
 
-from connector import Connector, ConnectorConfig
+from connector import SHUTDOWN_GRACE, Connector, ConnectorConfig, LinkState
 
 from . import __version__
 from ._runtime import RuntimeRecord, acquire_home
-from .config import Settings
+from .config import Settings, dashboard_url
 from .daemon import DaemonState, create_app, serve_daemon
 from .dashboard import STATIC_DIR
 
 log = logging.getLogger("repowire")
+
+#: Seconds a stopping daemon gives its relay link to close cleanly (GOAWAY, the streams in
+#: flight, the closing handshake) before it stops regardless.
+STOP_TIMEOUT = SHUTDOWN_GRACE + 2.0
 
 
 def build_connector(settings: Settings) -> Connector | None:
@@ -80,6 +84,19 @@ async def run_daemon(
         task_status.started((address, connector))
 
 
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
+async def announce_dashboard(connector: Connector, url: str) -> None:
+    """Print ``url`` (the dashboard through the relay) once, when the link first comes up:
+    it is where the user points a browser or a phone."""
+    await connector.wait_state(LinkState.CONNECTED)
+    print(f"relay link up: dashboard at {url}", flush=True)
+
+
 async def serve(settings: Settings) -> None:
     """The `repowire serve` command: run until SIGTERM or SIGINT.
 
@@ -89,7 +106,7 @@ async def serve(settings: Settings) -> None:
     Raises :class:`~repowire._runtime.DaemonAlreadyRunning` (before binding anything) when a
     daemon of the same home is running, OSError when the address cannot be bound.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Logging is set up by the command line (repowire._logging), before this runs.
     # In a thread: the claim may retry for a moment while a reader tests the lock.
     claim = await trio.to_thread.run_sync(acquire_home, settings.home)
     try:
@@ -107,12 +124,25 @@ async def serve(settings: Settings) -> None:
             print(f"repowire daemon {settings.daemon.daemon_id} listening on http://{host}:{port}")
             print(f"dashboard: http://{host}:{port}/dashboard/")
             if connector is not None:
-                print(f"relay access on: connecting to {settings.relay.url}")
+                print(f"relay access on: connecting to {settings.relay.url}", flush=True)
+                nursery.start_soon(
+                    announce_dashboard,
+                    connector,
+                    dashboard_url(settings.relay.url, settings.daemon.daemon_id),
+                )
             else:
                 print("relay access off (repowire setup --relay to turn it on)")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     break
+                if connector is not None:
+                    # Tell the relay this daemon is going away rather than drop the link; a
+                    # second signal meanwhile stops at once.
+                    with trio.move_on_after(STOP_TIMEOUT):
+                        async with trio.open_nursery() as stopping:
+                            stopping.start_soon(_cancel_on_signal, signals, stopping.cancel_scope)
+                            await connector.shutdown()
+                            stopping.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
     finally:
         # Synchronous on purpose: it must also run while cancelled, and it is two file calls.

@@ -2,11 +2,15 @@
 
 Commands::
 
-    repowire setup --relay [--relay-url URL] [--api-key KEY | --rotate-key] [--ca-file F]
+    repowire setup --relay [--relay-url URL] [--api-key KEY | --rotate-key | --new-key [--yes]]
+                   [--ca-file F]
     repowire status [--json]
     repowire serve [--relay | --no-relay] [--host H] [--port P] [--relay-url URL] [--daemon-id ID]
-    repowire relay start [--host H] [--port P] [--data-dir DIR] ...
+                   [-v | -q] [--log-format text|json]
+    repowire relay start [--host H] [--port P] [--data-dir DIR] [-v | -q] [--log-format F] ...
+    repowire relay login-link [--json] [--no-qr]
     repowire relay keys create|list|revoke ...
+    repowire completion bash|zsh|fish
 
 Exit codes (also in ``repowire --help``):
 
@@ -22,7 +26,9 @@ Exit codes (also in ``repowire --help``):
 ====  =====================================================================================
 
 Every error is one line on stderr; no command prints a traceback (set ``REPOWIRE_DEBUG=1`` to
-see one for an unexpected error). No command prints an API key, except ``relay keys create``,
+see one for an unexpected error; for ``serve`` and ``relay start`` it also counts as ``-v``).
+Read-only commands (``status``, ``relay login-link``, ``completion``, ``--help``) never write
+to the home: a fresh home stays empty. No command prints an API key, except ``relay keys create``,
 whose purpose is to hand out a new key once.
 
 Which daemon ``status`` asks: the one named by ``--host``/``--port`` when given; else the one
@@ -40,8 +46,10 @@ import argparse
 import contextlib
 import datetime
 import errno
+import getpass
 import importlib
 import importlib.metadata
+import io
 import ipaddress
 import json
 import math
@@ -60,6 +68,7 @@ import repowire
 from relay._keys import looks_like_key, mask_key
 
 from ._httpclient import HttpError, request_json
+from ._logging import LOG_FORMATS, log_level, setup_logging
 from ._runtime import (
     DaemonAlreadyRunning,
     RuntimeInfo,
@@ -70,6 +79,7 @@ from ._runtime import (
 )
 from .config import (
     DAEMON_ID_PATTERN,
+    DEFAULT_RELAY_URL,
     ENV_API_KEY,
     ENV_RELAY_ENABLED,
     ENV_RELAY_URL,
@@ -79,8 +89,10 @@ from .config import (
     Settings,
     check_writable,
     config_path,
+    dashboard_url,
     http_base,
     load_settings,
+    normalize_relay_url,
     redact_secrets,
     relay_url_problem,
     repowire_home,
@@ -123,8 +135,22 @@ exit codes:
   3    configuration error (config file or environment variable)
   4    serve: a daemon from this home is already running
   64   usage error (unknown command or flag, bad value)
-  130  interrupted (serve: Ctrl-C exits 0)
+  130  interrupted by Ctrl-C (serve and relay start: Ctrl-C is how they stop, exit 0)
 """
+
+_LOGGING_HELP = """logging:
+  Log lines go to stderr with their level; -v shows DEBUG, -q only warnings and errors;
+  --log-format json writes one JSON object per line (time, level, logger, message).
+  REPOWIRE_DEBUG=1 in the environment counts as -v.
+"""
+
+
+def hosted_relay_note(url: str = DEFAULT_RELAY_URL) -> str:
+    """What is said (once) when no relay URL is configured and the hosted relay is used."""
+    return (
+        f"no relay URL configured: using the hosted relay {url} "
+        "(self-hosting? pass --relay-url ws://HOST:PORT)"
+    )
 
 
 def package_version() -> str:
@@ -152,6 +178,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default shown after its help, unless the
+    help names it already or there is none to show (a flag, or a value resolved later)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or isinstance(action, argparse._CountAction)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default %(default)s)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +316,51 @@ def rotate_key(
     raise CommandError(f"the relay at {base} refused the rotation ({status}: {_detail(answer)})")
 
 
+#: What :func:`check_key` found out about a key.
+KEY_VALID = "valid"
+KEY_UNCHECKED = "unchecked"
+
+
+def check_key(
+    relay_url: str, api_key: str, *, ca_file: Path | None, timeout: float = RELAY_REQUEST_TIMEOUT
+) -> tuple[str, str | None]:
+    """Ask the relay whether it knows ``api_key`` (``GET /api/v1/daemons`` with it as Bearer).
+
+    Returns ``(KEY_VALID, None)`` when it does, ``(KEY_UNCHECKED, why)`` when the relay cannot
+    be reached or gives no clear answer. Raises :class:`CommandError` when the relay rejects
+    the key (401, 403) or when no relay answers at that URL (404).
+    """
+    base = http_base(relay_url)
+    try:
+        status, answer = request_json(
+            "GET",
+            base + "/api/v1/daemons",
+            body=None,
+            bearer=api_key,
+            ca_file=ca_file,
+            timeout=timeout,
+        )
+    except HttpError as exc:
+        return KEY_UNCHECKED, f"could not reach the relay at {base} to check the key: {exc}"
+    if status == 200:
+        return KEY_VALID, None
+    if status in (401, 403):
+        raise CommandError(
+            f"the relay at {base} does not accept this API key (unknown or revoked); nothing "
+            "was stored. Register a new key for this daemon with "
+            "'repowire setup --relay --new-key'"
+        )
+    if status == 404:
+        raise CommandError(
+            f"no Repowire relay answers at {base} (HTTP 404 for /api/v1/daemons); nothing was "
+            "stored. Check --relay-url"
+        )
+    return (
+        KEY_UNCHECKED,
+        f"the relay at {base} could not check the key ({status}: {_detail(answer)})",
+    )
+
+
 def obtain_api_key(settings: Settings, *, timeout: float = RELAY_REQUEST_TIMEOUT) -> str:
     """Register with ``settings.relay.url`` (label: the daemon id), store the key, return it.
 
@@ -294,13 +384,16 @@ def obtain_api_key(settings: Settings, *, timeout: float = RELAY_REQUEST_TIMEOUT
 
 @attrs.frozen(kw_only=True)
 class SetupResult:
-    """What :func:`setup_relay` did. ``key_action``: registered, rotated, given or kept."""
+    """What :func:`setup_relay` did. ``key_action``: registered, renewed (``new_key``),
+    rotated, given or kept."""
 
     config_path: Path
     relay_url: str
     ca_file: Path | None
     key_action: str
     masked_key: str
+    #: For a given key: :data:`KEY_VALID` or :data:`KEY_UNCHECKED` (then a note says why).
+    key_check: str | None = None
     key_id: str | None
     scope_id: str | None
     notes: tuple[str, ...]
@@ -312,6 +405,7 @@ def setup_relay(
     relay_url: str | None = None,
     api_key: str | None = None,
     rotate: bool = False,
+    new_key: bool = False,
     ca_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     timeout: float = RELAY_REQUEST_TIMEOUT,
@@ -319,11 +413,15 @@ def setup_relay(
     """Enable relay access in ``<home>/config.yaml`` and make sure it holds an API key.
 
     Writes ``relay.enabled: true``, ``relay.url`` (``relay_url``, else the file's, else the
-    default), ``relay.ca_file`` (when given) and the key: ``api_key`` when given (its shape
-    checked); a rotated one when ``rotate``; the file's own key when it has one; otherwise a
-    new one registered with the relay (label: the daemon id). The file is edited in place
-    (comments and other keys kept). Environment overrides are ignored here (this command
-    writes the file) but reported in ``notes`` when they would override what was written.
+    default: the hosted relay, which a note then names), ``relay.ca_file`` (when given) and the
+    key: ``api_key`` when given (its shape checked, then checked with the relay: a key the
+    relay rejects is refused; when the relay cannot be reached it is stored and a note says
+    so); a rotated one when ``rotate``; a newly registered one when ``new_key`` (the old key
+    is left behind, with its scope: the caller confirms first); the file's own key when it
+    has one; otherwise a new one registered with the relay (label: the daemon id). The file
+    is edited in place (comments and other keys kept). Environment overrides are ignored here
+    (this command writes the file) but reported in ``notes`` when they would override what
+    was written.
 
     Nothing is written unless the whole command succeeds, except the daemon id when it is
     generated here (first use). Before a rotation (which kills the old key) the config file is
@@ -332,8 +430,10 @@ def setup_relay(
     Raises :class:`~repowire.config.ConfigError` (malformed or unwritable file, bad value) or
     :class:`CommandError` (relay unreachable or refusing; nothing to rotate).
     """
-    if api_key is not None and rotate:
-        raise CommandError("give either an API key or --rotate-key, not both", exit_code=EXIT_USAGE)
+    if sum((api_key is not None, rotate, new_key)) > 1:
+        raise CommandError(
+            "give only one of an API key, --rotate-key and --new-key", exit_code=EXIT_USAGE
+        )
     if api_key is not None and not looks_like_key(api_key):
         raise CommandError(
             "the API key given does not look like a Repowire key ('rw_' followed by 43+ "
@@ -346,11 +446,34 @@ def setup_relay(
     path = config_path(home)
 
     notes: list[str] = []
+    if relay_url is None and current.relay.url_is_default:
+        notes.append(hosted_relay_note(url))
     key_id: str | None = None
     scope_id: str | None = None
+    key_check: str | None = None
+    stored: str | None
     if api_key is not None:
-        new_key: str | None = api_key
+        key_check, why = check_key(url, api_key, ca_file=current.relay.ca_file, timeout=timeout)
+        if why is not None:
+            notes.append(
+                f"{why}; stored it anyway: 'repowire status' shows whether the relay accepts it"
+            )
+        stored = api_key
         action = "given"
+    elif new_key:
+        check_writable(home)
+        issued = register_key(
+            url,
+            label=current.daemon.daemon_id,
+            ca_file=current.relay.ca_file,
+            timeout=timeout,
+        )
+        stored, key_id, scope_id, action = (
+            issued.api_key,
+            issued.key_id,
+            issued.scope_id,
+            "renewed",
+        )
     elif rotate:
         if current.relay.api_key is None:
             raise CommandError(
@@ -360,9 +483,9 @@ def setup_relay(
         issued = rotate_key(
             url, current.relay.api_key, ca_file=current.relay.ca_file, timeout=timeout
         )
-        new_key, key_id, action = issued.api_key, issued.key_id, "rotated"
+        stored, key_id, action = issued.api_key, issued.key_id, "rotated"
     elif current.relay.api_key is not None:
-        new_key, action = None, "kept"
+        stored, action = None, "kept"
         if relay_url is not None and relay_url != current.relay.url:
             notes.append(
                 "the stored API key was issued for the previous relay URL; if the new relay "
@@ -372,7 +495,7 @@ def setup_relay(
         issued = register_key(
             url, label=current.daemon.daemon_id, ca_file=current.relay.ca_file, timeout=timeout
         )
-        new_key, key_id, scope_id, action = (
+        stored, key_id, scope_id, action = (
             issued.api_key,
             issued.key_id,
             issued.scope_id,
@@ -382,10 +505,10 @@ def setup_relay(
     relay_changes: dict[str, object] = {"enabled": True, "url": url}
     if ca_file is not None:
         relay_changes["ca_file"] = str(ca_file)
-    if new_key is not None:
-        relay_changes["api_key"] = new_key
+    if stored is not None:
+        relay_changes["api_key"] = stored
     update_config(home, {"relay": relay_changes})
-    stored_key = new_key if new_key is not None else current.relay.api_key
+    stored_key = stored if stored is not None else current.relay.api_key
     assert stored_key is not None
 
     for name, what in (
@@ -405,26 +528,76 @@ def setup_relay(
         key_id=key_id,
         scope_id=scope_id,
         notes=tuple(notes),
+        key_check=key_check,
     )
+
+
+def _relay_url_flag(args: argparse.Namespace) -> str | None:
+    """``--relay-url`` normalised; says on stderr when ``http(s)://`` was taken as ``ws(s)://``."""
+    given: str | None = args.relay_url
+    if given is None:
+        return None
+    url, note = normalize_relay_url(given)
+    if note is not None:
+        print(f"note: {note} (a daemon's link to the relay is a WebSocket)", file=sys.stderr)
+    return url
+
+
+def _confirm_new_key(home: Path, args: argparse.Namespace) -> None:
+    """Ask before ``--new-key`` replaces a configured key (``--yes`` skips the question).
+
+    Raises :class:`CommandError` (usage) when there is no terminal to ask on, or when the
+    answer is not yes.
+    """
+    if args.yes:
+        return
+    current = load_settings(home, persist=False)
+    if current.relay.api_key is None:
+        return
+    question = (
+        f"Register a new API key for this daemon and replace {mask_key(current.relay.api_key)}? "
+        "The new key opens a new scope: browsers signed in with the old key and other daemons "
+        "using it stay with the old scope. [y/N] "
+    )
+    if not sys.stdin.isatty():
+        raise CommandError(
+            "--new-key replaces the configured key and leaves its scope: confirm with --yes "
+            "(no terminal to ask on)",
+            exit_code=EXIT_USAGE,
+        )
+    if input(question).strip().lower() not in ("y", "yes"):
+        raise CommandError("no new key registered (not confirmed)")
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
     api_key: str | None = args.api_key
     if api_key == "-":
-        # Read from stdin so the key stays out of the shell history and the process list.
-        api_key = sys.stdin.readline().strip()
+        # Read from stdin so the key stays out of the shell history and the process list;
+        # on a terminal, without echo.
+        if sys.stdin.isatty():
+            api_key = getpass.getpass("API key: ").strip()
+        else:
+            api_key = sys.stdin.readline().strip()
+    home = repowire_home()
+    relay_url = _relay_url_flag(args)
+    if args.new_key:
+        _confirm_new_key(home, args)
     result = setup_relay(
-        repowire_home(),
-        relay_url=args.relay_url,
+        home,
+        relay_url=relay_url,
         api_key=api_key,
         rotate=args.rotate_key,
+        new_key=args.new_key,
         ca_file=args.ca_file,
     )
     how = {
         "registered": f"registered: new key {_one_line(str(result.key_id))} in scope "
         f"{_one_line(str(result.scope_id))}",
         "rotated": f"rotated: new key {_one_line(str(result.key_id))}; the old key no longer works",
-        "given": "stored the key given",
+        "renewed": f"registered a new key {_one_line(str(result.key_id))} in a new scope "
+        f"{_one_line(str(result.scope_id))}; the old key is no longer used here",
+        "given": "stored the key given"
+        + (", the relay accepts it" if result.key_check == KEY_VALID else ""),
         "kept": "kept the key already configured",
     }[result.key_action]
     print(f"Relay access enabled in {result.config_path}")
@@ -629,6 +802,53 @@ def format_time(value: object, now: float) -> str:
     return f"{local.isoformat(timespec='seconds')} ({relative})"
 
 
+def status_dashboard_url(report: StatusReport) -> str | None:
+    """The daemon's dashboard through the relay, when relay access is on and the daemon id is
+    known (from the running daemon, else from its runtime file)."""
+    relay = report.settings.relay
+    if not relay.enabled:
+        return None
+    daemon_id: object = None
+    if report.health is not None:
+        daemon_id = report.health.get("daemon_id")
+    elif report.target.runtime.record is not None and report.target.runtime.alive:
+        daemon_id = report.target.runtime.record.daemon_id
+    if not isinstance(daemon_id, str) or DAEMON_ID_PATTERN.fullmatch(daemon_id) is None:
+        return None
+    try:
+        return dashboard_url(relay.url, daemon_id)
+    except ConfigError:
+        return None
+
+
+#: Close codes (as the connector reports them in ``last_error``) after which only a new key
+#: helps: 4401 unknown key, 4403 revoked key. A rotation needs the old key to be valid.
+_DEAD_KEY_MARKS = ("(4401:", "(4403:", "refused the API key")
+
+
+def status_hints(report: StatusReport) -> list[str]:
+    """Commands that help in the state reported, and only those (whole lines, never cut)."""
+    if report.health is None:
+        return []
+    live = report.health.get("relay")
+    if not isinstance(live, Mapping) or live.get("state") not in ("down", "connecting"):
+        return []
+    error = live.get("last_error")
+    if not isinstance(error, str):
+        return []
+    if any(mark in error for mark in _DEAD_KEY_MARKS):
+        return [
+            "the relay does not accept this daemon's API key: register a new one with "
+            "'repowire setup --relay --new-key', then restart 'repowire serve'"
+        ]
+    if "no relay at" in error:
+        return [
+            "no relay answers at the configured URL: fix it with "
+            "'repowire setup --relay --relay-url URL', then restart 'repowire serve'"
+        ]
+    return []
+
+
 def render_status(report: StatusReport, now: float) -> list[str]:
     """The human-readable report, one string per line (without the daemon error line)."""
     relay = report.settings.relay
@@ -657,6 +877,9 @@ def render_status(report: StatusReport, now: float) -> list[str]:
         if part
     )
     lines.append(f"Daemon at {report.daemon_url}: running" + (f" ({about})" if about else ""))
+    dashboard = status_dashboard_url(report)
+    if dashboard is not None:
+        lines.append(f"  dashboard:       {dashboard}")
     live = report.health.get("relay")
     if not isinstance(live, Mapping):
         lines.append("  relay:           unknown (the daemon did not report it)")
@@ -685,7 +908,7 @@ def render_status(report: StatusReport, now: float) -> list[str]:
         else:
             text = _one_line(str(value))
         lines.append(f"  {label + ':':<17}{text}")
-    return lines
+    return lines + [f"hint: {hint}" for hint in status_hints(report)]
 
 
 def _redacted(value: Any) -> Any:
@@ -726,6 +949,8 @@ def status_document(report: StatusReport) -> dict[str, Any]:
             "error": report.daemon_error,
         },
         "relay": None if health is None else _redacted(health.get("relay")),
+        "dashboard_url": status_dashboard_url(report),
+        "hints": status_hints(report),
         "exit_code": status_exit_code(report),
     }
 
@@ -733,7 +958,8 @@ def status_document(report: StatusReport) -> dict[str, Any]:
 def _cmd_status(args: argparse.Namespace) -> int:
     home = repowire_home()
     overrides = Overrides(daemon_host=args.host, daemon_port=args.port)
-    settings = load_settings(home, overrides)
+    # Reading must not write: no config file, no daemon id, not even the home is created.
+    settings = load_settings(home, overrides, persist=False)
     flags_given = args.host is not None or args.port is not None
     report = collect_status(
         settings, target=locate_daemon(settings, read_runtime(home), flags_given=flags_given)
@@ -806,14 +1032,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         enabled = True
     elif args.no_relay:
         enabled = False
+    _setup_command_logging(args)
     overrides = Overrides(
         relay_enabled=enabled,
-        relay_url=args.relay_url,
+        relay_url=_relay_url_flag(args),
         daemon_host=args.host,
         daemon_port=args.port,
         daemon_id=args.daemon_id,
     )
     settings = load_settings(home, overrides)
+    if settings.relay.enabled and settings.relay.url_is_default:
+        print(f"note: {hosted_relay_note(settings.relay.url)}", file=sys.stderr)
     if settings.relay.enabled and settings.relay.api_key is None:
         try:
             key = obtain_api_key(settings)
@@ -888,6 +1117,27 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
     return kwargs
 
 
+def _setup_command_logging(args: argparse.Namespace) -> None:
+    """Logging for a long-running command from its -v/-q/--log-format flags."""
+    setup_logging(
+        level=log_level(verbose=args.verbose, quiet=args.quiet, environ=os.environ),
+        log_format=args.log_format,
+    )
+
+
+def _relay_start_error(exc: OSError) -> CommandError:
+    """One line for a listener that cannot be bound (``relay.ListenError`` names the address)."""
+    message = f"cannot start the relay: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        message += (
+            " (another program holds that address, perhaps a relay already running; choose "
+            "another port with --port, or --metrics-listen for the metrics listener)"
+        )
+    elif exc.errno == errno.EACCES:
+        message += " (ports below 1024 need privileges; choose another port with --port)"
+    return CommandError(message)
+
+
 def _cmd_relay_start(args: argparse.Namespace) -> int:
     if (args.certfile is None) != (args.keyfile is None):
         raise CommandError(
@@ -902,12 +1152,239 @@ def _cmd_relay_start(args: argparse.Namespace) -> int:
         settings = settings_class(**relay_settings_kwargs(args, repowire_home()))
     except (TypeError, ValueError) as exc:
         raise CommandError(f"cannot start the relay: {_one_line(str(exc))}") from None
+    _setup_command_logging(args)
     try:
         _run_trio(serve_relay_main, settings)
     except KeyboardInterrupt:
         return EXIT_OK
     except OSError as exc:
-        raise CommandError(f"cannot start the relay: {exc.strerror or exc}") from None
+        raise _relay_start_error(exc) from None
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# relay login-link
+
+
+@attrs.frozen(kw_only=True)
+class LoginLink:
+    """A one-time sign-in link from the relay. ``url`` holds a single-use token, never a key."""
+
+    url: str
+    expires_at: float
+    expires_in: float
+    daemon_id: str | None
+
+
+def request_login_link(
+    relay_url: str,
+    api_key: str,
+    *,
+    daemon_id: str | None,
+    ca_file: Path | None,
+    timeout: float = RELAY_REQUEST_TIMEOUT,
+) -> LoginLink:
+    """Ask the relay for a one-time sign-in link (``POST /api/v1/login-links``, the key as
+    Bearer, ``{"daemon_id": ...}`` when given).
+
+    Raises :class:`CommandError` when the relay is unreachable, rejects the key, does not know
+    the daemon, limits requests or answers something unexpected.
+    """
+    base = http_base(relay_url)
+    status, answer = _relay_request(
+        "POST",
+        base,
+        "/api/v1/login-links",
+        body={} if daemon_id is None else {"daemon_id": daemon_id},
+        bearer=api_key,
+        ca_file=ca_file,
+        timeout=timeout,
+    )
+    if status in (200, 201):
+        url = answer.get("url")
+        expires_at = answer.get("expires_at")
+        expires_in = answer.get("expires_in")
+        scheme = urllib.parse.urlsplit(url).scheme if isinstance(url, str) else ""
+        numbers = all(
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            for value in (expires_at, expires_in)
+        )
+        if scheme not in ("http", "https") or not numbers:
+            raise CommandError(f"the relay at {base} answered without a valid sign-in link")
+        assert isinstance(url, str)
+        assert isinstance(expires_at, int | float) and isinstance(expires_in, int | float)
+        return LoginLink(
+            url=url,
+            expires_at=float(expires_at),
+            expires_in=float(expires_in),
+            daemon_id=daemon_id,
+        )
+    if status == 401:
+        raise CommandError(
+            f"the relay at {base} does not accept this daemon's API key (unknown or revoked); "
+            "register a new one with 'repowire setup --relay --new-key'"
+        )
+    if status == 404 and answer.get("error") == "unknown_daemon":
+        raise CommandError(
+            f"daemon {daemon_id} has not connected to the relay at {base} with this key yet: "
+            "start it with 'repowire serve --relay', then ask again"
+        )
+    if status == 429:
+        raise CommandError(f"the relay at {base} is limiting sign-in links; try again shortly")
+    raise CommandError(
+        f"the relay at {base} refused the sign-in link ({status}: {_detail(answer)})"
+    )
+
+
+def render_qr(text: str) -> str:
+    """``text`` as a QR code of Unicode half blocks (two modules a character), light modules
+    drawn, for a terminal's dark background; with the standard 4-module quiet zone."""
+    import segno
+
+    out = io.StringIO()
+    segno.make(text).terminal(out=out, compact=True)
+    return out.getvalue()
+
+
+def _cmd_login_link(args: argparse.Namespace) -> int:
+    home = repowire_home()
+    settings = load_settings(home, persist=False)
+    relay = settings.relay
+    if relay.api_key is None:
+        raise CommandError(
+            f"no API key in {settings.config_path}: run 'repowire setup --relay' first"
+        )
+    # The running daemon's id first (it is the one the relay knows), else the stored one.
+    running = read_runtime(home)
+    daemon_id: str | None = None
+    if running.state is RuntimeState.RUNNING and running.record is not None:
+        daemon_id = running.record.daemon_id
+    elif not settings.daemon.id_is_temporary:
+        daemon_id = settings.daemon.daemon_id
+    link = request_login_link(relay.url, relay.api_key, daemon_id=daemon_id, ca_file=relay.ca_file)
+    if args.json:
+        document = {
+            "url": link.url,
+            "expires_at": link.expires_at,
+            "expires_in": link.expires_in,
+            "daemon_id": link.daemon_id,
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    until = datetime.datetime.fromtimestamp(link.expires_at).astimezone()
+    minutes = max(1, round(link.expires_in / 60))
+    whom = f" to daemon {link.daemon_id}'s dashboard" if link.daemon_id else ""
+    print(
+        f"One-time sign-in link{whom}: works once, expires in {minutes} min "
+        f"(at {until.isoformat(timespec='seconds')}). Scan it with a phone, or open it:"
+    )
+    if not args.no_qr:
+        sys.stdout.write(render_qr(link.url))
+    print(link.url)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# completion
+
+
+def command_tree(
+    parser: argparse.ArgumentParser,
+) -> dict[tuple[str, ...], tuple[list[str], list[str]]]:
+    """Every command path of ``parser`` (``()`` for the top, ``("relay", "keys")``, ...) with
+    its subcommands and its option strings, in the parser's order."""
+    tree: dict[tuple[str, ...], tuple[list[str], list[str]]] = {}
+
+    def walk(node: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+        commands: list[str] = []
+        options: list[str] = []
+        for action in node._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    commands.append(name)
+                    walk(child, (*path, name))
+            else:
+                options.extend(action.option_strings)
+        tree[path] = (commands, options)
+
+    walk(parser, ())
+    return tree
+
+
+def _help_of(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> str:
+    """The one-line help of the subcommand at ``path``."""
+    node = parser
+    help_text = ""
+    for name in path:
+        for action in node._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if choice.dest == name:
+                        help_text = choice.help or ""
+                node = action.choices[name]
+                break
+    return help_text
+
+
+def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """A completion script for ``shell`` (bash, zsh or fish) made from ``parser``."""
+    tree = command_tree(parser)
+    if shell == "fish":
+        lines = ["# repowire completion for fish: repowire completion fish | source", ""]
+        lines.append("complete -c repowire -f")
+        for path, (commands, options) in tree.items():
+            if path:
+                condition = f"__fish_seen_subcommand_from {path[-1]}"
+                if len(path) > 1:
+                    condition = f"__fish_seen_subcommand_from {path[-2]}; and {condition}"
+                if commands:
+                    condition += f"; and not __fish_seen_subcommand_from {' '.join(commands)}"
+            else:
+                condition = "__fish_use_subcommand"
+            for command in commands:
+                description = _help_of(parser, (*path, command)).replace("'", "")
+                lines.append(
+                    f"complete -c repowire -n '{condition}' -a {command} -d '{description}'"
+                )
+            for option in options:
+                flag = f"-l {option[2:]}" if option.startswith("--") else f"-s {option[1:]}"
+                lines.append(f"complete -c repowire -n '{condition}' {flag}")
+        return "\n".join(lines) + "\n"
+    cases = []
+    for path, (commands, options) in tree.items():
+        words = " ".join([*commands, *options])
+        cases.append(f'        "{" ".join(path)}") words="{words}" ;;')
+    known = " ".join(f'"{" ".join(path)}"' for path in tree if path)
+    body = f"""\
+_repowire() {{
+    local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" word next i words=""
+    local -a known=({known})
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${{COMP_WORDS[i]}}"
+        [[ "$word" == -* ]] && continue
+        next="${{path:+$path }}$word"
+        local k
+        for k in "${{known[@]}}"; do
+            [[ "$k" == "$next" ]] && path="$next" && break
+        done
+    done
+    case "$path" in
+{chr(10).join(cases)}
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}}
+complete -F _repowire repowire
+"""
+    if shell == "zsh":
+        return (
+            '# repowire completion for zsh: eval "$(repowire completion zsh)"\n'
+            "autoload -U +X bashcompinit && bashcompinit\n" + body
+        )
+    return '# repowire completion for bash: eval "$(repowire completion bash)"\n' + body
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion_script(args.shell, build_parser()))
     return EXIT_OK
 
 
@@ -1027,7 +1504,8 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _relay_url_arg(text: str) -> str:
-    problem = relay_url_problem(text)
+    """A relay URL, ``http(s)://`` allowed (returned as given: the command says how it maps)."""
+    problem = relay_url_problem(normalize_relay_url(text)[0])
     if problem is not None:
         raise argparse.ArgumentTypeError(f"relay URL {redact_secrets(text)!r} {problem}")
     return text
@@ -1166,16 +1644,18 @@ def _label_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``repowire`` argument parser (its errors raise instead of exiting)."""
-    common: dict[str, Any] = {"allow_abbrev": False}
+    common: dict[str, Any] = {"allow_abbrev": False, "formatter_class": _HelpFormatter}
     parser = _Parser(
         prog="repowire",
         description="Repowire: a local daemon for coding agents, reachable through a relay.",
         epilog=_EXIT_CODES_HELP
-        + "\nconfig file: $REPOWIRE_HOME/config.yaml (default ~/.repowire/config.yaml)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        + "\nconfig file: $REPOWIRE_HOME/config.yaml (default ~/.repowire/config.yaml)"
+        + '\nshell completion: eval "$(repowire completion bash)" (or zsh, fish)',
         **common,
     )
-    parser.add_argument("--version", action="version", version=f"repowire {package_version()}")
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"repowire {package_version()}"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     setup = commands.add_parser(
@@ -1184,14 +1664,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enable relay access in the config file and make sure it holds an API key "
         "(registering with the relay when there is none). Comments and other keys are kept.",
         epilog=_EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
     )
     setup.add_argument(
         "--relay", action="store_true", required=True, help="set up relay access (required)"
     )
     setup.add_argument(
-        "--relay-url", type=_relay_url_arg, metavar="URL", help="relay URL (ws:// or wss://)"
+        "--relay-url",
+        type=_relay_url_arg,
+        metavar="URL",
+        help="relay URL: ws(s)://HOST[:PORT], its root or /ws/relay; http(s):// is taken as "
+        f"ws(s):// (default: the file's, else the hosted relay {DEFAULT_RELAY_URL})",
     )
     key_choice = setup.add_mutually_exclusive_group()
     key_choice.add_argument(
@@ -1203,13 +1686,24 @@ def build_parser() -> argparse.ArgumentParser:
     key_choice.add_argument(
         "--rotate-key",
         action="store_true",
-        help="replace the configured key with a new one (the old key stops working)",
+        help="replace the configured (valid) key with a new one in the same scope (the old key "
+        "stops working)",
+    )
+    key_choice.add_argument(
+        "--new-key",
+        action="store_true",
+        help="register a new key, in a new scope, for this daemon: the way out when the "
+        "relay rejects the configured key (asks first; the old scope is left behind)",
+    )
+    setup.add_argument(
+        "--yes", action="store_true", help="do not ask before --new-key replaces a key"
     )
     setup.add_argument(
         "--ca-file",
         type=_existing_file_arg,
         metavar="FILE",
-        help="PEM file of a certificate authority to trust (for a self-signed relay)",
+        help="PEM file of a certificate authority to trust (for a self-signed relay; "
+        "default: system trust)",
     )
     setup.set_defaults(handler=_cmd_setup)
 
@@ -1221,7 +1715,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--host/--port, else the one this home's 'repowire serve' is running\n(recorded in "
         "$REPOWIRE_HOME/daemon.json), else the configured address.",
         epilog=_EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
     )
     status.add_argument("--json", action="store_true", help="print one JSON document")
@@ -1238,6 +1731,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(handler=_cmd_status)
 
+    def _logging_options(sub: argparse.ArgumentParser) -> None:
+        group = sub.add_argument_group("logging")
+        volume = group.add_mutually_exclusive_group()
+        volume.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=0,
+            help="log more: DEBUG lines too (REPOWIRE_DEBUG=1 does the same)",
+        )
+        volume.add_argument(
+            "-q",
+            "--quiet",
+            action="count",
+            default=0,
+            help="log less: only warnings and errors",
+        )
+        group.add_argument(
+            "--log-format",
+            choices=LOG_FORMATS,
+            default="text",
+            help="text lines, or one JSON object per line (time, level, logger, message)",
+        )
+
     serve = commands.add_parser(
         "serve",
         help="run the local daemon (with the relay connector when enabled)",
@@ -1247,26 +1764,46 @@ def build_parser() -> argparse.ArgumentParser:
         "(pid, address, daemon id; no secret), and a second 'serve' in the same home is "
         "refused (exit code 4).",
         epilog=_EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
     )
     relay_choice = serve.add_mutually_exclusive_group()
-    relay_choice.add_argument("--relay", action="store_true", help="connect to the relay")
+    relay_choice.add_argument(
+        "--relay", action="store_true", help="connect to the relay (default: relay.enabled)"
+    )
     relay_choice.add_argument(
         "--no-relay", action="store_true", help="do not connect to the relay (local only)"
     )
-    serve.add_argument("--host", metavar="H", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port_arg, metavar="P", help="listen port (default 8377)")
-    serve.add_argument("--relay-url", type=_relay_url_arg, metavar="URL", help="relay URL")
     serve.add_argument(
-        "--daemon-id", type=_daemon_id_arg, metavar="ID", help="id announced to the relay"
+        "--host", metavar="H", help="listen address (default: daemon.host, else 127.0.0.1)"
     )
+    serve.add_argument(
+        "--port",
+        type=_port_arg,
+        metavar="P",
+        help="listen port (default: REPOWIRE_DAEMON_PORT, else daemon.port, else 8377)",
+    )
+    serve.add_argument(
+        "--relay-url",
+        type=_relay_url_arg,
+        metavar="URL",
+        help="relay URL, as for setup (default: REPOWIRE_RELAY_URL, else relay.url, else the "
+        f"hosted relay {DEFAULT_RELAY_URL})",
+    )
+    serve.add_argument(
+        "--daemon-id",
+        type=_daemon_id_arg,
+        metavar="ID",
+        help="id announced to the relay (default: daemon.id, generated on first use)",
+    )
+    _logging_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 
     relay = commands.add_parser(
         "relay",
-        help="run a self-hosted relay and manage its keys",
-        description="Run a self-hosted relay, and manage the API keys in its key store.",
+        help="run a self-hosted relay, manage its keys, sign a phone in",
+        description="Run a self-hosted relay, manage the API keys in its key store, and get "
+        "a one-time sign-in link (with a QR code) for a browser or a phone.",
+        epilog=_EXIT_CODES_HELP,
         **common,
     )
     relay_commands = relay.add_subparsers(dest="relay_command", metavar="COMMAND", required=True)
@@ -1276,12 +1813,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a relay server",
         description="Start a relay: auth form, dashboard, daemon endpoint and tunnel.",
         epilog=_EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **common,
     )
     start.add_argument("--host", default="127.0.0.1", metavar="H", help="listen address")
     start.add_argument(
-        "--port", type=_listen_port_arg, default=8000, metavar="P", help="listen port"
+        "--port",
+        type=_listen_port_arg,
+        default=8000,
+        metavar="P",
+        help="listen port (0: any free port, printed at start)",
     )
     start.add_argument(
         "--data-dir",
@@ -1293,24 +1833,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--dashboard-dir",
         type=_existing_directory_arg,
         metavar="DIR",
-        help="serve this dashboard export instead of the bundled one",
+        help="serve this dashboard export instead of the bundled one (default: the bundled one)",
     )
     start.add_argument(
         "--public-url",
         type=_public_url_arg,
         metavar="URL",
-        help="the URL browsers use (for Origin checks and secure cookies)",
+        help="the URL browsers use, for Origin checks, secure cookies and sign-in links "
+        "(default: the address each request was sent to)",
     )
     start.add_argument(
         "--registration",
         choices=("open", "closed"),
         default="open",
-        help="whether anyone may register for a key (rate-limited), default open",
+        help="whether anyone may register for a key (rate-limited)",
     )
-    start.add_argument("--certfile", type=_existing_file_arg, metavar="F", help="TLS cert (PEM)")
-    start.add_argument("--keyfile", type=_existing_file_arg, metavar="F", help="TLS key (PEM)")
     start.add_argument(
-        "--max-body-size", type=_byte_size_arg, metavar="BYTES", help="largest request body"
+        "--certfile",
+        type=_existing_file_arg,
+        metavar="F",
+        help="TLS certificate chain (PEM), with --keyfile (default: plain HTTP)",
+    )
+    start.add_argument(
+        "--keyfile",
+        type=_existing_file_arg,
+        metavar="F",
+        help="TLS private key (PEM), with --certfile (default: plain HTTP)",
+    )
+    start.add_argument(
+        "--max-body-size",
+        type=_byte_size_arg,
+        metavar="BYTES",
+        help="largest request body (default 268435456, 256 MiB)",
     )
     start.add_argument(
         "--body-timeout",
@@ -1324,7 +1878,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_address_arg,
         action="append",
         metavar="ADDR",
-        help="a reverse proxy whose X-Forwarded-For is believed (repeatable)",
+        help="a reverse proxy whose X-Forwarded-For is believed (repeatable; default: none)",
     )
     start.add_argument(
         "--metrics-listen",
@@ -1334,6 +1888,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where /metrics is served, apart from the public listener; 'off' to not serve it "
         f"(default {DEFAULT_METRICS_LISTEN})",
     )
+    _logging_options(start)
     quotas = start.add_argument_group(
         "per-scope quotas", "what one key's scope may take of the relay at once"
     )
@@ -1353,7 +1908,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-scope-buffer",
         type=_byte_size_arg,
         metavar="BYTES",
-        help="bytes the relay may hold for the scope (default 134217728, 128 MiB)",
+        help="bytes the relay may hold for the scope (default 201326592, 192 MiB)",
     )
     quotas.add_argument(
         "--stream-open-timeout",
@@ -1365,14 +1920,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-websocket-message",
         type=_byte_size_arg,
         metavar="BYTES",
-        help="largest tunneled WebSocket message, either way (default 4194304, 4 MiB)",
+        help="largest tunneled WebSocket message, either way (default 1048576, 1 MiB)",
     )
     start.set_defaults(handler=_cmd_relay_start)
+
+    login_link = relay_commands.add_parser(
+        "login-link",
+        help="print a one-time sign-in link for a browser or phone, as text and a QR code",
+        description="Ask the relay (with this daemon's API key, which is never printed) for a "
+        "one-time, short-lived sign-in link to this daemon's dashboard, and print it as a QR "
+        "code and as text. The link works once and expires within minutes; revoking the key "
+        "revokes it.",
+        epilog=_EXIT_CODES_HELP,
+        **common,
+    )
+    login_link.add_argument(
+        "--json", action="store_true", help="print one JSON document (url, expires_at, ...)"
+    )
+    login_link.add_argument("--no-qr", action="store_true", help="print the link as text only")
+    login_link.set_defaults(handler=_cmd_login_link)
 
     keys = relay_commands.add_parser(
         "keys",
         help="manage API keys in the relay's key store",
-        description="Create, list and revoke API keys in the relay's key store.",
+        description="Create, list and revoke API keys in the relay's key store (a SQLite "
+        "file in the relay's data directory). Run them on the relay's machine.",
+        epilog=_EXIT_CODES_HELP,
         **common,
     )
     key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
@@ -1382,17 +1955,27 @@ def build_parser() -> argparse.ArgumentParser:
             "--data-dir",
             type=_directory_arg,
             metavar="DIR",
-            help="key store directory (default $REPOWIRE_HOME/relay)",
+            help="the relay's data directory, holding relay.sqlite3 (default $REPOWIRE_HOME/relay)",
         )
 
     create = key_commands.add_parser(
         "create",
         help="create a key (in a new scope, or in --scope) and print it once",
         description="Create an API key and print it. This is the only time it is shown.",
+        epilog=_EXIT_CODES_HELP,
         **common,
     )
-    create.add_argument("--label", type=_label_arg, default="", help="a name for the key")
-    create.add_argument("--scope", metavar="SCOPE_ID", help="add the key to this existing scope")
+    create.add_argument(
+        "--label",
+        type=_label_arg,
+        default="",
+        help="a name for the key, shown by list (default: none)",
+    )
+    create.add_argument(
+        "--scope",
+        metavar="SCOPE_ID",
+        help="add the key to this existing scope, as shown by list (default: a new scope)",
+    )
     data_dir_option(create)
     create.set_defaults(handler=_cmd_keys_create)
 
@@ -1400,9 +1983,12 @@ def build_parser() -> argparse.ArgumentParser:
         "list",
         help="list keys (never the keys themselves)",
         description="List the keys' ids, scopes, labels and dates. Keys are never shown.",
+        epilog=_EXIT_CODES_HELP,
         **common,
     )
-    listing.add_argument("--scope", metavar="SCOPE_ID", help="only this scope's keys")
+    listing.add_argument(
+        "--scope", metavar="SCOPE_ID", help="only this scope's keys (default: every scope)"
+    )
     listing.add_argument("--json", action="store_true", help="print one JSON document")
     data_dir_option(listing)
     listing.set_defaults(handler=_cmd_keys_list)
@@ -1410,12 +1996,31 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser(
         "revoke",
         help="revoke a key and end its browser sessions",
-        description="Revoke a key by its id; daemons and browsers using it are refused.",
+        description="Revoke a key by its id; daemons and browsers using it are refused, "
+        "and its unused sign-in links stop working.",
+        epilog=_EXIT_CODES_HELP,
         **common,
     )
-    revoke.add_argument("key_id", type=_key_id_arg, metavar="KEY_ID", help="as shown by list")
+    revoke.add_argument(
+        "key_id",
+        type=_key_id_arg,
+        metavar="KEY_ID",
+        help="the key's id (key_...), as shown by list; never the key itself",
+    )
     data_dir_option(revoke)
     revoke.set_defaults(handler=_cmd_keys_revoke)
+
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or fish)",
+        description="Print a completion script for the shell, made from this command line's "
+        'own parser. Load it with: eval "$(repowire completion bash)" (zsh likewise), or '
+        "repowire completion fish | source.",
+        epilog=_EXIT_CODES_HELP,
+        **common,
+    )
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell")
+    completion.set_defaults(handler=_cmd_completion)
 
     return parser
 
@@ -1435,11 +2040,28 @@ def _describe_unexpected(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _chosen_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command parser ``args`` were parsed by: ``repowire relay keys list``'s for
+    ``relay keys list ...``, so that its errors name it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if isinstance(chosen, str) and chosen in action.choices:
+                return _chosen_parser(action.choices[chosen], args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            # argparse reports leftovers from the top parser ("repowire: error"); the
+            # subcommand's own prog says which command did not know them.
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
     except _UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE

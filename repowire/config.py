@@ -65,6 +65,10 @@ LOCK_FILE_NAME = ".config.lock"
 DEFAULT_DAEMON_HOST = "127.0.0.1"
 DEFAULT_DAEMON_PORT = 8377
 DEFAULT_RELAY_URL = "wss://repowire.io"
+#: The relay's daemon endpoint. A relay URL names the relay's root or this path, nothing else.
+RELAY_LINK_PATH = "/ws/relay"
+#: How an ``http(s)://`` relay URL is taken: the daemon's link to a relay is a WebSocket.
+_HTTP_TO_WS = {"http": "ws", "https": "wss"}
 
 #: A config file larger than this is refused unread: it cannot be a hand-written settings file,
 #: and the bound keeps a mistaken path (a log, a binary) from being parsed into memory.
@@ -104,6 +108,10 @@ class DaemonConfig:
     host: str
     port: int
     daemon_id: str
+    #: True when ``daemon_id`` was generated for this read only (``persist=False`` and no id
+    #: stored yet): another run would get another one, so it must not be shown as this
+    #: daemon's id.
+    id_is_temporary: bool = False
 
 
 def _mask_optional(key: str | None) -> str:
@@ -118,6 +126,9 @@ class RelayConfig:
     url: str
     api_key: str | None = attrs.field(repr=_mask_optional)
     ca_file: Path | None
+    #: True when no flag, variable or file named the URL, so :data:`DEFAULT_RELAY_URL` (the
+    #: hosted relay) applies: commands say so once, for a self-hoster who forgot to set it.
+    url_is_default: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -180,8 +191,11 @@ def redact_secrets(text: str) -> str:
 def relay_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a relay URL, or ``None`` when it can.
 
-    A relay URL is ``ws://`` or ``wss://`` with a host, an optional port and path, and no
-    credentials, query or fragment (a secret must never travel in a URL).
+    A relay URL is ``ws://`` or ``wss://`` with a host, an optional port, no credentials, query
+    or fragment (a secret must never travel in a URL), and a path that is empty, ``/`` or
+    :data:`RELAY_LINK_PATH` (any other path reaches no relay, and the relay's answer to it
+    would read like a refused key). ``http(s)://`` is refused here: see
+    :func:`normalize_relay_url`, which maps it first.
     """
     try:
         parts = urllib.parse.urlsplit(url)
@@ -198,7 +212,36 @@ def relay_url_problem(url: str) -> str | None:
         return "must not contain a query or a fragment"
     if port == 0:
         return "has port 0"
+    if parts.path.rstrip("/") not in ("", RELAY_LINK_PATH):
+        return (
+            f"names the path {parts.path!r}: a relay URL names the relay's root (such as "
+            f"{parts.scheme}://{parts.netloc}) or its {RELAY_LINK_PATH} endpoint"
+        )
     return None
+
+
+def normalize_relay_url(url: str) -> tuple[str, str | None]:
+    """``url`` as a relay URL, and a note when it was changed to get there.
+
+    ``http://`` becomes ``ws://`` and ``https://`` becomes ``wss://`` (the relay serves both
+    on one origin); nothing else changes. The result may still have a
+    :func:`relay_url_problem`.
+    """
+    scheme, sep, rest = url.partition("://")
+    mapped = _HTTP_TO_WS.get(scheme.lower()) if sep else None
+    if mapped is None:
+        return url, None
+    new = f"{mapped}://{rest}"
+    return new, f"relay URL {redact_secrets(url)!r} taken as {redact_secrets(new)!r}"
+
+
+def dashboard_url(relay_url: str, daemon_id: str) -> str:
+    """Where a browser finds this daemon's dashboard through the relay:
+    ``wss://relay.example`` -> ``https://relay.example/d/<daemon id>/dashboard/``.
+
+    Raises :class:`ConfigError` when ``relay_url`` is not a valid relay URL.
+    """
+    return f"{http_base(relay_url)}/d/{urllib.parse.quote(daemon_id, safe='')}/dashboard/"
 
 
 def http_base(relay_url: str) -> str:
@@ -241,13 +284,16 @@ def load_settings(
     overrides: Overrides | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    persist: bool = True,
 ) -> Settings:
     """Resolve the settings: flags > environment > config file > defaults.
 
     ``home`` defaults to :func:`repowire_home`; ``environ`` to ``os.environ``. A missing config
     file is fine (defaults apply). When no daemon id is given on the command line or in the
     file, one is generated and written to the file (:func:`ensure_daemon_id`), so it stays
-    the same from run to run.
+    the same from run to run. With ``persist=False`` (every read-only command) nothing is
+    written: a missing daemon id is generated for this call only, and a fresh home stays
+    untouched (not even created).
 
     Raises :class:`ConfigError` for a malformed file, a malformed environment variable or a
     malformed override; the file is not modified in that case.
@@ -264,15 +310,16 @@ def load_settings(
         _check_daemon_id(flags.daemon_id, "--daemon-id")
     env_url = _env(env, ENV_RELAY_URL)
     if env_url is not None:
-        _check_relay_url(env_url, ENV_RELAY_URL)
+        env_url = _check_relay_url(env_url, ENV_RELAY_URL)
     env_key = _env(env, ENV_API_KEY)
     if env_key is not None and not looks_like_key(env_key):
         raise ConfigError(f"{ENV_API_KEY} {_BAD_KEY_SHAPE}")
     env_enabled = _env_bool(env, ENV_RELAY_ENABLED)
     env_port = _env_port(env, ENV_DAEMON_PORT)
 
-    if flags.relay_url is not None:
-        _check_relay_url(flags.relay_url, "--relay-url")
+    flag_url = flags.relay_url
+    if flag_url is not None:
+        flag_url = _check_relay_url(flag_url, "--relay-url")
     if flags.api_key is not None and not looks_like_key(flags.api_key):
         raise ConfigError(f"--api-key {_BAD_KEY_SHAPE}")
     if flags.daemon_port is not None and not _valid_port(flags.daemon_port):
@@ -285,18 +332,21 @@ def load_settings(
         ca_file = _resolve_ca_file(values.relay_ca_file, home, path)
 
     # Last, once everything else is known to be valid: this may write the file.
-    daemon_id = _first_optional(flags.daemon_id, values.daemon_id) or ensure_daemon_id(home)
+    known_id = _first_optional(flags.daemon_id, values.daemon_id)
+    daemon_id = known_id or (ensure_daemon_id(home) if persist else generate_daemon_id())
 
     daemon = DaemonConfig(
         host=_first(flags.daemon_host, values.daemon_host, DEFAULT_DAEMON_HOST),
         port=_first(flags.daemon_port, env_port, values.daemon_port, DEFAULT_DAEMON_PORT),
         daemon_id=daemon_id,
+        id_is_temporary=known_id is None and not persist,
     )
     relay = RelayConfig(
         enabled=_first(flags.relay_enabled, env_enabled, values.relay_enabled, False),
-        url=_first(flags.relay_url, env_url, values.relay_url, DEFAULT_RELAY_URL),
+        url=_first(flag_url, env_url, values.relay_url, DEFAULT_RELAY_URL),
         api_key=_first_optional(flags.api_key, env_key, values.relay_api_key),
         ca_file=ca_file,
+        url_is_default=flag_url is None and env_url is None and values.relay_url is None,
     )
     return Settings(home=home, config_path=path, daemon=daemon, relay=relay)
 
@@ -351,10 +401,13 @@ def _valid_port(port: int) -> bool:
     return 1 <= port <= 65535
 
 
-def _check_relay_url(url: str, source: str) -> None:
+def _check_relay_url(url: str, source: str) -> str:
+    """``url`` normalised (:func:`normalize_relay_url`); ConfigError naming ``source`` if bad."""
+    url, _ = normalize_relay_url(url)
     problem = relay_url_problem(url)
     if problem is not None:
         raise ConfigError(f"{source}: relay URL {redact_secrets(url)!r} {problem}")
+    return url
 
 
 def _check_daemon_id(daemon_id: str, source: str) -> None:
@@ -494,6 +547,7 @@ def _file_values(document: CommentedMap | None, path: Path) -> _FileValues:
 
     url = _get_str(relay, "relay", "url", path)
     if url is not None:
+        url, _ = normalize_relay_url(url)
         problem = relay_url_problem(url)
         if problem is not None:
             raise ConfigError(f"{path}: relay.url {redact_secrets(url)!r} {problem}")

@@ -94,7 +94,7 @@ BAD_USAGE = [
     ["serve", "--port", "0"],
     ["serve", "--relay", "--no-relay"],
     ["serve", "--daemon-id", "bad id"],
-    ["serve", "--relay-url", "http://x"],
+    ["serve", "--relay-url", "ftp://x"],
     ["relay"],
     ["relay", "start", "--registration", "maybe"],
     ["relay", "start", "--trusted-proxy", "not-an-ip"],
@@ -535,3 +535,25 @@ def test_setup_output_never_contains_the_key(
     captured = capsys.readouterr()
     assert_no_full_key(captured.out, captured.err)
     assert key in read_config(home)
+
+
+@pytest.mark.parametrize(
+    ("flag", "field"),
+    [
+        ("--max-links-per-scope", "max_links_per_scope"),
+        ("--max-streams-per-scope", "max_streams_per_scope"),
+        ("--max-scope-buffer", "max_scope_buffered"),
+        ("--stream-open-timeout", "stream_open_timeout"),
+        ("--max-websocket-message", "max_websocket_message_size"),
+    ],
+)
+def test_relay_start_help_states_the_relays_own_defaults(
+    flag: str, field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The quota flags leave the default to the relay; their help must say what it is."""
+    default = attrs.fields_dict(real_relay_settings())[field].default
+    assert main(["relay", "start", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    described = text[text.rindex(flag) :].split(" --", 1)[0]  # past the usage line
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    assert f"default {shown}" in described, (flag, described)

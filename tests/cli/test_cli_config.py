@@ -213,7 +213,8 @@ def test_home_comes_from_repowire_home_else_the_user_directory(tmp_path: Path) -
         ("REPOWIRE_RELAY_ENABLED", "maybe", "REPOWIRE_RELAY_ENABLED must be 1/0/true/false"),
         ("REPOWIRE_DAEMON_PORT", "80a", "REPOWIRE_DAEMON_PORT must be a port number"),
         ("REPOWIRE_DAEMON_PORT", "70000", "REPOWIRE_DAEMON_PORT must be a port number"),
-        ("REPOWIRE_RELAY_URL", "https://x.example", "REPOWIRE_RELAY_URL: relay URL"),
+        ("REPOWIRE_RELAY_URL", "ftp://x.example", "REPOWIRE_RELAY_URL: relay URL"),
+        ("REPOWIRE_RELAY_URL", "ws://x.example/foo", "names the path '/foo'"),
         ("REPOWIRE_API_KEY", "rw_short", "REPOWIRE_API_KEY does not look like"),
     ],
 )
@@ -254,7 +255,8 @@ MALFORMED = {
     "port out of range": ("daemon:\n  port: 0\n", "daemon.port must be a port number"),
     "port is a boolean": ("daemon:\n  port: true\n", "daemon.port must be a port number"),
     "enabled is a string": ("relay:\n  enabled: 'yes'\n", "relay.enabled must be true or false"),
-    "url is http": ("relay:\n  url: https://relay.example\n", "must start with ws:// or wss://"),
+    "url is ftp": ("relay:\n  url: ftp://relay.example\n", "must start with ws:// or wss://"),
+    "url names another path": ("relay:\n  url: ws://relay.example/foo\n", "names the path '/foo'"),
     "url has no host": ("relay:\n  url: 'wss://'\n", "has no host"),
     "url holds credentials": ("relay:\n  url: wss://me:pw@r.example\n", "must not contain cred"),
     "url is a number": ("relay:\n  url: 42\n", "relay.url must be a string"),
@@ -318,8 +320,8 @@ def test_oversized_file_is_refused_unread(home: Path) -> None:
 
 def test_update_refuses_a_bad_value_and_writes_nothing(home: Path) -> None:
     path = write_config(home, COMMENTED)
-    with pytest.raises(ConfigError, match="must start with ws:// or wss://"):
-        update_config(home, {"relay": {"url": "http://relay.example"}})
+    with pytest.raises(ConfigError, match="names the path '/elsewhere'"):
+        update_config(home, {"relay": {"url": "ws://relay.example/elsewhere"}})
     with pytest.raises(ConfigError, match="api_key does not look like"):
         update_config(home, {"relay": {"api_key": "not-a-key"}})
     with pytest.raises(ConfigError, match="cannot store a list"):
@@ -336,7 +338,7 @@ def test_unwritable_home_is_a_config_error(tmp_path: Path) -> None:
 
 def test_bad_overrides_are_config_errors(home: Path) -> None:
     with pytest.raises(ConfigError, match="--relay-url"):
-        load_settings(home, Overrides(relay_url="http://x"), environ={})
+        load_settings(home, Overrides(relay_url="ftp://x"), environ={})
     with pytest.raises(ConfigError, match="--api-key does not look like"):
         load_settings(home, Overrides(api_key="nope"), environ={})
     with pytest.raises(ConfigError, match="--daemon-id"):
@@ -377,9 +379,9 @@ def test_make_daemon_id_sanitises_the_hostname(hostname: str, expected: str) -> 
 @pytest.mark.parametrize(
     ("url", "base"),
     [
-        ("wss://h/p", "https://h"),
+        ("wss://h/ws/relay", "https://h"),
         ("ws://h:8000", "http://h:8000"),
-        ("wss://relay.example:8443/some/path/", "https://relay.example:8443"),
+        ("wss://relay.example:8443/ws/relay/", "https://relay.example:8443"),
         ("ws://[::1]:9000", "http://[::1]:9000"),
     ],
 )

@@ -129,10 +129,15 @@ def test_given_key_is_stored_without_asking_the_relay(
 
 
 def test_given_key_can_come_from_stdin(
-    home: Path, capsys: pytest.CaptureFixture[str], key: str, monkeypatch: pytest.MonkeyPatch
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    closed_port: int,
 ) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
-    assert main_setup(["--api-key", "-"]) == 0
+    # The key is checked with the relay: loopback, where nothing answers.
+    assert main_setup(["--relay-url", f"ws://127.0.0.1:{closed_port}", "--api-key", "-"]) == 0
     assert load_settings(home, environ={}).relay.api_key == key
     assert_no_full_key(*capsys.readouterr())
 
@@ -290,17 +295,22 @@ async def test_self_signed_relay_with_ca_file(
 def test_bad_relay_url_flag_is_a_usage_error(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main_setup(["--relay-url", "https://relay.example"]) == 64
+    assert main_setup(["--relay-url", "ftp://relay.example"]) == 64
     assert "must start with ws:// or wss://" in one_line(capsys.readouterr().err)
     assert not (home / "config.yaml").exists()
 
 
 def test_environment_overrides_are_pointed_out(
-    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    closed_port: int,
 ) -> None:
     monkeypatch.setenv("REPOWIRE_RELAY_URL", "wss://elsewhere.example")
+    # The key is checked with the file's relay (loopback, where nothing answers).
+    write_config(home, f"relay:\n  url: ws://127.0.0.1:{closed_port}\n")
     assert main_setup(["--api-key", generate_key()]) == 0
     out = capsys.readouterr().out
     assert "REPOWIRE_RELAY_URL is set and overrides relay.url" in out
-    # The file got the file's own (default) URL, not the environment's.
-    assert "url: wss://repowire.io" in read_config(home)
+    # The file kept the file's own URL, not the environment's.
+    assert f"url: ws://127.0.0.1:{closed_port}" in read_config(home)

@@ -46,7 +46,7 @@ async def test_connects_tunnels_and_reports_its_status(stack: Stack) -> None:
         assert status.attempts == 1
         assert status.last_error is None
         assert status.next_retry_at is None
-        assert status.retrying is True
+        assert status.retrying is False  # connected: nothing to retry
         assert (status.relay_url, status.daemon_id) == (relay.ws_url, "laptop")
         # The relay registers the link just after its side of the handshake, which can finish
         # a moment after the connector's.

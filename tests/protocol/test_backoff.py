@@ -254,7 +254,7 @@ def test_invalid_key_slows_to_the_cap() -> None:
     assert backoff.failures == 2
     assert low.reason is R.INVALID_KEY
     assert "invalid API key" in low.message
-    assert "repowire setup --relay --rotate-key" in low.message
+    assert "repowire setup --relay --new-key" in low.message
     assert "relay.api_key" in low.message
 
 
@@ -303,7 +303,7 @@ def test_a_replaced_link_is_retried_after_the_long_replaced_delay(rand: float) -
 @pytest.mark.parametrize(
     ("reason", "words"),
     [
-        (R.KEY_REVOKED, ["key revoked", "repowire setup --relay --rotate-key"]),
+        (R.KEY_REVOKED, ["key revoked", "repowire setup --relay --new-key"]),
         (R.TOO_MANY_LINKS, ["too many links", "quota"]),
     ],
 )
