@@ -8,6 +8,7 @@ from ._connector import ConnectorConfig as ConnectorConfig
 from ._connector import link_url as link_url
 from ._mesh_types import MESH_ERROR_CODES as MESH_ERROR_CODES
 from ._mesh_types import MESH_FROM_HEADER as MESH_FROM_HEADER
+from ._mesh_types import MeshDirectory as MeshDirectory
 from ._mesh_types import MeshError as MeshError
 from ._mesh_types import MeshErrorCode as MeshErrorCode
 from ._mesh_types import MeshResponse as MeshResponse

@@ -28,7 +28,7 @@ from protocol import (
 )
 
 from ._daemon_pool import DEFAULT_MAX_IDLE, DaemonPool
-from ._mesh_types import MeshError, MeshResponse
+from ._mesh_types import MeshDirectory, MeshError, MeshResponse
 from ._pipe import pipe_to_daemon
 from ._status import ConnectorStatus, LinkState
 
@@ -488,6 +488,11 @@ class Connector:
 
     async def other_daemons(self) -> list[str]:
         """Ids of the other daemons of this scope that are online now (asked of the relay)."""
+        return list((await self.directory()).online)
+
+    async def directory(self) -> MeshDirectory:
+        """The other daemons of this scope, online now and seen before (asked of the relay).
+        Raises :class:`MeshError` (``relay_down``, ``timeout``) when the list cannot be had."""
         session = self._live_session()
         try:
             stream = await session.open_stream({"kind": "directory"})
@@ -508,10 +513,16 @@ class Connector:
             await trio.aclose_forcefully(stream)
         try:
             listing = json.loads(data)
-            ids = [str(d["daemon_id"]) for d in listing["daemons"]]
-        except (ValueError, KeyError, TypeError):
+            online = [str(d["daemon_id"]) for d in listing["daemons"]]
+            # Older relays send no "offline": nothing is known of those then.
+            offline = [str(d["daemon_id"]) for d in listing.get("offline", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise MeshError("relay_down", "The relay sent a malformed daemon list.") from None
-        return [d for d in ids if d != self.config.daemon_id]
+        own = self.config.daemon_id
+        return MeshDirectory(
+            online=tuple(d for d in online if d != own),
+            offline=tuple(d for d in offline if d != own),
+        )
 
 
 def _rejected(status: int | None, where: str) -> tuple[DisconnectReason, str]:

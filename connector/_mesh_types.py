@@ -30,6 +30,17 @@ class MeshError(Exception):
 
 
 @attrs.frozen(kw_only=True)
+class MeshDirectory:
+    """The other daemons of this daemon's scope, as the relay lists them."""
+
+    #: Connected now.
+    online: tuple[str, ...]
+    #: Seen in the scope before and not connected now, the most recently seen first (empty
+    #: when the relay could not say).
+    offline: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
 class MeshResponse:
     """The other daemon's HTTP answer, whole. Header names are as received."""
 

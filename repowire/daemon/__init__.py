@@ -7,6 +7,7 @@ from ._errors import MESH_ERROR_STATUS as MESH_ERROR_STATUS
 from ._mesh import MESH_ERROR_CODES as MESH_ERROR_CODES
 from ._mesh import MESH_FROM_HEADER as MESH_FROM_HEADER
 from ._mesh import MeshClient as MeshClient
+from ._mesh import MeshDirectory as MeshDirectory
 from ._mesh import MeshError as MeshError
 from ._mesh import MeshErrorCode as MeshErrorCode
 from ._mesh import MeshResponse as MeshResponse

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from connector import MESH_ERROR_CODES as MESH_ERROR_CODES
 from connector import MESH_FROM_HEADER as MESH_FROM_HEADER
+from connector import MeshDirectory as MeshDirectory
 from connector import MeshError as MeshError
 from connector import MeshErrorCode as MeshErrorCode
 from connector import MeshResponse as MeshResponse
@@ -37,8 +38,8 @@ class MeshClient(Protocol):
         """
         ...
 
-    async def other_daemons(self) -> list[str]:
-        """The ids of the other daemons currently known in this daemon's scope.
+    async def directory(self) -> MeshDirectory:
+        """The other daemons of this daemon's scope: online now, and seen before but offline.
 
         Raises :class:`MeshError` (typically ``relay_down``) when the list is unavailable.
         """

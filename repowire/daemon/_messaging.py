@@ -242,15 +242,19 @@ class Messenger:
         mesh = self._require_mesh()
         with trio.move_on_after(self._settings.mesh_request_timeout):
             try:
-                found = await mesh.other_daemons()
+                found = await mesh.directory()
             except MeshError as exc:
                 raise ApiError.from_mesh(exc) from None
             # Order kept, duplicates, this daemon and malformed ids left out.
-            unique = list(
-                dict.fromkeys(d for d in found if d != self._daemon_id and is_valid_name(d))
+            online, offline = (
+                list(dict.fromkeys(d for d in ids if d != self._daemon_id and is_valid_name(d)))
+                for ids in (found.online, found.offline)
             )
-            self._known.saw(unique)
-            return unique
+            # The relay remembers daemons this one has never seen (it may have just started):
+            # a broadcast names those that are offline too. Online ones are the freshest.
+            self._known.saw(offline)
+            self._known.saw(online)
+            return online
         raise ApiError(504, "timeout", "The list of other daemons did not arrive in time.")
 
     async def _mesh_request(self, daemon_id: str, path: str, body: bytes) -> MeshResponse:

@@ -100,6 +100,13 @@ async def test_other_daemons_lists_the_scope_only(stack: Stack) -> None:
         assert await mesh.laptop.connector.other_daemons() == ["desk"]
         assert await mesh.desk.connector.other_daemons() == ["laptop"]
         assert await stranger.connector.other_daemons() == []
+        # Nor does another scope's daemon appear among the offline ones, even once gone.
+        mesh.desk.cancel()
+        await eventually(
+            lambda: mesh.relay.running.relay.links.get(mesh.record.scope_id, "desk") is None
+        )
+        assert (await stranger.connector.directory()).offline == ()
+        assert (await mesh.laptop.connector.directory()).offline == ("desk",)
 
 
 async def test_broadcast_reaches_the_peers_of_the_other_daemon(stack: Stack) -> None:
@@ -155,6 +162,9 @@ async def test_a_daemon_that_went_away_is_offline(stack: Stack) -> None:
         assert answer.status == 503
         assert answer.json()["error"] == "daemon_offline"
         assert await mesh.laptop.connector.other_daemons() == []
+        # The relay remembers it: seen before, offline now.
+        directory = await mesh.laptop.connector.directory()
+        assert (directory.online, directory.offline) == ((), ("desk",))
 
 
 async def test_relay_down_fails_fast_with_relay_down(stack: Stack) -> None:

@@ -32,6 +32,7 @@ from repowire.daemon import (
     DaemonSettings,
     DaemonState,
     MeshClient,
+    MeshDirectory,
     MeshError,
     MeshResponse,
     create_app,
@@ -401,5 +402,5 @@ class LoopbackMesh:
         response = await http_request(self.peers[daemon_id], method, path, body=body, headers=sent)
         return MeshResponse(status=response.status, headers=response.headers, body=response.body)
 
-    async def other_daemons(self) -> list[str]:
-        return sorted(self.peers)
+    async def directory(self) -> MeshDirectory:
+        return MeshDirectory(online=tuple(sorted(self.peers)))

@@ -147,3 +147,21 @@ async def test_a_daemon_that_left_the_relay_is_reported_offline(
         nursery.cancel_scope.cancel()
     assert outcomes(online.json()["results"]) == [("bob@desk", True, None)]
     assert outcomes(offline.json()["results"]) == [("*@desk", False, "daemon_offline")]
+
+
+async def test_a_daemon_only_the_relay_remembers_is_reported_offline(
+    daemon_factory: DaemonFactory,
+) -> None:
+    """A daemon that just started has seen nobody: the relay's directory names the daemons of
+    the scope seen before and offline now, and the broadcast reports them, never skips them."""
+    mesh = ScriptedMesh(answer_for_one_peer, daemons=["beta"], offline_daemons=["gamma", "alpha"])
+    with trio.fail_after(10):
+        alpha = await daemon_factory(daemon_id="alpha", mesh=mesh)
+        answer = await alpha.request("POST", "/broadcast", json_body={"text": "hello"})
+    assert answer.status == 200
+    assert outcomes(answer.json()["results"]) == [
+        ("bob@beta", True, None),
+        ("*@gamma", False, "daemon_offline"),
+    ]
+    # Only beta was asked; gamma is reported without a call, and alpha never lists itself.
+    assert [call[0] for call in mesh.calls] == ["beta"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from repowire.daemon import DaemonSettings, MeshError, MeshErrorCode, MeshResponse
+from repowire.daemon import DaemonSettings, MeshDirectory, MeshError, MeshErrorCode, MeshResponse
 
 from .daemon_support import DaemonFactory, HttpResponse, LoopbackMesh, RunningDaemon
 
@@ -23,9 +23,16 @@ Handler = Callable[[str, str, str, bytes], Awaitable[MeshResponse]]
 class ScriptedMesh:
     """A MeshClient whose answers come from ``handler``; records every call."""
 
-    def __init__(self, handler: Handler, daemons: Sequence[str] = ("beta",)) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        daemons: Sequence[str] = ("beta",),
+        offline_daemons: Sequence[str] = (),
+    ) -> None:
         self.handler = handler
         self.daemons = list(daemons)
+        #: What the relay lists as seen before but offline now.
+        self.offline_daemons = list(offline_daemons)
         self.calls: list[tuple[str, str, str, bytes, list[tuple[str, str]]]] = []
         self.list_error: MeshError | None = None
 
@@ -41,10 +48,10 @@ class ScriptedMesh:
         self.calls.append((daemon_id, method, path, body, list(headers)))
         return await self.handler(daemon_id, method, path, body)
 
-    async def other_daemons(self) -> list[str]:
+    async def directory(self) -> MeshDirectory:
         if self.list_error is not None:
             raise self.list_error
-        return list(self.daemons)
+        return MeshDirectory(online=tuple(self.daemons), offline=tuple(self.offline_daemons))
 
 
 def json_answer(status: int, body: object) -> MeshResponse:

@@ -12,7 +12,14 @@ import pytest
 import trio
 from quart_trio import QuartTrio
 
-from repowire.daemon import DaemonState, MeshClient, MeshResponse, create_app, serve_daemon
+from repowire.daemon import (
+    DaemonState,
+    MeshClient,
+    MeshDirectory,
+    MeshResponse,
+    create_app,
+    serve_daemon,
+)
 from repowire.daemon._server import make_config
 
 from .daemon_support import SseReader, http_request, open_http_stream
@@ -142,8 +149,8 @@ async def test_request_in_flight_completes_during_graceful_stop(dashboard_dir: P
             await release.wait()
             return MeshResponse(status=200, headers=[], body=b'{"delivered": true}')
 
-        async def other_daemons(self) -> list[str]:
-            return []
+        async def directory(self) -> MeshDirectory:
+            return MeshDirectory(online=())
 
     with trio.fail_after(10):
         async with trio.open_nursery() as outer:
