@@ -254,7 +254,12 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         relay.metrics.daemons_connected.set(len(relay.links))
         if session.close_reason and "protocol error" in session.close_reason:
             relay.metrics.rejected_frames.inc()
-        log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
+        if session.peer_goaway is not None and not relay.is_shutting_down():
+            # A daemon stopping says goodbye with a GOAWAY, then closes 1001; hypercorn reports
+            # any close the peer starts as 1006, so the GOAWAY is what tells a clean leave.
+            log.info("daemon %s left (it is going away)", link.daemon_id)
+        else:
+            log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
 
 
 def _key_still_live(relay: Relay, link: DaemonLink) -> bool:

@@ -53,7 +53,10 @@ async def test_serve_stopped_by_a_signal_sends_going_away(
         assert closed.code == GOING_AWAY, (closed, serve.stderr())
 
 
-async def test_relay_sees_going_away_when_serve_is_terminated(stack: Stack, tmp_path: Path) -> None:
+async def test_relay_sees_going_away_when_serve_is_terminated(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="repowire.relay")
     home = tmp_path / "home"
     work = tmp_path / "work"
     work.mkdir()
@@ -89,3 +92,6 @@ async def test_relay_sees_going_away_when_serve_is_terminated(stack: Stack, tmp_
         goaway = link.session.peer_goaway
         assert goaway is not None, serve.stderr()
         assert "shutting down" in goaway.reason
+        # One ordinary line in the relay's log, not a dropped link (and no traceback).
+        assert "daemon laptop left (it is going away)" in caplog.text
+        assert "Traceback" not in caplog.text
