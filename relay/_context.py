@@ -17,6 +17,7 @@ from protocol import CloseCode
 from ._keys import hash_secret
 from ._links import HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
+from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR, LoginLinks
 from ._metrics import RelayMetrics
 from ._quota import QuotaExceeded, ScopeCounter
 from ._ratelimit import RateLimiter
@@ -70,6 +71,11 @@ class Relay:
         self.register_limiter = RateLimiter(
             settings.register_rate_per_hour / 3600.0, settings.register_burst
         )
+        #: The one-time sign-in links this relay issued (in memory: they live minutes); here,
+        #: not on the web routes, so that ending a key's access drops its tokens.
+        self.login_links = LoginLinks()
+        #: Sign-in links issued, per key id.
+        self.login_link_limiter = RateLimiter(ISSUE_RATE_PER_HOUR / 3600.0, ISSUE_BURST)
         self.shutting_down = False
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
@@ -101,9 +107,11 @@ class Relay:
         """A key was revoked or rotated (``why`` says which, for the close reason and the
         log): forget its cached sessions, cancel its browser requests in flight (tunneled
         requests, SSE streams, WebSockets) and close its daemon links, those still in their
-        handshake included, with :data:`CloseCode.KEY_REVOKED`. Returns once the links are
-        closed; never raises for a link that is gone already."""
+        handshake included, with :data:`CloseCode.KEY_REVOKED`; drop its unused sign-in
+        links. Returns once the links are closed; never raises for a link that is gone
+        already."""
         self.store.forget_sessions_of(key_id)
+        self.login_links.drop_key(key_id)
         requests = self.live_access.end_key(key_id, why)
         links = self.links.for_key(key_id)
         if requests or links:
@@ -198,7 +206,8 @@ class Relay:
         origin = (header(headers, b"origin") or b"").decode("latin-1").strip()
         expected = self.expected_origin(headers, scheme)
         log.info(
-            "refused a cross-site request to %s from origin %r (expected %s)",
+            # %r: the path is percent-decoded; a raw newline in it must not forge a log line.
+            "refused a cross-site request to %r from origin %r (expected %r)",
             path[:200],
             origin[:100],
             expected,

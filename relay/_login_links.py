@@ -4,13 +4,17 @@ session, so a phone can sign in by opening a URL (a QR code) instead of typing t
 A token is 32 random bytes, url-safe base64 encoded; only its digest
 (:func:`relay._keys.hash_secret`) is kept, in memory, with the key and scope that asked for it.
 It works once and for :data:`LOGIN_LINK_TTL` seconds. The table is bounded: at most
-:data:`MAX_LINKS_PER_KEY` live tokens per key and :data:`MAX_LINKS_TOTAL` in all, the oldest
-dropped first. A relay restart forgets every token (they are minutes-long by design).
+:data:`MAX_LINKS_PER_SCOPE` live tokens per scope (issuing another drops that scope's oldest:
+a tenant only ever displaces its own links, whatever number of keys it rotates through) and
+:data:`MAX_LINKS_TOTAL` in all; when the table is full of live tokens, issuing is refused
+(:class:`LoginLinksFull`) rather than dropping another tenant's. Issuing is also rate-limited
+per key by the caller (:data:`ISSUE_RATE_PER_HOUR`, :data:`ISSUE_BURST`). A relay restart
+forgets every token (they are minutes-long by design).
 
-This table does not know whether a key is still live: whoever redeems a token must check the
-key against the store before opening a session (:meth:`relay._store.KeyStore.create_session`
-refuses a revoked key), so revoking or rotating a key ends its tokens without any hook here.
-Time is an argument; nothing here reads a clock.
+Whoever redeems a token must still check the key against the store before opening a session:
+:meth:`LoginLinks.drop_key` is called when a key's access ends (revocation, rotation), and the
+store check closes the race with a revocation in flight. Time is an argument; nothing here
+reads a clock.
 """
 
 from __future__ import annotations
@@ -27,16 +31,29 @@ from ._keys import hash_secret
 #: Seconds a sign-in link works after it is issued.
 LOGIN_LINK_TTL: Final = 300.0
 
-#: Live sign-in links one key may hold; issuing another drops that key's oldest.
-MAX_LINKS_PER_KEY: Final = 8
+#: Live sign-in links one scope (tenant) may hold, all its keys together; issuing another
+#: drops that scope's oldest. Per scope, not per key: rotating a key gives a new key id.
+MAX_LINKS_PER_SCOPE: Final = 8
 
-#: Live sign-in links the relay holds in all; issuing another drops the oldest of any key.
+#: Live sign-in links the relay holds in all; when that many live ones are held, issuing is
+#: refused (:class:`LoginLinksFull`), never paid for with another scope's links.
 MAX_LINKS_TOTAL: Final = 10_000
+
+#: Sign-in links one key may ask for per hour on average (a token bucket, refilled evenly)...
+ISSUE_RATE_PER_HOUR: Final = 30
+
+#: ...and in one burst.
+ISSUE_BURST: Final = 10
 
 #: Random bytes behind a token (before url-safe base64 encoding, 43 characters without padding).
 TOKEN_BYTES: Final = 32
 
 _TOKEN_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class LoginLinksFull(Exception):
+    """The table holds :data:`MAX_LINKS_TOTAL` live tokens: no new one until some expire or
+    are used."""
 
 
 def looks_like_token(text: object) -> bool:
@@ -63,21 +80,23 @@ class LoginLinks:
         self,
         *,
         ttl: float = LOGIN_LINK_TTL,
-        max_per_key: int = MAX_LINKS_PER_KEY,
+        max_per_scope: int = MAX_LINKS_PER_SCOPE,
         max_total: int = MAX_LINKS_TOTAL,
     ) -> None:
         """Raises ValueError unless ``ttl > 0`` and both bounds are at least 1."""
         if not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl}")
-        if max_per_key < 1 or max_total < 1:
-            raise ValueError("max_per_key and max_total must be at least 1")
+        if max_per_scope < 1 or max_total < 1:
+            raise ValueError("max_per_scope and max_total must be at least 1")
         self.ttl = ttl
-        self.max_per_key = max_per_key
+        self.max_per_scope = max_per_scope
         self.max_total = max_total
         # Oldest first: the ttl is the same for all, so this is also expiry order.
         self._links: collections.OrderedDict[str, LoginLink] = collections.OrderedDict()
         # key id -> that key's digests, oldest first.
         self._by_key: dict[str, collections.OrderedDict[str, None]] = {}
+        # scope id -> that scope's digests, oldest first.
+        self._by_scope: dict[str, collections.OrderedDict[str, None]] = {}
 
     def __len__(self) -> int:
         """How many tokens are held (expired ones not yet swept included)."""
@@ -86,13 +105,17 @@ class LoginLinks:
     def issue(
         self, *, key_id: str, scope_id: str, daemon_id: str | None, now: float
     ) -> tuple[str, LoginLink]:
-        """A new token for ``key_id`` and what it grants. The raw token is returned only here."""
+        """A new token for ``key_id`` (of ``scope_id``) and what it grants; the raw token is
+        returned only here. Drops the scope's oldest token when it holds ``max_per_scope``;
+        raises :class:`LoginLinksFull` (nothing dropped) when ``max_total`` live tokens of
+        other scopes fill the table."""
+        # Expired entries first, so only live tokens count towards "full".
         self._sweep(now)
-        mine = self._by_key.get(key_id)
-        if mine is not None and len(mine) >= self.max_per_key:
-            self._drop(next(iter(mine)))
-        while len(self._links) >= self.max_total:
-            self._drop(next(iter(self._links)))
+        ours = self._by_scope.get(scope_id)
+        if ours is not None and len(ours) >= self.max_per_scope:
+            self._drop(next(iter(ours)))
+        if len(self._links) >= self.max_total:
+            raise LoginLinksFull(f"{len(self._links)} sign-in links are live")
         token = secrets.token_urlsafe(TOKEN_BYTES)
         digest = hash_secret(token)
         link = LoginLink(
@@ -100,6 +123,7 @@ class LoginLinks:
         )
         self._links[digest] = link
         self._by_key.setdefault(key_id, collections.OrderedDict())[digest] = None
+        self._by_scope.setdefault(scope_id, collections.OrderedDict())[digest] = None
         return token, link
 
     def redeem(self, token: object, *, now: float) -> LoginLink | None:
@@ -117,7 +141,8 @@ class LoginLinks:
         return link if now < link.expires_at else None
 
     def drop_key(self, key_id: str) -> int:
-        """Forget every token of ``key_id`` (its key was revoked); how many were dropped."""
+        """Forget every token of ``key_id`` (its access ended: revoked or rotated); how many
+        were dropped."""
         digests = list(self._by_key.get(key_id, ()))
         for digest in digests:
             self._drop(digest)
@@ -134,8 +159,9 @@ class LoginLinks:
         link = self._links.pop(digest, None)
         if link is None:
             return
-        mine = self._by_key.get(link.key_id)
-        if mine is not None:
-            mine.pop(digest, None)
-            if not mine:
-                del self._by_key[link.key_id]
+        for index, owner in ((self._by_key, link.key_id), (self._by_scope, link.scope_id)):
+            entries = index.get(owner)
+            if entries is not None:
+                entries.pop(digest, None)
+                if not entries:
+                    del index[owner]

@@ -37,7 +37,7 @@ from werkzeug.exceptions import HTTPException
 import repowire.dashboard
 
 from ._context import Relay
-from ._login_links import LoginLink, LoginLinks, looks_like_token
+from ._login_links import LoginLink, LoginLinksFull, looks_like_token
 from ._store import KeyRecord, StoreError, UnknownRecordError
 
 logger = logging.getLogger("repowire.relay.web")
@@ -259,8 +259,6 @@ class _Routes:
         self._dashboard_root = dashboard_root
         self._static_root = _STATIC_DIR
         self._version = version
-        #: The one-time sign-in links this relay issued (in memory: they live minutes).
-        self.login_links = LoginLinks()
 
     # -- who is asking --------------------------------------------------------------------
 
@@ -669,17 +667,35 @@ class _Routes:
                 )
             assert isinstance(daemon_id, str)
         now = relay.clock()
-        token, link = self.login_links.issue(
-            key_id=caller.key_id, scope_id=caller.scope_id, daemon_id=daemon_id, now=now
-        )
+        if not relay.login_link_limiter.allow(caller.key_id, now):
+            relay.metrics.rate_limited.labels("login_link_issue").inc()
+            wait = relay.login_link_limiter.retry_after(caller.key_id, now)
+            raise _Refusal(
+                429,
+                "rate_limited",
+                "This key asked for too many sign-in links; try again later.",
+                headers={"Retry-After": _retry_after(wait)},
+            )
+        try:
+            token, link = relay.login_links.issue(
+                key_id=caller.key_id, scope_id=caller.scope_id, daemon_id=daemon_id, now=now
+            )
+        except LoginLinksFull:
+            logger.warning("sign-in link refused for key %s: the table is full", caller.key_id)
+            raise _Refusal(
+                503,
+                "busy",
+                "The relay holds too many unused sign-in links; try again in a few minutes.",
+                headers={"Retry-After": _retry_after(relay.login_links.ttl)},
+            ) from None
         logger.info(
-            "sign-in link issued for key %s (daemon %s)", caller.key_id, daemon_id or "default"
+            "sign-in link issued for key %s (daemon %r)", caller.key_id, daemon_id or "default"
         )
         return _json(
             {
                 "url": f"{self._public_base()}/signin#{token}",
                 "expires_at": link.expires_at,
-                "expires_in": math.ceil(self.login_links.ttl),
+                "expires_in": math.ceil(relay.login_links.ttl),
             },
             status=201,
             headers={"Cache-Control": "no-store"},
@@ -713,7 +729,7 @@ class _Routes:
         address = self._address()
         # Nothing awaits from here to the verdict (as on /auth): concurrent attempts cannot
         # slip past the limit between its check and its charge. Only failures are charged.
-        link = self.login_links.redeem(document.get("token"), now=now)
+        link = relay.login_links.redeem(document.get("token"), now=now)
         record = None if link is None else self._live_key(link)
         if link is None or record is None:
             relay.metrics.auth_failures.labels("login_link").inc()
@@ -805,7 +821,7 @@ class _Routes:
 
     async def store_error(self, error: StoreError) -> Response:
         # StoreError messages never hold a secret; the path holds none either.
-        logger.error("key store failure on %s %s: %s", request.method, request.path, error)
+        logger.error("key store failure on %r %r: %s", request.method, request.path, error)
         detail = "The relay's key store is unavailable; try again shortly."
         if _is_api_path():
             return _json({"error": "store_unavailable", "detail": detail}, 503)
@@ -814,7 +830,7 @@ class _Routes:
     async def internal_error(self, error: Exception) -> Response:
         # The traceback goes to the log, never to the client. Only the path is named (the
         # query string is the client's and is not logged).
-        logger.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
+        logger.error("unhandled error on %r %r", request.method, request.path, exc_info=error)
         detail = "The relay failed to answer this request."
         if _is_api_path():
             return _json({"error": "internal_error", "detail": detail}, 500)

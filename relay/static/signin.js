@@ -21,10 +21,24 @@
     failure.hidden = false;
   }
 
-  // Only a same-origin path: never follow an answer off this relay.
-  function isLocalPath(path) {
-    return typeof path === "string" && path.charAt(0) === "/" && path.charAt(1) !== "/" &&
-      path.indexOf("\\") < 0;
+  // Only this relay's own dashboard: never follow an answer off this origin. Parse it as the
+  // browser will (it strips tabs and newlines, reads a backslash as "/"), then compare origins.
+  var DASHBOARD_PATH = /^\/(d\/[A-Za-z0-9._-]{1,64}\/)?dashboard\/$/;
+  function safeTarget(next) {
+    if (typeof next !== "string") {
+      return "/";
+    }
+    var url;
+    try {
+      url = new URL(next, window.location.origin);
+    } catch (error) {
+      return "/";
+    }
+    if (url.origin !== window.location.origin || !DASHBOARD_PATH.test(url.pathname) ||
+        url.search || url.hash) {
+      return "/";
+    }
+    return url.pathname;
   }
 
   if (!token) {
@@ -40,8 +54,8 @@
     redirect: "error"
   }).then(function (response) {
     return response.json().then(function (body) {
-      if (response.ok && body && isLocalPath(body.next)) {
-        window.location.replace(body.next);
+      if (response.ok && body) {
+        window.location.replace(safeTarget(body.next));
       } else {
         // The page already words an expired or used link; other refusals say why.
         var gone = body && (body.error === "link_gone" || body.error === "bad_token");

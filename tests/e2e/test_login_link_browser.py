@@ -10,7 +10,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Route, expect
 
 from .e2e_support import (
     DEFAULT_WAIT,
@@ -36,6 +36,17 @@ FIXTURES: Final = (browser, browsing, budget, reaper, relay_process, stack)
 
 #: Where screenshots are written (gitignored).
 ARTIFACTS: Final = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+#: ``next`` values a hostile or broken redeem answer might carry: each must leave the page on
+#: the relay's origin (the tab one passed the old string check; browsers strip tabs).
+HOSTILE_NEXT: Final = (
+    "/\t/evil.example/",
+    "/\\evil.example/",
+    "//evil.example/",
+    "http://evil.example/dashboard/",
+    "/\n/evil.example/dashboard/",
+    "javascript:alert(1)",
+)
 
 #: What the sign-in page says when a link is used a second time.
 GONE: Final = "This sign-in link has expired or was already used."
@@ -86,3 +97,26 @@ def test_a_phone_signs_in_with_a_one_time_link(stack: Stack, browsing: Browsing)
     assert session_cookie(other) is None
     other.screenshot(path=str(ARTIFACTS / "login-link-used.png"), full_page=False)
     stack.assert_not_printed({"the API key": stack.daemon.api_key, "the token": parts.fragment})
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_NEXT)
+def test_a_hostile_next_never_leaves_the_relay(
+    stack: Stack, browsing: Browsing, hostile: str
+) -> None:
+    budget = stack.budget
+    page = browsing.new_page(PHONE, mobile=True)
+    off_site: list[str] = []
+
+    def answer_redeem(route: Route) -> None:
+        route.fulfill(status=200, content_type="application/json", json={"next": hostile})
+
+    def record_off_site(route: Route) -> None:
+        off_site.append(route.request.url)
+        route.fulfill(status=200, content_type="text/html", body="<p>evil</p>")
+
+    page.route("**/api/v1/login-links/redeem", answer_redeem)
+    page.route("**://evil.example/**", record_off_site)
+    page.goto(f"{stack.relay.url}/signin#{'A' * 43}", timeout=budget.ms(DEFAULT_WAIT))
+    # The page falls back to the relay's root.
+    expect(page).to_have_url(f"{stack.relay.url}/", timeout=budget.ms(DEFAULT_WAIT))
+    assert off_site == []

@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from relay._login_links import LOGIN_LINK_TTL, MAX_LINKS_PER_KEY, LoginLinks
+from relay._login_links import (
+    ISSUE_BURST,
+    LOGIN_LINK_TTL,
+    MAX_LINKS_PER_SCOPE,
+    LoginLinks,
+    LoginLinksFull,
+)
 from relay._web import LOGIN_LINK_GONE_MESSAGE, PAGE_CSP
 from tests.relay.test_web import (  # noqa: F401 (fixtures)
     ORIGIN,
@@ -224,17 +230,102 @@ async def test_no_token_or_key_in_logs_or_answers(
         assert token not in answer.text and key not in answer.text
 
 
-def test_the_table_is_bounded_per_key_and_in_total() -> None:
-    links = LoginLinks(max_per_key=MAX_LINKS_PER_KEY, max_total=20)
+def test_the_table_is_bounded_per_scope_whatever_its_keys() -> None:
+    links = LoginLinks(max_per_scope=MAX_LINKS_PER_SCOPE, max_total=20)
     first, _ = links.issue(key_id="key_a", scope_id="s", daemon_id=None, now=0.0)
-    for _ in range(MAX_LINKS_PER_KEY):
-        links.issue(key_id="key_a", scope_id="s", daemon_id=None, now=1.0)
-    assert len(links) == MAX_LINKS_PER_KEY
-    assert links.redeem(first, now=2.0) is None  # the key's oldest was dropped
-    for index in range(40):
-        links.issue(key_id=f"key_{index}", scope_id="s", daemon_id=None, now=3.0)
-    assert len(links) == 20
+    # Many keys of one scope (a key rotated over and over) share the scope's places.
+    for index in range(MAX_LINKS_PER_SCOPE):
+        links.issue(key_id=f"key_{index}", scope_id="s", daemon_id=None, now=1.0)
+    assert len(links) == MAX_LINKS_PER_SCOPE
+    assert links.redeem(first, now=2.0) is None  # the scope's oldest was dropped
     # Expired tokens are swept as time passes, and a dropped key loses its tokens.
     last, _ = links.issue(key_id="key_z", scope_id="s", daemon_id=None, now=LOGIN_LINK_TTL + 3.5)
     assert len(links) == 1
     assert links.drop_key("key_z") == 1 and links.redeem(last, now=LOGIN_LINK_TTL + 4) is None
+
+
+def test_a_flood_from_other_scopes_never_evicts_a_pending_token() -> None:
+    links = LoginLinks(max_per_scope=2, max_total=20)
+    victim, _ = links.issue(key_id="key_v", scope_id="victim", daemon_id=None, now=0.0)
+    refused = 0
+    for index in range(200):
+        try:
+            links.issue(
+                key_id=f"key_{index}", scope_id=f"flood_{index % 50}", daemon_id=None, now=1
+            )
+        except LoginLinksFull:
+            refused += 1
+    assert len(links) == 20 and refused > 0
+    grant = links.redeem(victim, now=2.0)
+    assert grant is not None and grant.scope_id == "victim"
+
+
+def test_a_full_table_refuses_and_keeps_its_tokens_until_they_expire() -> None:
+    links = LoginLinks(max_per_scope=MAX_LINKS_PER_SCOPE, max_total=3)
+    held = [
+        links.issue(key_id=f"k{index}", scope_id=f"s{index}", daemon_id=None, now=0.0)[0]
+        for index in range(3)
+    ]
+    with pytest.raises(LoginLinksFull):
+        links.issue(key_id="late", scope_id="late", daemon_id=None, now=1.0)
+    assert len(links) == 3
+    assert all(links.redeem(token, now=2.0) is not None for token in held[:2])
+    # Expired entries are purged before "full" is judged.
+    links.issue(key_id="late", scope_id="late", daemon_id=None, now=2.0)
+    assert len(links) == 2
+    links.issue(key_id="later", scope_id="later", daemon_id=None, now=LOGIN_LINK_TTL + 1)
+    assert len(links) == 2  # held[2] expired and was swept
+
+
+async def test_a_full_table_answers_503_busy_and_keeps_existing_tokens(web: Web) -> None:
+    web.relay.login_links = LoginLinks(max_total=2)
+    other, other_key = web.new_scope("other")
+    web.connect(other, "laptop")
+    kept = [await issue_token(web, other_key) for _ in range(2)]
+    record, key = web.new_scope()
+    web.connect(record, "laptop")
+    answer = await issue(web, key, {"daemon_id": "laptop"})
+    assert answer.status == 503
+    body = answer.json()
+    assert body["error"] == "busy" and "\n" not in body["detail"] and body["detail"]
+    assert len(web.relay.login_links) == 2
+    assert (await redeem(web, kept[0])).status == 200
+    assert (await redeem(web, kept[1])).status == 200
+
+
+@pytest.mark.parametrize("how", ["revoked", "rotated"])
+async def test_ending_a_key_drops_its_tokens_at_once(web: Web, how: str) -> None:
+    record, key = web.new_scope()
+    web.connect(record, "laptop")
+    other, other_key = web.new_scope("other")
+    web.connect(other, "laptop")
+    for _ in range(3):
+        await issue_token(web, key)
+    kept = await issue_token(web, other_key)
+    assert len(web.relay.login_links) == 4
+    if how == "revoked":
+        # As the relay's revocation watcher does (relay._server).
+        assert web.relay.store.revoke_key(record.key_id, now=web.clock())
+        await web.relay.end_key_access(record.key_id, "revoked")
+    else:
+        rotated = await web.request("POST", "/api/v1/keys/rotate", bearer=key)
+        assert rotated.status == 200
+    assert len(web.relay.login_links) == 1
+    assert (await redeem(web, kept)).status == 200
+
+
+async def test_issuing_is_rate_limited_per_key(web: Web) -> None:
+    record, key = web.new_scope()
+    web.connect(record, "laptop")
+    other, other_key = web.new_scope("other")
+    web.connect(other, "laptop")
+    for _ in range(ISSUE_BURST):
+        await issue_token(web, key)
+    limited = await issue(web, key, {"daemon_id": "laptop"})
+    assert limited.status == 429 and limited.json()["error"] == "rate_limited"
+    assert int(limited.header("retry-after") or 0) >= 1
+    # Another key is not held back.
+    await issue_token(web, other_key)
+    # The bucket refills: 30 an hour is one every two minutes.
+    web.clock.now += 120
+    await issue_token(web, key)

@@ -1074,5 +1074,20 @@ async def test_a_cross_site_refusal_names_the_expected_origin_and_is_logged(
     assert f"not from {ORIGIN}" in api.json()["detail"]
     refusals = [r.getMessage() for r in caplog.records if "cross-site" in r.getMessage()]
     assert len(refusals) == 2
-    assert "evil.example" in refusals[0] and f"expected {ORIGIN}" in refusals[0]
+    assert "evil.example" in refusals[0] and f"expected {ORIGIN!r}" in refusals[0]
     assert key not in caplog.text
+
+
+def test_a_refused_path_with_a_newline_cannot_forge_a_log_line(
+    web: Web, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Hypercorn percent-decodes the path: "/x%0A..." arrives with a raw newline.
+    forged = "/x\n2026-01-01 00:00:00 INFO repowire.relay key rw_1 revoked"
+    headers = [(b"host", b"localhost"), (b"origin", b"https://evil.example\r\nfake")]
+    with caplog.at_level("INFO", logger="repowire.relay"):
+        web.relay.origin_refusal(headers, "http", forged)
+    refused = [r for r in caplog.records if "cross-site" in r.getMessage()]
+    assert len(refused) == 1
+    message = refused[0].getMessage()
+    assert "\n" not in message and "\r" not in message
+    assert "\\n2026-01-01" in message  # still there, escaped
