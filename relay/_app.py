@@ -22,7 +22,14 @@ from ._context import Relay
 from ._daemon_link import handle_daemon_link
 from ._keys import hash_secret
 from ._links import DaemonLink
-from ._tunnel import deny_websocket, refuse_early, send_json, tunnel_http, tunnel_websocket
+from ._tunnel import (
+    deny_websocket,
+    has_request_body,
+    refuse_early,
+    send_json,
+    tunnel_http,
+    tunnel_websocket,
+)
 from ._web import create_web_app
 
 _DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
@@ -35,6 +42,25 @@ LINK_ARRIVAL_WAIT = 5.0
 ACCESS_ENDED = {"revoked": "access revoked", "signed_out": "signed out"}
 #: WebSocket close code for a WebSocket whose access ended (policy violation).
 WS_ACCESS_ENDED = 1008
+#: Seconds the relay waits, answering nothing, on a WebSocket upgrade that announces a body
+#: (see :func:`ignore_upgrade_with_body`) before it returns the request to hypercorn.
+UPGRADE_WITH_BODY_WAIT = 5.0
+
+
+async def ignore_upgrade_with_body(receive: Receive) -> None:
+    """Leave a WebSocket upgrade that announces a body (Content-Length or Transfer-Encoding)
+    to hypercorn, answering nothing: returns when the client leaves, or after
+    ``UPGRADE_WITH_BODY_WAIT``.
+
+    hypercorn answers such an upgrade 400 itself as soon as a byte of its body arrives, and
+    then reports nothing more to the app, not even ``websocket.disconnect``: a tunnel would
+    wait on the browser for good, holding a stream slot. And an answer of the app's racing
+    hypercorn's 400 makes hypercorn send a second response, which fails its connection task
+    and with it the whole server. So no stream, no answer: hypercorn's 400 is the answer
+    (or, if the body never comes, hypercorn's 500 when the app returns)."""
+    with trio.move_on_after(UPGRADE_WITH_BODY_WAIT):
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
 
 
 async def reject(
@@ -93,6 +119,9 @@ class RelayApp:
             await self.web(scope, receive, send)
             return
         path: str = scope["path"]
+        if kind == "websocket" and has_request_body(scope["headers"]):
+            await ignore_upgrade_with_body(receive)
+            return
         if kind == "websocket" and path == "/ws/relay":
             await handle_daemon_link(self.relay, scope, receive, send)
             return

@@ -49,8 +49,9 @@ _INTERNAL_ERROR_BODY = json.dumps(
 ).encode()
 #: Seconds a WebSocket whose app has returned may take to be settled: the guard reads and
 #: drops the client's messages until hypercorn reports ``websocket.disconnect`` (hypercorn's
-#: queue of 10 messages would otherwise block its close, and the connection, for ever). The
-#: close itself takes one socket write; this bounds a client that never lets it finish.
+#: full queue, ``APP_QUEUE_SIZE`` messages in relay._settings, would otherwise block its
+#: close, and the connection, for ever). This bounds the wait for that disconnect; it cannot
+#: cut the close frame's socket write, which hypercorn shields (see ``finish``).
 WEBSOCKET_SETTLE_TIMEOUT = 10.0
 
 
@@ -233,8 +234,12 @@ class _WebSocketExchange:
     async def finish(self) -> None:
         """The app has returned: tell hypercorn (``send(None)``, which closes the stream) while
         reading and dropping the client's messages until ``websocket.disconnect``, so that
-        hypercorn's queue has room for it. Shielded, within ``WEBSOCKET_SETTLE_TIMEOUT``;
-        hypercorn's own ``send(None)`` afterwards finds the stream closed and returns."""
+        hypercorn's queue has room for it. Shielded; the wait for the disconnect ends within
+        ``WEBSOCKET_SETTLE_TIMEOUT``, but hypercorn writes the close frame to the socket in its
+        own shielded scope, which the deadline cannot cut: a client that never reads keeps
+        that write (and this call) until the kernel gives up on the connection (TCP_USER_TIMEOUT,
+        ``relay._server.STALLED_PEER_TIMEOUT``, 60 s). hypercorn's own ``send(None)``
+        afterwards finds the stream closed and returns."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(WEBSOCKET_SETTLE_TIMEOUT):
                 async with trio.open_nursery() as nursery:

@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.run import worker_serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from protocol import CloseCode, ErrorCode
@@ -115,6 +116,7 @@ def hypercorn_config(settings: RelaySettings) -> Config:
     config.backlog = settings.listen_backlog
     config.include_server_header = False
     refuse_websocket_extensions(config)
+    contain_connection_failures(config)
     return config
 
 
@@ -123,6 +125,8 @@ def hypercorn_config(settings: RelaySettings) -> Config:
 #: Attribute set on a hypercorn ``Config`` whose server must negotiate no WebSocket extension.
 _NO_EXTENSIONS = "repowire_refuse_websocket_extensions"
 _original_accept: Any = None
+_CONTAINED = "repowire_contain_connection_failures"
+_original_run: Any = None
 
 
 def refuse_websocket_extensions(config: Config) -> None:
@@ -159,6 +163,46 @@ def refuse_websocket_extensions(config: Config) -> None:
 
         WSStream._accept = _accept_without_extensions  # type: ignore[method-assign]
     setattr(config, _NO_EXTENSIONS, True)
+
+
+def contain_connection_failures(config: Config) -> None:
+    """Make one connection's failure end that connection only, on servers run with ``config``.
+
+    hypercorn's ``TCPServer.run`` (hypercorn/trio/tcp_server.py) catches only ``OSError``;
+    anything else raised while it drives one connection (h11's ``LocalProtocolError`` when a
+    client's bytes race hypercorn's own error answer, say) leaves the connection's task and
+    ends hypercorn's server nursery, and with it every tenant's service. The adapter wraps
+    ``TCPServer.run`` once per process: for a server whose config carries the mark set here,
+    such an exception is logged in one line and the connection closed. Cancellation still
+    passes. Raises RuntimeError if hypercorn's internals are not what it expects.
+    """
+    global _original_run
+    if _original_run is None:
+        run = getattr(TCPServer, "run", None)
+        if run is None or not callable(run):
+            raise RuntimeError("this hypercorn has no TCPServer.run: cannot contain failures")
+        _original_run = run
+
+        async def _run_contained(self: TCPServer) -> None:
+            try:
+                await _original_run(self)
+            except Exception as exc:
+                if not getattr(self.config, _CONTAINED, False):
+                    raise
+                failure = exc
+                while isinstance(failure, ExceptionGroup) and len(failure.exceptions) == 1:
+                    failure = failure.exceptions[0]
+                # The type and hypercorn's or h11's own words: no request data, no secret.
+                log.warning(
+                    "a connection failed inside the HTTP server and was closed: %s: %r",
+                    type(failure).__name__,
+                    str(failure)[:120],
+                )
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.stream)
+
+        TCPServer.run = _run_contained  # type: ignore[method-assign]
+    setattr(config, _CONTAINED, True)
 
 
 # ---------------------------------------------------------------------- listening sockets
@@ -225,6 +269,7 @@ def metrics_config(settings: RelaySettings) -> Config:
     config.graceful_timeout = HTTP_STOP_TIMEOUT
     config.include_server_header = False
     refuse_websocket_extensions(config)
+    contain_connection_failures(config)
     return config
 
 

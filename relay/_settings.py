@@ -24,6 +24,9 @@ STREAM_WINDOW = DEFAULT_INITIAL_WINDOW_SIZE
 #: writes on its link (``mux.MuxConfig.max_message_size``, 256 KiB). The setting bounds every
 #: WebSocket message the relay reads: daemon links' and tunneled browsers'.
 MIN_WEBSOCKET_MESSAGE_SIZE = MuxConfig().max_message_size
+#: Most bytes one character of a text message takes, in UTF-8 or in a Python str: hypercorn
+#: counts a browser's text message in characters (see :func:`stream_cost`).
+BYTES_PER_CHARACTER = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -100,8 +103,13 @@ class RelaySettings:
     #: Seconds a tunneled request waits for a free stream slot on its daemon's link (the
     #: link's ``max_streams_per_link`` are all taken) before it is answered 503.
     stream_open_timeout: float = 5.0
-    #: Largest tunneled WebSocket message, either way (browser to daemon and back). A larger
-    #: one closes that WebSocket with 1009 and a reason; nothing else is affected.
+    #: Largest tunneled WebSocket message, either way (browser to daemon and back): UTF-8
+    #: bytes from the daemon, and hypercorn's count (characters, for text) from the browser. A
+    #: larger one closes that WebSocket with 1009 and a reason; nothing else is affected. A
+    #: WebSocket is charged 21 times this plus a stream window (see :func:`stream_cost`).
+    #: hypercorn applies it to daemon links too: with the minimum (256 KiB) a hostile link's
+    #: over-limit messages made the relay's memory grow by hundreds of MiB
+    #: (tests/e2e/test_hostile_connector.py), so the default stays 1 MiB for now.
     max_websocket_message_size: int = 1 * MIB
     #: ``host:port`` where ``/metrics`` is served, apart from the public listener (it shows
     #: every tenant's traffic). ``None``: not served. ``repowire relay start`` defaults to
@@ -150,11 +158,23 @@ class RelaySettings:
 
 def stream_cost(settings: RelaySettings, kind: str) -> int:
     """Bytes one open stream of ``kind`` (``http``, ``websocket``, ``mesh``) may make the relay
-    hold, charged against ``settings.max_scope_buffered`` while it is open."""
+    hold, charged against ``settings.max_scope_buffered`` while it is open. For a WebSocket an
+    upper bound, not an estimate: each term below is a copy the relay may hold at once."""
     if kind == "mesh":
         return 2 * STREAM_WINDOW
-    queued = APP_QUEUE_SIZE * BODY_PIECE_SIZE
-    if kind == "websocket":
-        # Queued by hypercorn, and one being assembled from the daemon's frames.
-        queued = (APP_QUEUE_SIZE + 1) * settings.max_websocket_message_size
-    return STREAM_WINDOW + queued
+    if kind != "websocket":
+        return STREAM_WINDOW + APP_QUEUE_SIZE * BODY_PIECE_SIZE
+    limit = settings.max_websocket_message_size
+    # The most memory one counted character may take: hypercorn's size check and the
+    # relay's limit count a text message from the browser in characters, and both a Python
+    # str (one wide character makes every character 4 bytes) and its UTF-8 take up to 4.
+    widest = BYTES_PER_CHARACTER
+    # Browser to daemon: hypercorn's queued messages and the one it holds waiting for room
+    # (APP_QUEUE_SIZE + 1), then the message the bridge has encoded for the daemon (it drops
+    # the ASGI message first, so only the encoding is held while the stream's window opens).
+    from_browser = (APP_QUEUE_SIZE + 1) * widest * limit + widest * limit
+    # Daemon to browser: the joined message (``limit`` UTF-8 bytes, as a str up to 4 bytes a
+    # character; its parts are dropped before it is sent) and hypercorn's encoded frame of it
+    # (``limit`` bytes), plus one stream window of frames not yet parsed.
+    from_daemon = widest * limit + limit + STREAM_WINDOW
+    return from_browser + from_daemon

@@ -681,15 +681,12 @@ async def _bridge(
             message = await receive()
             kind = message["type"]
             if kind == "websocket.receive":
-                text = message.get("text")
-                payload: ws.Event
-                if text is not None:
-                    payload = ws.TextMessage(data=text)
-                else:
-                    payload = ws.BytesMessage(data=message.get("bytes") or b"")
-                data = conn.send(payload)
+                data = conn.send(_browser_message(message))
+                # Only the encoding is held while the daemon's window lets it through.
+                del message
                 relay.metrics.bytes_to_daemon.inc(len(data))
                 await stream.send_all(data)
+                del data
             elif kind == "websocket.disconnect":
                 closed_by_browser = True
                 code = int(message.get("code", 1000))
@@ -705,8 +702,9 @@ async def _bridge(
     limit = relay.settings.max_websocket_message_size
 
     async def daemon_to_browser(cancel: trio.CancelScope) -> None:
-        # One unfinished message at most, and at most ``limit`` bytes of it: the relay holds
-        # no more than that plus one stream window for this WebSocket.
+        # One unfinished message at most, and at most ``limit`` bytes of it (UTF-8 bytes for
+        # text: a character may take 4), held once: its parts are dropped before the joined
+        # message is sent. See stream_cost for all this WebSocket may make the relay hold.
         text_parts: list[str] = []
         byte_parts: list[bytes] = []
         held = 0
@@ -722,8 +720,11 @@ async def _bridge(
             relay.metrics.bytes_from_daemon.inc(len(data))
             conn.receive_data(data)
             for event in conn.events():
-                if isinstance(event, ws.TextMessage | ws.BytesMessage):
+                if isinstance(event, ws.TextMessage):
+                    held += len(event.data.encode())
+                elif isinstance(event, ws.BytesMessage):
                     held += len(event.data)
+                if isinstance(event, ws.TextMessage | ws.BytesMessage):
                     if held > limit:
                         raise _MessageTooBig(limit)
                     if event.message_finished:
@@ -731,13 +732,17 @@ async def _bridge(
                 if isinstance(event, ws.TextMessage):
                     text_parts.append(event.data)
                     if event.message_finished:
-                        await send({"type": "websocket.send", "text": "".join(text_parts)})
+                        text = "".join(text_parts)
                         text_parts.clear()
+                        await send({"type": "websocket.send", "text": text})
+                        del text
                 elif isinstance(event, ws.BytesMessage):
                     byte_parts.append(bytes(event.data))
                     if event.message_finished:
-                        await send({"type": "websocket.send", "bytes": b"".join(byte_parts)})
+                        joined = b"".join(byte_parts)
                         byte_parts.clear()
+                        await send({"type": "websocket.send", "bytes": joined})
+                        del joined
                 elif isinstance(event, ws.Ping):
                     await stream.send_all(conn.send(event.response()))
                 elif isinstance(event, ws.CloseConnection):
@@ -767,6 +772,14 @@ async def _bridge(
         if not closed_by_browser:
             await send({"type": "websocket.close", "code": 1011, "reason": "daemon link failed"})
         stream.reset(ErrorCode.UPSTREAM_FAILED)
+
+
+def _browser_message(message: dict[str, Any]) -> ws.Event:
+    """The wsproto event for a browser's ``websocket.receive`` message."""
+    text = message.get("text")
+    if text is not None:
+        return ws.TextMessage(data=text)
+    return ws.BytesMessage(data=message.get("bytes") or b"")
 
 
 async def _upgrade_answer(

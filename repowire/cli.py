@@ -1908,7 +1908,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-scope-buffer",
         type=_byte_size_arg,
         metavar="BYTES",
-        help="bytes the relay may hold for the scope (default 201326592, 192 MiB)",
+        help=(
+            "bytes the relay may hold for the scope; a WebSocket is charged 21 times the "
+            "WebSocket message limit + 256 KiB (default 201326592, 192 MiB)"
+        ),
     )
     quotas.add_argument(
         "--stream-open-timeout",

@@ -35,16 +35,23 @@ def test_hold_gives_back_on_every_path() -> None:
 
 
 def test_a_stream_is_charged_what_it_may_make_the_relay_hold(tmp_path: Path) -> None:
-    settings = RelaySettings(data_dir=tmp_path, max_websocket_message_size=2 * MIB)
+    message = 2 * MIB
+    settings = RelaySettings(data_dir=tmp_path, max_websocket_message_size=message)
     assert stream_cost(settings, "http") == STREAM_WINDOW + APP_QUEUE_SIZE * 64 * 1024
     assert stream_cost(settings, "mesh") == 2 * STREAM_WINDOW
-    # Queued by hypercorn, one more being assembled, and the window.
-    assert stream_cost(settings, "websocket") == STREAM_WINDOW + (APP_QUEUE_SIZE + 1) * 2 * MIB
+    # A browser's text message is counted in characters, up to 4 bytes each: hypercorn's
+    # queued and pending messages, the bridge's encoding of one; from the daemon the joined
+    # message (a str, up to 4 bytes a character) and hypercorn's frame of it; and the window.
+    from_browser = (APP_QUEUE_SIZE + 1) * 4 * message + 4 * message
+    from_daemon = 4 * message + message + STREAM_WINDOW
+    assert stream_cost(settings, "websocket") == from_browser + from_daemon
 
 
 def test_the_defaults_admit_the_stream_quota_of_plain_requests(tmp_path: Path) -> None:
     settings = RelaySettings(data_dir=tmp_path)
     admitted = settings.max_scope_buffered // stream_cost(settings, "http")
     assert admitted >= settings.max_streams_per_scope
-    # and tens of WebSockets (a dashboard tab holds one)
-    assert settings.max_scope_buffered // stream_cost(settings, "websocket") >= 32
+    # and some WebSockets (a dashboard tab holds one): 9 at 1 MiB messages, 34 at 256 KiB
+    assert settings.max_scope_buffered // stream_cost(settings, "websocket") >= 8
+    smallest = RelaySettings(data_dir=tmp_path, max_websocket_message_size=256 * 1024)
+    assert smallest.max_scope_buffered // stream_cost(smallest, "websocket") >= 32

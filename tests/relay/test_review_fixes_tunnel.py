@@ -247,6 +247,58 @@ async def test_a_daemon_that_never_answers_the_upgrade_gets_504(
     await eventually(lambda: relay_state.scope_streams.held(record.scope_id) == 0)
 
 
+async def upgrade_with_body(stack: RunningStack, cookie: tuple[str, str] | None) -> bytes:
+    """Send a WebSocket upgrade that carries a body; return the relay's answer (its head)."""
+    origin = origin_of(stack)
+    session = f"{cookie[0]}: {cookie[1]}\r\n" if cookie is not None else ""
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{stack.relay.address[1]}\r\n"
+        f"{session}{origin[0]}: {origin[1]}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    sock = await trio.open_tcp_stream(*stack.relay.address)
+    async with sock:
+        await sock.send_all(request.encode())
+        answer = b""
+        for _ in range(100):  # bounded: the head is short
+            chunk = await sock.receive_some(4096)
+            answer += chunk
+            if not chunk or b"\r\n\r\n" in answer:
+                break
+    return answer
+
+
+async def test_an_upgrade_with_a_body_opens_no_stream(stack: RunningStack) -> None:
+    relay_state = stack.relay.running.relay
+    record, key = stack.relay.new_scope()
+
+    async def accepting_daemon(stream: MuxStream) -> None:
+        await ScriptedWebSocket(stream).accept()
+        await trio.sleep_forever()
+
+    stand_in = await start_stand_in(stack.links, stack.relay.address, key, "d1", accepting_daemon)
+    with trio.fail_after(5):
+        answer = await upgrade_with_body(stack, stack.relay.session_cookie(record))
+        assert answer.startswith(b"HTTP/1.1 400 ")  # hypercorn's own
+        # No bridge waits on the browser: nothing reached the daemon, the scope holds nothing.
+        await trio.sleep(SHORT_DEADLINE)
+        assert stand_in.accepted == []
+        assert relay_state.scope_streams.held(record.scope_id) == 0
+        assert relay_state.scope_bytes.held(record.scope_id) == 0
+
+
+async def test_upgrades_with_a_body_never_stop_the_relay(stack: RunningStack) -> None:
+    with trio.fail_after(10):
+        # Refused ones (no session) too: an answer of the relay's racing hypercorn's own 400
+        # failed hypercorn's connection task and stopped the whole server.
+        for _ in range(3):
+            assert (await upgrade_with_body(stack, None)).startswith(b"HTTP/1.1 400 ")
+        health = await http_request(stack.relay.address, "GET", "/health")
+        assert health.status == 200
+
+
 # ---------------------------------------------------------------------- the response head
 
 
@@ -362,3 +414,41 @@ async def test_a_daemon_answer_with_length_and_chunked_arrives_whole(stack: Runn
     assert answer.status == 200
     assert answer.body == b"hello"
     assert "100" not in [v for k, v in answer.headers if k.lower() == "content-length"]
+
+
+# ---------------------------------------------------------------------- one connection, one failure
+
+
+async def raw_exchange(address: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data`` on a new connection and read until the relay closes it (bounded)."""
+    stream = await trio.open_tcp_stream(*address)
+    received = b""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(data)
+        with trio.move_on_after(2), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/some/tunneled/path", "/ws/relay", "/d/laptop/ws"],
+)
+async def test_bytes_after_an_upgrade_head_never_stop_the_relay(
+    stack: RunningStack, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends bytes right behind a WebSocket upgrade head, without announcing a
+    body, races the relay's own answer (401 without a session) against hypercorn's 400: h11
+    then fails inside hypercorn's connection task. That must end that connection only."""
+    head = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    with trio.fail_after(30):
+        for _ in range(5):
+            await raw_exchange(stack.relay.address, head + b"x" * 4096)
+            health = await http_request(stack.relay.address, "GET", "/health")
+            assert health.status == 200

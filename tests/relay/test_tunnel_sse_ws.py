@@ -385,6 +385,32 @@ async def test_a_daemon_message_over_the_limit_closes_the_browser_with_1009(
         assert sent[0] < 4 * SMALL_WS_LIMIT + 2 * 1024 * 1024
 
 
+async def test_a_daemon_text_message_is_limited_in_utf8_bytes_not_characters(
+    stacks: StackFactory,
+) -> None:
+    with trio.fail_after(20):
+        stack, key, cookie = await scoped_relay(stacks, max_websocket_message_size=SMALL_WS_LIMIT)
+        # Three UTF-8 bytes a character: under the limit in characters, over it in bytes.
+        text = "\u20ac" * (SMALL_WS_LIMIT // 2)
+        assert len(text) < SMALL_WS_LIMIT < len(text.encode())
+
+        async def wide_text(stream: MuxStream) -> None:
+            socket = ScriptedWebSocket(stream)
+            await socket.accept()
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(socket.conn.send(ws_events.TextMessage(data=text)))
+                await trio.sleep_forever()  # until the relay resets the stream
+
+        await start_stand_in(stack.links, stack.relay.address, key, "laptop", wide_text)
+        async with open_browser_websocket(
+            stack.relay.address, "/ws", [cookie, origin_of(stack)]
+        ) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1009
+
+
 async def test_a_huge_upgrade_refusal_body_is_read_only_up_to_the_bound(
     stacks: StackFactory,
 ) -> None:
