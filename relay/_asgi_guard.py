@@ -317,16 +317,17 @@ class AsgiGuard:
                 await exchange.finish()
         except Exception as exc:  # the connection is gone already: nothing left to tell
             self.log.debug(
-                "%s: could not finish %s %s: %r", self.name, scope["type"], _path(scope), exc
+                "%s: could not finish %s %r: %r", self.name, scope["type"], _path(scope), exc
             )
 
     def _log(self, scope: dict[str, Any], failure: BaseException) -> None:
         first = failure
         while isinstance(first, BaseExceptionGroup) and first.exceptions:
             first = first.exceptions[0]
-        # One line, no traceback at INFO; the path only (a query string may be private).
+        # One line, no traceback at INFO; the path only (a query string may be private),
+        # quoted: hypercorn has percent-decoded it, so it may hold a newline.
         self.log.info(
-            "%s: %s %s failed: %s: %s",
+            "%s: %s %r failed: %s: %r",
             self.name,
             scope.get("method", "WEBSOCKET"),
             _path(scope),

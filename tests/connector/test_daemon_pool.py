@@ -377,7 +377,7 @@ async def test_closing_the_pool_closes_idle_connections_only(
 )
 def test_invalid_settings_raise_value_error(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):
-        DaemonPool(LOOPBACK, 8377, **options)
+        DaemonPool(LOOPBACK, 1, **options)  # refused before any connection
 
 
 async def test_an_unreachable_daemon_raises_os_error_and_counts_nothing() -> None:

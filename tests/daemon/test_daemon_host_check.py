@@ -208,34 +208,34 @@ async def test_a_daemon_on_ipv6_loopback(nursery: trio.Nursery, dashboard_dir: P
 @pytest.mark.parametrize(
     ("value", "accepted"),
     [
-        ("192.168.1.5:8377", True),
+        ("192.168.1.5:48377", True),
         ("192.168.1.5", True),
-        ("192.168.1.5:8378", False),
-        ("192.168.1.6:8377", False),
-        ("localhost:8377", True),
+        ("192.168.1.5:48378", False),
+        ("192.168.1.6:48377", False),
+        ("localhost:48377", True),
         ("repowire-daemon", True),
         ("Repowire-Daemon", True),
-        ("repowire-daemon:8377", False),
+        ("repowire-daemon:48377", False),
         ("localhost:99999", False),
         ("localhost:", False),
-        (":8377", False),
+        (":48377", False),
         ("", False),
         ("   ", False),
     ],
 )
 def test_the_listening_address_is_accepted(value: str, accepted: bool) -> None:
     """A daemon bound to another address is also reached by that address and its port."""
-    assert (host_refusal(value, ("192.168.1.5", 8377)) is None) is accepted
+    assert (host_refusal(value, ("192.168.1.5", 48377)) is None) is accepted
 
 
 def test_the_listening_ipv6_address_is_accepted() -> None:
-    assert host_refusal("[fe80::1]:8377", ("fe80::1", 8377)) is None
-    assert host_refusal("[FE80::1]", ("fe80::1", 8377)) is None
-    assert host_refusal("[fe80::2]:8377", ("fe80::1", 8377)) is not None
+    assert host_refusal("[fe80::1]:48377", ("fe80::1", 48377)) is None
+    assert host_refusal("[FE80::1]", ("fe80::1", 48377)) is None
+    assert host_refusal("[fe80::2]:48377", ("fe80::1", 48377)) is not None
 
 
 def test_an_overlong_host_is_not_echoed_whole() -> None:
-    reason = host_refusal("a" * 5000, ("127.0.0.1", 8377))
+    reason = host_refusal("a" * 5000, ("127.0.0.1", 48377))
     assert reason is not None and len(reason) < 300
 
 
