@@ -9,14 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._keys import KEY_PREFIX as KEY_PREFIX
-from ._keys import generate_key as generate_key
-from ._keys import generate_public_id as generate_public_id
-from ._keys import generate_session_id as generate_session_id
-from ._keys import hash_secret as hash_secret
-from ._keys import looks_like_key as looks_like_key
-from ._keys import looks_like_session_id as looks_like_session_id
-from ._keys import mask_key as mask_key
 from ._ratelimit import RateLimiter as RateLimiter
 from ._settings import RelaySettings as RelaySettings
 from ._store import MEMORY as MEMORY

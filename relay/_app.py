@@ -16,11 +16,12 @@ from typing import Any
 
 import trio
 
+from common import hash_secret
+
 from ._asgi_guard import AsgiGuard, ResponseSequenceError
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._daemon_link import handle_daemon_link
-from ._keys import hash_secret
 from ._links import DaemonLink
 from ._tunnel import (
     deny_websocket,

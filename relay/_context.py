@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 import trio
 
+from common import hash_secret
 from protocol import CloseCode
 
-from ._keys import hash_secret
 from ._links import HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
 from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR, LoginLinks

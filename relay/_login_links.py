@@ -2,7 +2,7 @@
 session, so a phone can sign in by opening a URL (a QR code) instead of typing the API key.
 
 A token is 32 random bytes, url-safe base64 encoded; only its digest
-(:func:`relay._keys.hash_secret`) is kept, in memory, with the key and scope that asked for it.
+(:func:`common.hash_secret`) is kept, in memory, with the key and scope that asked for it.
 It works once and for :data:`LOGIN_LINK_TTL` seconds. The table is bounded: at most
 :data:`MAX_LINKS_PER_SCOPE` live tokens per scope (issuing another drops that scope's oldest:
 a tenant only ever displaces its own links, whatever number of keys it rotates through) and
@@ -26,7 +26,7 @@ from typing import Final
 
 import attrs
 
-from ._keys import hash_secret
+from common import hash_secret
 
 #: Seconds a sign-in link works after it is issued.
 LOGIN_LINK_TTL: Final = 300.0

@@ -1,6 +1,6 @@
 """The relay's key store: scopes, API keys, browser sessions and the daemons seen, in SQLite.
 
-Only SHA-256 digests of keys and session ids are stored (see :func:`relay._keys.hash_secret`);
+Only SHA-256 digests of keys and session ids are stored (see :func:`common.hash_secret`);
 a raw key or session id is handed out once, when it is created, and never written anywhere.
 
 Every method is synchronous and runs one short transaction, so the relay may call it inline
@@ -33,7 +33,7 @@ from typing import Final
 
 import attrs
 
-from ._keys import (
+from common import (
     generate_key,
     generate_public_id,
     generate_session_id,

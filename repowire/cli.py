@@ -65,7 +65,7 @@ from typing import Any, NoReturn
 import attrs
 
 import repowire
-from relay._keys import looks_like_key, mask_key
+from common import looks_like_key, mask_key
 
 from ._httpclient import HttpError, request_json
 from ._logging import LOG_FORMATS, log_level, setup_logging

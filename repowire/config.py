@@ -50,7 +50,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import CommentMark, MarkedYAMLError, YAMLError
 from ruamel.yaml.tokens import CommentToken
 
-from relay._keys import looks_like_key, mask_key
+from common import looks_like_key, mask_key
 
 ENV_HOME = "REPOWIRE_HOME"
 ENV_RELAY_URL = "REPOWIRE_RELAY_URL"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay._keys import generate_key
+from common import generate_key
 from tests.support.system import skip_missing
 
 from .cli_support import FakeHttpServer, SelfSigned, serve_fake

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 import relay
-from relay._keys import generate_key, looks_like_key, mask_key
+from common import generate_key, looks_like_key, mask_key
 from repowire import cli
 from repowire.cli import main
 from repowire.config import Settings, load_settings

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay._keys import generate_key, mask_key
+from common import generate_key, mask_key
 from repowire.cli import main
 from repowire.config import (
     DEFAULT_DAEMON_PORT,

@@ -19,7 +19,7 @@ import pytest
 import segno
 import trio
 
-from relay._keys import generate_key, mask_key
+from common import generate_key, mask_key
 from repowire import config
 from repowire.cli import build_parser, completion_script, main
 from repowire.config import dashboard_url, load_settings

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from relay._keys import generate_key, mask_key
+from common import generate_key, mask_key
 from repowire import cli
 from repowire.cli import format_time, main
 

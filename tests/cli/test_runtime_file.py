@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from relay._keys import generate_key
+from common import generate_key
 from repowire._runtime import (
     LOCK_FILE_NAME,
     RUNTIME_FILE_NAME,

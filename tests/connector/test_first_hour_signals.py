@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay._keys import generate_key
+from common import generate_key
 from repowire.config import update_config
 from tests.daemon.daemon_support import eventually
 

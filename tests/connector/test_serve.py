@@ -8,8 +8,8 @@ from pathlib import Path
 import attrs
 import trio
 
+from common import looks_like_key
 from connector import Connector, LinkState
-from relay._keys import looks_like_key
 from repowire._serve import run_daemon
 from repowire.config import Settings, load_settings, update_config
 from tests.cli.cli_support import assert_no_full_key

@@ -24,8 +24,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
+from common import looks_like_key
 from connector import Connector, ConnectorConfig, LinkState
-from relay._keys import looks_like_key
 from repowire.cli import build_parser
 from repowire.config import load_settings
 from tests.cli.cli_support import assert_no_full_key

@@ -8,7 +8,7 @@ from typing import cast
 
 import pytest
 
-from relay._keys import (
+from common import (
     KEY_PREFIX,
     MAX_SECRET_TEXT_LENGTH,
     generate_key,

@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 
 import relay._store
-from relay._keys import generate_key, generate_session_id, hash_secret
+from common import generate_key, generate_session_id, hash_secret
 from relay._store import (
     MEMORY,
     KeyRecord,
