@@ -16,7 +16,14 @@ import h11
 import trio
 import trio_websocket
 
-from mux import MuxConfig, MuxSession, MuxStream, SessionClosed, StreamReset, WebSocketTransport
+from mux import (
+    MuxConfig,
+    MuxSession,
+    MuxStream,
+    SessionClosed,
+    StreamResetError,
+    WebSocketTransport,
+)
 from protocol import (
     PROTOCOL_VERSION,
     Backoff,
@@ -473,7 +480,7 @@ class Connector:
             stream = await self.open_mesh_stream(daemon_id)
             try:
                 return await _http_exchange(stream, method, path, body, headers)
-            except StreamReset as exc:
+            except StreamResetError as exc:
                 raise _mesh_error(exc.code, daemon_id) from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
                 raise MeshError(

@@ -5,7 +5,7 @@ is a :class:`trio.abc.HalfCloseableStream`.
 """
 
 from ._errors import SessionClosed as SessionClosed
-from ._errors import StreamReset as StreamReset
+from ._errors import StreamResetError as StreamResetError
 from ._errors import TransportClosed as TransportClosed
 from ._session import MuxConfig as MuxConfig
 from ._session import MuxSession as MuxSession

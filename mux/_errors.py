@@ -32,7 +32,7 @@ class SessionClosed(trio.BrokenResourceError):
         self.reason = reason
 
 
-class StreamReset(trio.BrokenResourceError):
+class StreamResetError(trio.BrokenResourceError):
     """The stream was aborted by the peer (or refused). ``code`` is the wire error code."""
 
     def __init__(self, stream_id: int, code: int, message: str) -> None:

@@ -11,7 +11,7 @@ import trio
 
 from protocol import ErrorCode, StreamState
 
-from ._errors import StreamReset
+from ._errors import StreamResetError
 
 if TYPE_CHECKING:
     from ._session import MuxSession
@@ -30,8 +30,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
     aborts both directions with a code.
 
     Errors: :class:`trio.ClosedResourceError` after a local ``aclose``/``reset`` (or ``send_all``
-    after ``send_eof``); :class:`trio.BrokenResourceError` (a :class:`~mux.StreamReset` when the
-    peer reset the stream) once the stream or the session is broken;
+    after ``send_eof``); :class:`trio.BrokenResourceError` (a :class:`~mux.StreamResetError`
+    when the peer reset the stream) once the stream or the session is broken;
     :class:`trio.BusyResourceError` for concurrent sends or concurrent receives.
     """
 
@@ -227,7 +227,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _on_reset(self, code: int, remote: bool) -> None:
         who = "the peer" if remote else "the session"
         name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-        self._on_break(StreamReset(self.stream_id, code, f"stream reset by {who}: {name}"))
+        self._on_break(StreamResetError(self.stream_id, code, f"stream reset by {who}: {name}"))
 
     def _wake_sender(self) -> None:
         if self._send_waiter is not None:

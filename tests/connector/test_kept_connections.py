@@ -23,7 +23,7 @@ import trio
 
 from connector import Connector, LinkState
 from connector._daemon_pool import DaemonPool
-from mux import MuxSession, MuxStream, StreamReset
+from mux import MuxSession, MuxStream, StreamResetError
 from protocol import ErrorCode
 from tests.daemon.daemon_support import (
     HttpResponse,
@@ -788,7 +788,7 @@ async def test_a_dropped_get_whose_body_came_late_is_not_retried_without_its_bod
             with trio.move_on_after(HANG_BOUND):
                 try:
                     outcome = await read_to_end(stream)
-                except StreamReset as reset:
+                except StreamResetError as reset:
                     outcome = reset.code
         finally:
             await stream.aclose()

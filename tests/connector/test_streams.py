@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from connector import Connector, LinkState
-from mux import MuxSession, StreamReset
+from mux import MuxSession, StreamResetError
 from protocol import ErrorCode
 from repowire.daemon import DaemonState
 
@@ -84,7 +84,7 @@ async def test_streams_of_another_kind_are_refused(stack: Stack, metadata: dict[
         _, session, laptop = await start_linked_daemon(stack)
         stream = await session.open_stream(metadata)
         head = request_head("DELETE", "/peers/alice")
-        with pytest.raises(StreamReset) as caught:
+        with pytest.raises(StreamResetError) as caught:
             await stream.send_all(head)
             await stream.receive_some()
         assert caught.value.code == ErrorCode.FORBIDDEN
@@ -102,7 +102,7 @@ async def test_mesh_stream_cannot_smuggle_a_second_request(stack: Stack) -> None
         smuggled = request_head("DELETE", "/peers/alice")
         await stream.send_all(allowed + body + smuggled)
         # Bytes after the request end the stream with a reset: the exchange is over.
-        with pytest.raises(StreamReset), trio.fail_after(5):
+        with pytest.raises(StreamResetError), trio.fail_after(5):
             while await stream.receive_some():
                 pass
         assert laptop.daemon.state.get_peer("alice") is not None
@@ -166,7 +166,7 @@ async def test_a_malformed_sender_from_the_relay_is_refused_and_the_link_survive
         head, body = json_head("POST", "/notify", {"to": "alice", "text": "odd sender"})
         try:
             response = await stream_request(stream, head, body)
-        except StreamReset:
+        except StreamResetError:
             pass
         else:
             assert response.status == 400, response.body

@@ -261,7 +261,7 @@ async def test_streams_reset_by_the_peer_do_not_escape_the_session_budget(
                 for _ in range(window + 1):  # bounded: at least one byte per read
                     try:
                         chunk = await stream.receive_some()
-                    except mux.StreamReset:
+                    except mux.StreamResetError:
                         break
                     if not chunk:
                         break
@@ -307,7 +307,7 @@ async def test_opens_past_the_accept_backlog_are_refused_not_queued(
             # The connector's application has accepted nothing: the overflow is refused, and
             # the opener learns it at once instead of waiting on a stream nobody will serve.
             for stream in streams[backlog:]:
-                with pytest.raises(mux.StreamReset) as info:
+                with pytest.raises(mux.StreamResetError) as info:
                     await stream.receive_some()
                 assert info.value.code == ErrorCode.REFUSED_STREAM
             # The ones inside the backlog are served once the application gets to them.

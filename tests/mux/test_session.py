@@ -357,11 +357,11 @@ async def test_reset_reaches_the_peer_with_its_code() -> None:
             assert await remote.receive_some() == b"x"
 
             local.reset(ErrorCode.TARGET_OFFLINE)
-            with pytest.raises(mux.StreamReset) as info:
+            with pytest.raises(mux.StreamResetError) as info:
                 await remote.receive_some()
             assert info.value.code == ErrorCode.TARGET_OFFLINE
             assert info.value.stream_id == local.stream_id
-            with pytest.raises(mux.StreamReset):
+            with pytest.raises(mux.StreamResetError):
                 await remote.send_all(b"too late")
             # Locally the stream is closed, not broken.
             with pytest.raises(trio.ClosedResourceError):
@@ -374,14 +374,14 @@ async def test_reset_reaches_the_peer_with_its_code() -> None:
             await trio.testing.wait_all_tasks_blocked()
             local.reset(ErrorCode.FORBIDDEN)
             await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(mux.StreamReset) as info:
+            with pytest.raises(mux.StreamResetError) as info:
                 await remote.receive_some()
             assert info.value.code == ErrorCode.FORBIDDEN
 
             # An unknown application code passes through as a number.
             local, remote = await open_pair(pair.connector, pair.relay)
             local.reset(0x1234)
-            with pytest.raises(mux.StreamReset) as info:
+            with pytest.raises(mux.StreamResetError) as info:
                 await remote.receive_some()
             assert info.value.code == 0x1234
 
@@ -407,7 +407,7 @@ async def test_aclose_with_unread_data_fails_the_blocked_peer_sender() -> None:
                 # The connector stops reading with data unread, while the relay still sends.
                 await remote.aclose()
             assert len(failed) == 1
-            assert isinstance(failed[0], mux.StreamReset)
+            assert isinstance(failed[0], mux.StreamResetError)
             assert failed[0].code == ErrorCode.CANCEL
             # What the connector sent before closing still arrives, then end of file.
             assert await receive_all(local, 100) == b"last words"
@@ -669,7 +669,7 @@ async def test_drain_refuses_a_stream_opened_while_the_goaway_is_in_flight(
                 nursery.start_soon(pair.relay.drain, 10.0)
                 # Queued before the relay's GOAWAY arrives; the relay has not seen it yet.
                 late = await pair.connector.open_stream({"kind": "mesh"})
-            with pytest.raises(mux.StreamReset) as info:
+            with pytest.raises(mux.StreamResetError) as info:
                 await late.receive_some()
             assert info.value.code == ErrorCode.REFUSED_STREAM
             # The refused stream never reaches the relay's application.

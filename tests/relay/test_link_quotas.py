@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from connector import LinkState
-from mux import MuxConfig, MuxStream, StreamReset
+from mux import MuxConfig, MuxStream, StreamResetError
 from protocol import CloseCode, ErrorCode, SessionConfig
 from tests.daemon.daemon_support import eventually
 from tests.relay.link_support import (
@@ -46,7 +46,7 @@ async def reset_code(stream: MuxStream) -> int | None:
     try:
         await stream.send_all(b"hello")
         await stream.receive_some()
-    except StreamReset as exc:
+    except StreamResetError as exc:
         return exc.code
     return None
 

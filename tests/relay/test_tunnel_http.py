@@ -23,7 +23,7 @@ import h11
 import pytest
 import trio
 
-from mux import MuxConfig, MuxStream, StreamReset
+from mux import MuxConfig, MuxStream, StreamResetError
 from protocol import ErrorCode, SessionConfig
 from relay._settings import RelaySettings, stream_cost
 from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
@@ -372,7 +372,7 @@ async def test_chunked_body_growing_past_the_limit_gets_413_and_the_daemon_sees_
         await eventually(lambda: bool(outcome))
         assert head.status_code == 413
         assert json.loads(body)["error"] == "body_too_large"
-        assert isinstance(outcome[0], StreamReset)
+        assert isinstance(outcome[0], StreamResetError)
         assert outcome[0].code == ErrorCode.CANCEL
         assert daemon_read[0] <= SMALL_LIMIT
 
@@ -656,7 +656,7 @@ async def test_browser_leaving_before_the_answer_resets_the_daemon_side_promptly
             await request_in.wait()
         closed_at = trio.current_time()
         await eventually(lambda: bool(reset_at))
-        assert isinstance(errors[0], StreamReset)
+        assert isinstance(errors[0], StreamResetError)
         assert errors[0].code == ErrorCode.CANCEL
         print(
             f"\ndaemon side reset {1000 * (reset_at[0] - closed_at):.1f} ms after the browser left"
