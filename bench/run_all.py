@@ -34,7 +34,7 @@ from bench.common import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: In the order they run: the protocol alone first, the heaviest (scale) last.
-BENCHES = ("protocol", "small_requests", "bulk", "sse", "fairness", "scale")
+BENCHES = ("protocol_core", "small_requests", "bulk", "sse", "fairness", "scale")
 
 
 def _get(data: Any, *keys: str) -> Any:
@@ -149,7 +149,7 @@ def _scale(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 HEADLINES: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
-    "protocol": _protocol,
+    "protocol_core": _protocol,
     "small_requests": _small,
     "bulk": _bulk,
     "sse": _sse,

@@ -1,6 +1,6 @@
 """Throughput of the sans-IO session: two sessions in one process, bytes pumped by hand, no I/O.
 
-Run as ``python bench/protocol.py`` (``--runs N``, ``--quick``). Each workload pushes bytes on one
+Run as ``python bench/protocol_core.py`` (``--runs N``, ``--quick``). Each workload pushes bytes on one
 stream from a connector session to a relay session, which acknowledges what it receives as it
 goes and sends its window updates back. Output is drained as the trio driver drains it, in
 transport messages of at most 1 MiB (``data_to_send(1 MiB)``). Workloads:
@@ -14,7 +14,7 @@ transport messages of at most 1 MiB (``data_to_send(1 MiB)``). Workloads:
 
 Each workload runs ``--runs`` times; the median is reported, as MB/s (10**6 bytes of payload per
 second) and DATA frames/s, with the machine's description, on stdout and in
-``bench/results/protocol.json``.
+``bench/results/protocol_core.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import DataReceived, Role, Session, SessionConfig
 
-RESULTS = Path(__file__).resolve().parent / "results" / "protocol.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "protocol_core.json"
 
 
 #: Largest transport message, as the trio driver sends them.
