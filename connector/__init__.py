@@ -1,11 +1,11 @@
 """The outbound side of relay access: dial the relay, serve its streams, reach other daemons."""
 
-from ._connector import DEFAULT_MESH_ALLOWLIST as DEFAULT_MESH_ALLOWLIST
-from ._connector import GOING_AWAY as GOING_AWAY
+from ._config import DEFAULT_MESH_ALLOWLIST as DEFAULT_MESH_ALLOWLIST
+from ._config import ConnectorConfig as ConnectorConfig
+from ._config import link_url as link_url
 from ._connector import SHUTDOWN_GRACE as SHUTDOWN_GRACE
 from ._connector import Connector as Connector
-from ._connector import ConnectorConfig as ConnectorConfig
-from ._connector import link_url as link_url
+from ._mesh_client import MeshClient as MeshClient
 from ._mesh_types import MESH_ERROR_CODES as MESH_ERROR_CODES
 from ._mesh_types import MESH_FROM_HEADER as MESH_FROM_HEADER
 from ._mesh_types import MeshDirectory as MeshDirectory

@@ -42,7 +42,8 @@ class MeshDirectory:
 
 @attrs.frozen(kw_only=True)
 class MeshResponse:
-    """The other daemon's HTTP answer, whole. Header names are as received."""
+    """The other daemon's HTTP answer, whole. Header names are lower-case (as h11 reads
+    them), values as received."""
 
     status: int
     headers: list[tuple[str, str]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import attrs
 import trio
 
@@ -85,24 +87,47 @@ class LinkRegistry:
     The default daemon of a scope (what plain paths reach) is the one connected the longest
     among those online: it does not change when another daemon of the scope connects, and it is
     never a random pick.
+
+    Links are indexed by scope (kept in :meth:`for_scope` order) and by key id, so a lookup
+    costs in the links of that scope or key, not in every link the relay holds. A link's
+    ``scope_id``, ``daemon_id``, ``key_id`` and ``connected_at`` are read when it is added (or
+    begins its handshake) and must not change while the registry holds it.
     """
 
     def __init__(self) -> None:
+        # The registered links in registration order; a replacement takes the place of the
+        # link it replaced (the order of :meth:`all` and of the registered part of
+        # :meth:`for_key`).
         self._links: dict[tuple[str, str], DaemonLink] = {}
+        # The place of each (scope, daemon id) in ``_links``, so that the per-key index can
+        # list its links in that order.
+        self._place: dict[tuple[str, str], int] = {}
+        self._next_place = 0
+        # The registered links of each scope, sorted by (connected_at, daemon_id): a total
+        # order, as a scope holds one link per daemon id. No empty lists.
+        self._by_scope: dict[str, list[DaemonLink]] = {}
+        # The registered links of each key id, by (scope, daemon id). No empty dicts.
+        self._by_key: dict[str, dict[tuple[str, str], DaemonLink]] = {}
         # Links between their WebSocket accept and their registration, per (scope, daemon id):
         # how many, and an event set when the last of them is registered or gone.
         self._arriving: dict[tuple[str, str], tuple[int, trio.Event]] = {}
-        # The same links themselves, so that a key revoked during their handshake can end them
-        # (:meth:`for_key`): they are not in ``_links`` yet.
-        self._handshaking: set[DaemonLink] = set()
+        # The same links themselves, per key id in the order their handshakes began, so that a
+        # key revoked during their handshake can end them (:meth:`for_key`): they are not in
+        # ``_links`` yet. No empty dicts.
+        self._handshaking: dict[str, dict[DaemonLink, None]] = {}
 
     def begin_handshake(self, link: DaemonLink) -> None:
         """``link`` is in its handshake: :meth:`for_key` lists it until :meth:`end_handshake`."""
-        self._handshaking.add(link)
+        self._handshaking.setdefault(link.key_id, {})[link] = None
 
     def end_handshake(self, link: DaemonLink) -> None:
         """``link``'s handshake is over (registered, refused or failed). Idempotent."""
-        self._handshaking.discard(link)
+        links = self._handshaking.get(link.key_id)
+        if links is None:
+            return
+        links.pop(link, None)
+        if not links:
+            del self._handshaking[link.key_id]
 
     def expect(self, scope_id: str, daemon_id: str) -> None:
         """A link for ``daemon_id`` is in its handshake: requests for it may wait for it
@@ -149,7 +174,14 @@ class LinkRegistry:
         """Register ``link``; return the link it replaced (the caller closes that one)."""
         key = (link.scope_id, link.daemon_id)
         previous = self._links.get(key)
+        if previous is None:
+            self._place[key] = self._next_place
+            self._next_place += 1
+        else:
+            self._unindex(previous)
         self._links[key] = link
+        bisect.insort(self._by_scope.setdefault(link.scope_id, []), link, key=_scope_order)
+        self._by_key.setdefault(link.key_id, {})[key] = link
         return previous
 
     def remove(self, link: DaemonLink) -> None:
@@ -158,31 +190,52 @@ class LinkRegistry:
         key = (link.scope_id, link.daemon_id)
         if self._links.get(key) is link:
             del self._links[key]
+            del self._place[key]
+            self._unindex(link)
+
+    def _unindex(self, link: DaemonLink) -> None:
+        """Take the registered ``link`` out of the scope and key indexes."""
+        ordered = self._by_scope[link.scope_id]
+        del ordered[bisect.bisect_left(ordered, _scope_order(link), key=_scope_order)]
+        if not ordered:
+            del self._by_scope[link.scope_id]
+        keyed = self._by_key[link.key_id]
+        del keyed[(link.scope_id, link.daemon_id)]
+        if not keyed:
+            del self._by_key[link.key_id]
 
     def get(self, scope_id: str, daemon_id: str) -> DaemonLink | None:
         return self._links.get((scope_id, daemon_id))
 
     def for_scope(self, scope_id: str) -> list[DaemonLink]:
-        links = [link for (scope, _), link in self._links.items() if scope == scope_id]
-        return sorted(links, key=lambda link: (link.connected_at, link.daemon_id))
+        """The links of ``scope_id``, the longest connected first (ties by daemon id)."""
+        return list(self._by_scope.get(scope_id, ()))
 
     def default_for(self, scope_id: str) -> DaemonLink | None:
-        links = self.for_scope(scope_id)
+        """The first of :meth:`for_scope`, or ``None`` when the scope has no link."""
+        links = self._by_scope.get(scope_id)
         return links[0] if links else None
 
     def for_key(self, key_id: str) -> list[DaemonLink]:
-        """The links opened with ``key_id``: registered ones and those still in their
-        handshake (see :meth:`begin_handshake`)."""
-        registered = [link for link in self._links.values() if link.key_id == key_id]
-        arriving = [link for link in self._handshaking if link.key_id == key_id]
-        return registered + arriving
+        """The links opened with ``key_id``: registered ones (in the order of :meth:`all`),
+        then those still in their handshake (see :meth:`begin_handshake`), in the order their
+        handshakes began."""
+        keyed = self._by_key.get(key_id, {})
+        place = self._place
+        registered = sorted(keyed.values(), key=lambda link: place[link.scope_id, link.daemon_id])
+        return registered + list(self._handshaking.get(key_id, ()))
 
     def key_ids(self) -> set[str]:
         """The key ids the connected links were opened with."""
-        return {link.key_id for link in self._links.values()}
+        return set(self._by_key)
 
     def all(self) -> list[DaemonLink]:
         return list(self._links.values())
 
     def __len__(self) -> int:
         return len(self._links)
+
+
+def _scope_order(link: DaemonLink) -> tuple[float, str]:
+    """Where ``link`` goes among the links of its scope (:meth:`LinkRegistry.for_scope`)."""
+    return (link.connected_at, link.daemon_id)
