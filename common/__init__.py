@@ -1,10 +1,15 @@
 """Words every package of the project shares: the key format and its masking, daemon ids, the
-installed version.
+error codes of JSON error answers and their HTTP statuses, the installed version.
 
 A leaf: it imports nothing from the project, and every package may import it (``protocol``
 excepted, which stands alone).
 """
 
+from ._errors import HTTP_ERROR_CODES as HTTP_ERROR_CODES
+from ._errors import MESH_ERROR_STATUS as MESH_ERROR_STATUS
+from ._errors import http_error_code as http_error_code
+from ._errors import mesh_error_status as mesh_error_status
+from ._errors import reason_phrase as reason_phrase
 from ._ids import DAEMON_ID_PATTERN as DAEMON_ID_PATTERN
 from ._ids import MAX_DAEMON_ID_LENGTH as MAX_DAEMON_ID_LENGTH
 from ._ids import is_daemon_id as is_daemon_id

@@ -21,6 +21,7 @@ from ._store import UnknownRecordError as UnknownRecordError
 
 if TYPE_CHECKING:
     from ._app import RelayApp as RelayApp
+    from ._asgi_guard import AsgiGuard as AsgiGuard
     from ._context import SESSION_COOKIE as SESSION_COOKIE
     from ._context import Relay as Relay
     from ._links import DaemonLink as DaemonLink
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "RelayApp": "._app",
+    # Also guards the daemon's app (repowire.daemon): one request's failure ends that request.
+    "AsgiGuard": "._asgi_guard",
     "SESSION_COOKIE": "._context",
     "Relay": "._context",
     "DaemonLink": "._links",

@@ -16,7 +16,8 @@ from typing import Any
 
 import trio
 
-from common import hash_secret
+from common import DAEMON_ID_PATTERN, hash_secret
+from protocol import CloseCode
 
 from ._asgi_guard import AsgiGuard, ResponseSequenceError
 from ._asgi_transport import Receive, Send
@@ -33,7 +34,7 @@ from ._tunnel import (
 )
 from ._web import create_web_app
 
-_DAEMON_PREFIX = re.compile(r"^/d/([A-Za-z0-9._-]{1,64})(/.*)?$")
+_DAEMON_PREFIX = re.compile(rf"^/d/({DAEMON_ID_PATTERN.pattern})(/.*)?$")
 # /metrics stays the relay's own path (404 here: it is served on its own listener), never tunneled.
 _ROOT_ONLY = ("/", "/auth", "/health", "/metrics", "/signin", "/favicon.ico")
 #: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
@@ -41,8 +42,6 @@ _ROOT_ONLY = ("/", "/auth", "/health", "/metrics", "/signin", "/favicon.ico")
 LINK_ARRIVAL_WAIT = 5.0
 #: What the browser is told when its access ends mid-request (``LiveRequest.ended_by``).
 ACCESS_ENDED = {"revoked": "access revoked", "signed_out": "signed out"}
-#: WebSocket close code for a WebSocket whose access ended (policy violation).
-WS_ACCESS_ENDED = 1008
 #: Seconds the relay waits, answering nothing, on a WebSocket upgrade that announces a body
 #: (see :func:`ignore_upgrade_with_body`) before it returns the request to hypercorn.
 UPGRADE_WITH_BODY_WAIT = 5.0
@@ -202,13 +201,19 @@ class RelayApp:
                 await self._access_ended(scope, send, live.ended_by)
 
     async def _access_ended(self, scope: dict[str, Any], send: Send, why: str) -> None:
-        """Tell the browser its access ended mid-request: a WebSocket is closed with 1008, a
-        response not started yet becomes 401 JSON; a started one stays aborted (the guard
-        closes its connection)."""
+        """Tell the browser its access ended mid-request: a WebSocket is closed with
+        ``CloseCode.POLICY_VIOLATION`` (1008), a response not started yet becomes 401 JSON; a
+        started one stays aborted (the guard closes its connection)."""
         reason = ACCESS_ENDED.get(why, "access ended")
         try:
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": WS_ACCESS_ENDED, "reason": reason})
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": CloseCode.POLICY_VIOLATION,
+                        "reason": reason,
+                    }
+                )
             else:
                 await send_json(send, 401, "access_ended", f"Access ended: {reason}.", close=True)
         except ResponseSequenceError:

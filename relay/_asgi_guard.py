@@ -35,6 +35,8 @@ from typing import Any, cast
 
 import trio
 
+from protocol import CloseCode
+
 from ._asgi_transport import Receive, Send
 
 log = logging.getLogger("repowire.relay")
@@ -226,9 +228,15 @@ class _WebSocketExchange:
 
     async def fail(self) -> None:
         if self.state is ResponseState.REQUEST:
-            await self.send({"type": "websocket.close", "code": 1011})
+            await self.send({"type": "websocket.close", "code": CloseCode.INTERNAL_ERROR})
         elif self.state is ResponseState.RESPONSE_STARTED and not self.rejecting:
-            await self.send({"type": "websocket.close", "code": 1011, "reason": "relay error"})
+            await self.send(
+                {
+                    "type": "websocket.close",
+                    "code": CloseCode.INTERNAL_ERROR,
+                    "reason": "relay error",
+                }
+            )
         # A rejection half-sent: hypercorn closes the connection when the app returns.
 
     async def finish(self) -> None:

@@ -6,6 +6,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mux import TransportClosed
+from protocol import CloseCode
+
+#: What a close without a status code is reported as (RFC 6455's 1005, "no status received":
+#: a code the far end never sends, so :class:`protocol.CloseCode` does not name it).
+NO_STATUS_RECEIVED = 1005
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -36,13 +41,14 @@ class AsgiWebSocketTransport:
         if kind == "websocket.receive":
             data = message.get("bytes")
             if data is None:
-                await self.aclose(4400, "text message on a binary link")
-                raise TransportClosed(4400, "text message on a binary link")
+                await self.aclose(CloseCode.PROTOCOL_ERROR, "text message on a binary link")
+                raise TransportClosed(CloseCode.PROTOCOL_ERROR, "text message on a binary link")
             return bytes(data)
-        self._closed = TransportClosed(int(message.get("code", 1005)), "daemon disconnected")
+        code = int(message.get("code", NO_STATUS_RECEIVED))
+        self._closed = TransportClosed(code, "daemon disconnected")
         raise self._closed
 
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+    async def aclose(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self._closed is None:
             self._closed = TransportClosed(code, reason)
             await self._send({"type": "websocket.close", "code": code, "reason": reason})

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from contextlib import ExitStack
 
 import trio
 
+from common import is_daemon_id
 from mux import MuxConfig, MuxSession, MuxStream, SessionClosed, splice
 from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role, SessionConfig
 
@@ -19,8 +19,6 @@ from ._quota import QuotaExceeded
 from ._store import StoreError
 
 log = logging.getLogger("repowire.relay")
-
-DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 #: WebSocket close code 1013, "try again later" (RFC 6455 registry): the relay is working on
 #: ``link_handshake_limit`` links already. The connector backs off (``RELAY_BUSY``).
@@ -86,7 +84,7 @@ async def handle_daemon_link(
         await _refuse(send, CloseCode.INVALID_KEY, "invalid API key")
         return
     daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
-    if not DAEMON_ID.match(daemon_id):
+    if not is_daemon_id(daemon_id):
         await _refuse(send, CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
         return
     daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]

@@ -292,7 +292,7 @@ class MetricsApp:
                     return
         if kind == "websocket":
             await receive()
-            await send({"type": "websocket.close", "code": 1008})
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
             return
         if kind != "http":
             return

@@ -36,7 +36,9 @@ class RelaySettings:
     port: int = 8000
     #: Holds ``relay.sqlite3`` (the key store).
     data_dir: Path = attrs.field(converter=Path)
-    #: A static export to serve instead of the bundled dashboard.
+    #: The dashboard's static export (a directory holding ``index.html``), served under
+    #: ``/dashboard/``. None: the relay serves no dashboard files (``/dashboard/...`` answers
+    #: 404 saying so) and sign-in still works. ``repowire relay start`` passes the bundled one.
     dashboard_dir: Path | None = None
     #: The URL browsers use (``https://relay.example``). An https URL makes cookies Secure and
     #: is the Origin that state-changing requests and WebSocket upgrades must come from.

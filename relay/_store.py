@@ -38,6 +38,7 @@ from common import (
     generate_public_id,
     generate_session_id,
     hash_secret,
+    is_daemon_id,
     looks_like_key,
     looks_like_session_id,
 )
@@ -74,7 +75,6 @@ MAX_DAEMONS_PER_SCOPE: Final = 1000
 # Pause between attempts to switch a new file to WAL mode while another process holds a lock.
 _WAL_RETRY_INTERVAL = 0.02
 
-_DAEMON_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PUBLIC_ID = re.compile(r"[a-z]{1,8}_[0-9a-f]{1,24}")  # never as long as a secret
 
 _SCHEMA: Final = (
@@ -566,10 +566,11 @@ class KeyStore:
     def record_daemon(self, scope_id: str, daemon_id: str, *, now: float) -> None:
         """Note that ``daemon_id`` connected in ``scope_id`` at ``now``.
 
-        Raises ValueError for a daemon id outside ``[A-Za-z0-9._-]{1,64}``, UnknownRecordError
-        for an unknown scope. Keeps at most :data:`MAX_DAEMONS_PER_SCOPE` per scope.
+        Raises ValueError for a malformed daemon id (see :func:`common.is_daemon_id`),
+        UnknownRecordError for an unknown scope. Keeps at most :data:`MAX_DAEMONS_PER_SCOPE`
+        per scope.
         """
-        if _DAEMON_ID.fullmatch(daemon_id) is None:
+        if not is_daemon_id(daemon_id):
             raise ValueError("daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
         _check_time(now)
         with self._transaction("recording a daemon", durable=False) as conn:

@@ -1,7 +1,7 @@
-"""The relay's own web routes: the sign-in form, the dashboard's files, the JSON API and health,
-as one QuartTrio app. ``/metrics`` is not among them: it shows every tenant's traffic, so it is
-served on a separate listener (``RelaySettings.metrics_listen``, see :mod:`relay._server`) and
-is not found here.
+"""The relay's own web routes: the sign-in form, the dashboard's files (those of
+``RelaySettings.dashboard_dir``, when given), the JSON API and health, as one QuartTrio app.
+``/metrics`` is not among them: it shows every tenant's traffic, so it is served on a separate
+listener (``RelaySettings.metrics_listen``, see :mod:`relay._server`) and is not found here.
 
 The relay's ASGI dispatcher hands this app every path the relay itself answers. Paths under
 ``/d/<daemon_id>/`` arrive with that prefix removed and ``scope["repowire.daemon_id"]`` set;
@@ -19,12 +19,10 @@ server, so it appears in no request line, log or Referer.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
 import mimetypes
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +32,7 @@ from quart import Response, render_template, request, send_file
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-import repowire.dashboard
+from common import http_error_code, is_daemon_id, package_version
 
 from ._context import Relay
 from ._login_links import LoginLink, LoginLinksFull, looks_like_token
@@ -64,13 +62,16 @@ DAEMON_ID_SCOPE_KEY: Final = "repowire.daemon_id"
 #: The file served for the dashboard's directory.
 INDEX_FILE: Final = "index.html"
 
+#: The plain-text answer (404) under ``/dashboard`` of a relay started without
+#: ``RelaySettings.dashboard_dir``; also logged once at startup.
+NO_DASHBOARD_MESSAGE: Final = "this relay was started without dashboard files (dashboard_dir)"
+
 #: Shown by the sign-in form when a valid key has no daemon connected.
 NO_DAEMON_MESSAGE: Final = (
     "No daemon is connected with this key. Run `repowire serve --relay` on the daemon's "
     "machine, then try again."
 )
 
-_DAEMON_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TEMPLATE: Final = "page.html"
 _SIGNIN_TEMPLATE: Final = "signin.html"
 
@@ -104,26 +105,24 @@ _CONTENT_TYPES: Final[Mapping[str, str]] = {
 }
 
 
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("repowire")
-    except importlib.metadata.PackageNotFoundError:
-        # A source tree that was never installed.
-        return "0.0.0"
-
-
 def create_web_app(relay: Relay) -> QuartTrio:
     """Build the app serving the relay's own routes for ``relay``.
 
-    The dashboard's files come from ``relay.settings.dashboard_dir`` when set, else from
-    :data:`repowire.dashboard.STATIC_DIR`. Raises FileNotFoundError, naming the directory,
-    when that directory has no ``index.html``: a broken installation fails at startup rather
-    than answering 404 later.
+    The dashboard's files come from ``relay.settings.dashboard_dir``. Raises
+    FileNotFoundError, naming the directory, when that directory has no ``index.html``: a
+    broken installation fails at startup rather than answering 404 later. Without a
+    ``dashboard_dir`` every path under ``/dashboard`` answers 404 with
+    :data:`NO_DASHBOARD_MESSAGE` (logged once here); sign-in and the API work as ever.
     """
-    dashboard_dir = relay.settings.dashboard_dir or repowire.dashboard.STATIC_DIR
-    index = dashboard_dir / INDEX_FILE
-    if not index.is_file():
-        raise FileNotFoundError(f"the dashboard's static files are missing: no {index}")
+    dashboard_root: Path | None = None
+    dashboard_dir = relay.settings.dashboard_dir
+    if dashboard_dir is None:
+        logger.info("%s: /dashboard/ answers 404", NO_DASHBOARD_MESSAGE)
+    else:
+        index = dashboard_dir / INDEX_FILE
+        if not index.is_file():
+            raise FileNotFoundError(f"the dashboard's static files are missing: no {index}")
+        dashboard_root = dashboard_dir.resolve(strict=True)
 
     # Quart finds templates/ beside this module. Quart's own logger takes the module's name,
     # separate from "relay.web", and reports only failures inside Quart itself.
@@ -135,8 +134,8 @@ def create_web_app(relay: Relay) -> QuartTrio:
 
     routes = _Routes(
         relay=relay,
-        dashboard_root=dashboard_dir.resolve(strict=True),
-        version=_package_version(),
+        dashboard_root=dashboard_root,
+        version=package_version(),
     )
     rules: list[tuple[str, str, Any, list[str]]] = [
         ("/", "landing", routes.landing, ["GET"]),
@@ -254,7 +253,7 @@ def _content_type(path: Path) -> str:
 
 
 class _Routes:
-    def __init__(self, *, relay: Relay, dashboard_root: Path, version: str) -> None:
+    def __init__(self, *, relay: Relay, dashboard_root: Path | None, version: str) -> None:
         self._relay = relay
         self._dashboard_root = dashboard_root
         self._static_root = _STATIC_DIR
@@ -289,7 +288,7 @@ class _Routes:
         value = scope.get(DAEMON_ID_SCOPE_KEY)
         if value is None:
             return None
-        if not isinstance(value, str) or _DAEMON_ID.fullmatch(value) is None:
+        if not isinstance(value, str) or not is_daemon_id(value):
             raise _Refusal(404, "not_found", "There is nothing at this address.")
         return value
 
@@ -461,10 +460,17 @@ class _Routes:
 
     # -- dashboard ------------------------------------------------------------------------
 
+    def _no_dashboard(self) -> Response:
+        return Response(NO_DASHBOARD_MESSAGE + "\n", status=404, content_type="text/plain")
+
     async def dashboard_redirect(self) -> Response:
+        if self._dashboard_root is None:
+            return self._no_dashboard()
         return _redirect(f"{self._prefix()}/dashboard/", 308)
 
     async def dashboard_index(self) -> Response:
+        if self._dashboard_root is None:
+            return self._no_dashboard()
         relay = self._relay
         session = relay.browser_session(self._headers)
         if session is None:
@@ -476,6 +482,8 @@ class _Routes:
         return await self._dashboard_send(INDEX_FILE)
 
     async def dashboard_file(self, asset: str) -> Response:
+        if self._dashboard_root is None:
+            return self._no_dashboard()
         self._daemon_id()  # refuses a malformed prefix id
         if self._relay.browser_session(self._headers) is None:
             if asset.endswith("/") or asset.rsplit("/", 1)[-1] == INDEX_FILE:
@@ -486,7 +494,8 @@ class _Routes:
         return await self._dashboard_send(asset)
 
     async def _dashboard_send(self, name: str) -> Response:
-        path = _resolve_file(self._dashboard_root, name)
+        root = self._dashboard_root
+        path = None if root is None else _resolve_file(root, name)
         if path is None:
             return await self._not_found()
         response = await send_file(path, mimetype=_content_type(path), conditional=True)
@@ -653,13 +662,9 @@ class _Routes:
         document = await self._json_object_body('{"daemon_id": "..."}')
         daemon_id = document.get("daemon_id", self._daemon_id())
         if daemon_id is not None:
-            known = (
-                isinstance(daemon_id, str)
-                and _DAEMON_ID.fullmatch(daemon_id) is not None
-                and any(
-                    known_id == daemon_id
-                    for known_id, _, _ in relay.store.known_daemons(caller.scope_id)
-                )
+            known = is_daemon_id(daemon_id) and any(
+                known_id == daemon_id
+                for known_id, _, _ in relay.store.known_daemons(caller.scope_id)
             )
             if not known:
                 raise _Refusal(
@@ -801,12 +806,7 @@ class _Routes:
             allowed = error.get_response().headers.get("Allow")
             if allowed:
                 headers["Allow"] = allowed
-        code = {
-            400: "bad_request",
-            405: "method_not_allowed",
-            413: "too_large",
-            415: "unsupported_media_type",
-        }.get(status, "http_error")
+        code = http_error_code(status)
         detail = {
             400: "The request is malformed.",
             405: "This address does not accept that method.",

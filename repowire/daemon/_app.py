@@ -15,13 +15,15 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.routing import WebsocketMismatch
 
+from common import DAEMON_ID_PATTERN, is_daemon_id
+
 from ._errors import ApiError, dump_json, http_error, parse_json_object
 from ._host import host_refusal
 from ._mesh import MESH_FROM_HEADER, MeshClient
 from ._messaging import Messenger
 from ._settings import EVENTS_DEFAULT_LIMIT, EVENTS_MAX_LIMIT, DaemonSettings
 from ._sse import event_stream
-from ._state import DaemonState, InvalidPeerName, TooManyPeers, UnknownPeer, is_valid_name
+from ._state import DaemonState, InvalidPeerName, TooManyPeers, UnknownPeer
 from ._static import DASHBOARD_CACHE_CONTROL, resolve_static
 from ._ws import WebSocketLink, WebSocketSession
 
@@ -49,8 +51,8 @@ def create_app(
     ``dashboard_dir`` holds the dashboard's static files. Raises ValueError if ``daemon_id``
     is not a valid id.
     """
-    if not is_valid_name(daemon_id):
-        raise ValueError(f"daemon id {daemon_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if not is_daemon_id(daemon_id):
+        raise ValueError(f"daemon id {daemon_id!r} must match {DAEMON_ID_PATTERN.pattern}")
     settings = settings or DaemonSettings()
     app = QuartTrio("repowire.daemon", static_folder=None, template_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -154,7 +156,7 @@ class _Routes:
         value = request.headers.get(MESH_FROM_HEADER)
         if value is None:
             return None
-        if not is_valid_name(value):
+        if not is_daemon_id(value):
             raise ApiError(
                 400, "bad_request", f"The {MESH_FROM_HEADER} header must be a daemon id."
             )

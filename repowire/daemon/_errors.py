@@ -6,26 +6,21 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
+from common import MESH_ERROR_STATUS as MESH_ERROR_STATUS
+from common import http_error_code, mesh_error_status
+
 from ._mesh import MeshError
 
-#: The HTTP status each mesh failure is reported with.
-MESH_ERROR_STATUS: Final[Mapping[str, int]] = {
-    "unknown_daemon": 404,
-    "daemon_offline": 503,
-    "relay_down": 503,
-    "forbidden": 403,
-    "timeout": 504,
-}
-
-#: Error codes (and one-sentence details) for the HTTP errors raised by routing and Quart.
-HTTP_ERRORS: Final[Mapping[int, tuple[str, str]]] = {
-    400: ("bad_request", "The request could not be understood."),
-    404: ("not_found", "There is nothing at this path."),
-    405: ("method_not_allowed", "This path does not accept that method."),
-    408: ("request_timeout", "The request took too long to arrive."),
-    413: ("payload_too_large", "The request body is larger than this daemon accepts."),
-    415: ("unsupported_media_type", "The request body must be sent as application/json."),
-    500: ("internal_error", "The daemon failed to handle the request."),
+#: The one-sentence detail of each HTTP error raised by routing and Quart (its code is
+#: :func:`common.http_error_code`'s).
+HTTP_ERROR_DETAILS: Final[Mapping[int, str]] = {
+    400: "The request could not be understood.",
+    404: "There is nothing at this path.",
+    405: "This path does not accept that method.",
+    408: "The request took too long to arrive.",
+    413: "The request body is larger than this daemon accepts.",
+    415: "The request body must be sent as application/json.",
+    500: "The daemon failed to handle the request.",
 }
 
 
@@ -51,13 +46,13 @@ class ApiError(Exception):
 
     @classmethod
     def from_mesh(cls, error: MeshError) -> ApiError:
-        return cls(MESH_ERROR_STATUS.get(error.code, 502), error.code, error.detail)
+        return cls(mesh_error_status(error.code), error.code, error.detail)
 
 
 def http_error(status: int, description: str | None = None) -> ApiError:
     """The :class:`ApiError` for a plain HTTP status (from routing, body limits and so on)."""
-    code, detail = HTTP_ERRORS.get(status, (f"http_{status}", "The request failed."))
-    return ApiError(status, code, description or detail)
+    detail = HTTP_ERROR_DETAILS.get(status, "The request failed.")
+    return ApiError(status, http_error_code(status), description or detail)
 
 
 def dump_json(obj: object) -> str:

@@ -12,7 +12,7 @@ import re
 from typing import Final
 
 #: The ``Host`` the relay sends for browser streams and the connector for mesh requests
-#: (relay/_tunnel.py and connector/_connector.py); the connector passes it on unchanged.
+#: (relay/_tunnel.py and connector/_mesh_client.py); the connector passes it on unchanged.
 TUNNEL_HOST: Final = "repowire-daemon"
 
 #: Loopback names accepted with no port or with the port the daemon listens on.

@@ -13,6 +13,8 @@ from typing import Final
 
 import trio
 
+from common import is_daemon_id
+
 from ._dedupe import RecentMessages, fingerprint, message_id_field
 from ._errors import ApiError, dump_json, parse_json_object
 from ._mesh import MeshClient, MeshError, MeshResponse
@@ -51,7 +53,7 @@ def parse_target(to: object) -> tuple[str, str | None]:
     if not isinstance(to, str):
         raise ApiError(400, "bad_request", "The field 'to' is required and must be a string.")
     peer, at, daemon_id = to.partition("@")
-    if not is_valid_name(peer) or (at and not is_valid_name(daemon_id)):
+    if not is_valid_name(peer) or (at and not is_daemon_id(daemon_id)):
         raise ApiError(
             400,
             "bad_request",
@@ -247,7 +249,7 @@ class Messenger:
                 raise ApiError.from_mesh(exc) from None
             # Order kept, duplicates, this daemon and malformed ids left out.
             online, offline = (
-                list(dict.fromkeys(d for d in ids if d != self._daemon_id and is_valid_name(d)))
+                list(dict.fromkeys(d for d in ids if d != self._daemon_id and is_daemon_id(d)))
                 for ids in (found.online, found.offline)
             )
             # The relay remembers daemons this one has never seen (it may have just started):

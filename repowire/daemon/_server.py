@@ -12,7 +12,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
-from relay._asgi_guard import AsgiGuard
+from relay import AsgiGuard
 
 from ._settings import MAX_JSON_BODY
 

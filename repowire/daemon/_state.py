@@ -18,7 +18,9 @@ from typing import Final, Literal
 import attrs
 import trio
 
-#: Peer names (and daemon ids, which share the alphabet) must match this whole.
+#: Peer names must match this whole. Daemon ids follow their own rule
+#: (``common.DAEMON_ID_PATTERN``); both have this alphabet, and neither holds the ``@`` that
+#: joins them in a ``peer@daemon`` target.
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 #: How many events the log keeps; older ones fall off the front of the ring.
@@ -34,7 +36,7 @@ EventType = Literal["message", "peer_joined", "peer_left"]
 
 
 def is_valid_name(name: object) -> bool:
-    """Whether ``name`` is a string usable as a peer name or daemon id."""
+    """Whether ``name`` is a string usable as a peer name (daemon ids: ``common.is_daemon_id``)."""
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
 
 

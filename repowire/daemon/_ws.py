@@ -12,11 +12,10 @@ from collections.abc import Awaitable, Callable, Mapping
 import attrs
 import trio
 
+from protocol import CloseCode
+
 from ._errors import ApiError, dump_json, parse_json_object
 from ._state import DaemonState, FeedDropped, Subscription
-
-#: WebSocket close code for a feed ended because the client fell behind ("try again later").
-CLOSE_TRY_AGAIN_LATER = 1013
 
 Notify = Callable[[Mapping[str, object]], Awaitable[tuple[int, dict[str, object]]]]
 
@@ -102,7 +101,8 @@ class WebSocketSession:
                     "last_id": last_id,
                 }
             )
-            await self._link.close(CLOSE_TRY_AGAIN_LATER, "feed dropped")
+            # "Try again later": the client fell behind; it may reconnect and resume.
+            await self._link.close(CloseCode.TRY_AGAIN_LATER, "feed dropped")
 
     def _resubscribe(self, after: int) -> None:
         self._resubscribe_after = after

@@ -1,11 +1,12 @@
 """The dashboard's static export: HTML, CSS and JavaScript, with no build step.
 
 The same files are served by the local daemon at ``/dashboard/`` and by the relay at
-``/dashboard/`` and ``/d/<daemon_id>/dashboard/``. Every URL inside them is relative to the
-page's directory, so a server only has to map ``<prefix>/dashboard/<name>`` to
-``static_dir() / <name>`` and serve ``index.html`` for the directory itself. The page works
-under the Content-Security-Policy ``default-src 'self'; connect-src 'self'`` (no inline script
-or style, no external host).
+``/dashboard/`` and ``/d/<daemon_id>/dashboard/`` (the relay does not import this package:
+``repowire relay start`` hands it :func:`static_dir` as ``RelaySettings.dashboard_dir``).
+Every URL inside them is relative to the page's directory, so a server only has to map
+``<prefix>/dashboard/<name>`` to ``static_dir() / <name>`` and serve ``index.html`` for the
+directory itself. The page works under the Content-Security-Policy ``default-src 'self';
+connect-src 'self'`` (no inline script or style, no external host).
 """
 
 from __future__ import annotations

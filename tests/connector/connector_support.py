@@ -39,7 +39,7 @@ from mux import MuxConfig, MuxSession, WebSocketTransport
 from protocol import BackoffConfig, Role
 from relay import RelaySettings, RunningRelay, serve_relay
 from tests.daemon.daemon_support import HttpResponse, RunningDaemon, start_daemon
-from tests.relay.relay_support import FAST, RelayHandle, fast_connector_config
+from tests.relay.relay_support import RelayHandle, fast_connector_config, relay_options
 
 Address = tuple[str, int]
 
@@ -58,13 +58,14 @@ MAX_PROCESS_OUTPUT = 1024 * 1024
 class RelayRunner:
     """A real relay in ``nursery``, on a fixed data directory, that tests can restart.
 
-    Settings are :data:`tests.relay.relay_support.FAST` updated with ``settings``.
+    Settings are :func:`tests.relay.relay_support.relay_options` of ``settings`` (fast
+    timings, the bundled dashboard).
     """
 
     def __init__(self, nursery: trio.Nursery, data_dir: Path, **settings: Any) -> None:
         self._nursery = nursery
         self.data_dir = data_dir
-        self.settings: dict[str, Any] = {**FAST, **settings}
+        self.settings: dict[str, Any] = relay_options(**settings)
         self.handle: RelayHandle | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()

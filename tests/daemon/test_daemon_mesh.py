@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 import trio
 
-from repowire.daemon import DaemonSettings, MeshDirectory, MeshError, MeshErrorCode, MeshResponse
+from repowire.daemon import (
+    MESH_ERROR_CODES,
+    MESH_ERROR_STATUS,
+    DaemonSettings,
+    MeshDirectory,
+    MeshError,
+    MeshErrorCode,
+    MeshResponse,
+)
 
 from .daemon_support import DaemonFactory, HttpResponse, LoopbackMesh, RunningDaemon
 
@@ -166,6 +174,11 @@ async def test_mesh_errors_map_to_statuses(
 def test_mesh_error_refuses_unknown_codes() -> None:
     with pytest.raises(ValueError):
         MeshError("exploded", "nope")  # type: ignore[arg-type]
+
+
+def test_every_mesh_error_code_has_its_own_status() -> None:
+    # A code added to MeshErrorCode without a status would be answered as a bare 502.
+    assert set(MESH_ERROR_STATUS) == set(MESH_ERROR_CODES)
 
 
 @pytest.mark.parametrize(

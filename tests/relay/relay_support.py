@@ -18,6 +18,7 @@ from mux import MuxConfig
 from protocol import BackoffConfig
 from relay import KeyRecord, RelaySettings, RunningRelay, serve_relay
 from repowire.daemon import DaemonState, create_app, serve_daemon
+from repowire.dashboard import static_dir
 from tests.daemon.daemon_support import Address
 
 #: Relay settings that keep tests fast: short grace, frequent pings.
@@ -46,9 +47,14 @@ class RelayHandle:
         return ("Cookie", f"repowire_session={session_id}")
 
 
+def relay_options(**settings: object) -> dict[str, object]:
+    """Settings of a test relay: :data:`FAST`, the bundled dashboard (as `repowire relay start`
+    serves it; ``dashboard_dir=None`` for none), then ``settings``."""
+    return {"dashboard_dir": static_dir(), **FAST, **settings}
+
+
 async def start_relay(nursery: trio.Nursery, data_dir: Path, **settings: object) -> RelayHandle:
-    options: dict[str, object] = dict(FAST)
-    options.update(settings)
+    options = relay_options(**settings)
     running: RunningRelay = await nursery.start(
         serve_relay,
         RelaySettings(data_dir=data_dir, port=0, **options),  # type: ignore[arg-type]

@@ -20,15 +20,24 @@ from quart.testing import QuartClient
 from quart_trio import QuartTrio
 
 import repowire.dashboard
+from common import HTTP_ERROR_CODES
 from mux import MuxSession
 from protocol import CloseCode
 from relay import MEMORY, KeyRecord, KeyStore
 from relay._context import SESSION_COOKIE, Relay
 from relay._links import DaemonLink
 from relay._settings import RelaySettings
-from relay._web import DASHBOARD_CSP, MAX_BODY_SIZE, NO_DAEMON_MESSAGE, PAGE_CSP, create_web_app
+from relay._web import (
+    DASHBOARD_CSP,
+    MAX_BODY_SIZE,
+    NO_DAEMON_MESSAGE,
+    NO_DASHBOARD_MESSAGE,
+    PAGE_CSP,
+    create_web_app,
+)
 from tests.daemon.daemon_support import http_request
 from tests.relay.link_support import running_relay
+from tests.relay.relay_support import start_daemon_with_connector
 
 START = 1_700_000_000.0
 ORIGIN = "http://localhost"  # the test client sends Host: localhost
@@ -197,6 +206,8 @@ def store() -> Iterator[KeyStore]:
 @pytest.fixture
 def make_web(tmp_path: Path, store: KeyStore, clock: FakeClock) -> Any:
     def make(**settings: Any) -> Web:
+        # The bundled dashboard unless a test names another (or None, for none).
+        settings.setdefault("dashboard_dir", repowire.dashboard.static_dir())
         relay = Relay(RelaySettings(data_dir=tmp_path, **settings), store, clock=clock)
         return Web(relay, clock)
 
@@ -401,6 +412,22 @@ async def test_oversized_form_is_413(web: Web) -> None:
     assert "Traceback" not in answer.text
 
 
+async def test_http_errors_of_the_api_carry_the_shared_codes(web: Web) -> None:
+    # The relay and the daemon name a plain HTTP error alike (common.HTTP_ERROR_CODES).
+    big = await web.request(
+        "POST",
+        "/api/v1/register",
+        origin=ORIGIN,
+        body=b"{" + b" " * (MAX_BODY_SIZE + 10) + b"}",
+        content_type="application/json",
+    )
+    assert big.status == 413
+    assert big.json()["error"] == HTTP_ERROR_CODES[413] == "payload_too_large"
+    wrong = await web.request("GET", "/api/v1/register")
+    assert wrong.status == 405
+    assert wrong.json()["error"] == HTTP_ERROR_CODES[405] == "method_not_allowed"
+
+
 async def test_the_forms_stylesheet(web: Web) -> None:
     answer = await web.request("GET", "/static/relay.css")
     assert answer.status == 200
@@ -551,6 +578,68 @@ async def test_dashboard_dir_setting_and_missing_index(make_web: Any, tmp_path: 
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"index\.html"):
         make_web(dashboard_dir=empty)
+
+
+async def test_without_dashboard_dir_the_dashboard_is_404_and_sign_in_works(
+    make_web: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="repowire.relay"):
+        web: Web = make_web(dashboard_dir=None)
+    said = [r.getMessage() for r in caplog.records if NO_DASHBOARD_MESSAGE in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    record, key = web.new_scope()
+    web.connect(record, "laptop")
+    # Signing in still opens a session (and lands on /dashboard/, which then says why).
+    session_id = await web.login(key, origin=ORIGIN)
+    assert web.relay.store.lookup_session(session_id, now=web.clock()) is not None
+    for path, daemon_id in [
+        ("/dashboard/", None),
+        ("/dashboard/", "laptop"),
+        ("/dashboard", None),
+        ("/dashboard/index.html", "laptop"),
+        ("/dashboard/app.js", None),
+    ]:
+        for cookie in (session_id, None):
+            answer = await web.request("GET", path, cookie=cookie, daemon_id=daemon_id)
+            where = (path, daemon_id, cookie is not None)
+            assert answer.status == 404, where
+            assert answer.content_type.startswith("text/plain"), where
+            assert answer.text == NO_DASHBOARD_MESSAGE + "\n", where
+            assert answer.header("x-content-type-options") == "nosniff", where
+    # The session works for the API too.
+    daemons = await web.request("GET", "/api/v1/daemons", cookie=session_id)
+    assert daemons.status == 200 and daemons.json()["current"] == "laptop"
+
+
+async def test_a_served_relay_without_dashboard_dir_says_so_and_signs_in(tmp_path: Path) -> None:
+    daemon_files = tmp_path / "daemon-dashboard"
+    daemon_files.mkdir()
+    with trio.fail_after(20):
+        async with running_relay(tmp_path / "relay", dashboard_dir=None) as stack:
+            relay = stack.relay
+            _, key = relay.new_scope()
+            await start_daemon_with_connector(stack.links, relay, key, "laptop", daemon_files)
+            origin = f"http://127.0.0.1:{relay.address[1]}"
+            signed_in = await http_request(
+                relay.address,
+                "POST",
+                "/auth",
+                headers=[("Origin", origin), ("Content-Type", "application/x-www-form-urlencoded")],
+                body=f"api_key={key}".encode(),
+            )
+            assert signed_in.status == 303, signed_in.status
+            assert signed_in.header("location") == "/dashboard/"
+            cookie_line = signed_in.header("set-cookie") or ""
+            session_id = cookie_line.split(";", 1)[0].split("=", 1)[1]
+            cookie = ("Cookie", f"{SESSION_COOKIE}={session_id}")
+            for path in ("/dashboard/", "/d/laptop/dashboard/", "/d/laptop/dashboard/app.js"):
+                answer = await http_request(relay.address, "GET", path, headers=[cookie])
+                assert answer.status == 404, (path, answer.status)
+                assert (answer.header("content-type") or "").startswith("text/plain"), path
+                assert answer.body.decode() == NO_DASHBOARD_MESSAGE + "\n", path
+            # The session reaches the daemon through the tunnel as ever.
+            health = await http_request(relay.address, "GET", "/d/laptop/health", headers=[cookie])
+            assert health.status == 200 and health.json()["daemon_id"] == "laptop"
 
 
 @pytest.fixture
