@@ -5,17 +5,8 @@ The command line lives in :mod:`repowire.cli`, the config file in :mod:`repowire
 
 from __future__ import annotations
 
-import importlib.metadata
+from common import package_version
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("repowire")
-    except importlib.metadata.PackageNotFoundError:
-        # Running from a source tree that was never installed.
-        return "0.0.0"
-
-
-__version__: str = _package_version()
+__version__: str = package_version()
 
 __all__ = ["__version__"]

@@ -9,7 +9,6 @@ appears in a URL or a message.
 from __future__ import annotations
 
 import http.client
-import importlib.metadata
 import ipaddress
 import json
 import socket
@@ -20,18 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from common import package_version
+
 #: The longest answer read; a JSON document from the relay or the daemon is far smaller, and
 #: the bound keeps a wrong URL (a download, an endless stream) from filling memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
-
-
-def _package_version() -> str:
-    # Read from the distribution metadata rather than `repowire.__version__`: an editable
-    # install made while repowire/ had no __init__.py never runs that __init__.
-    try:
-        return importlib.metadata.version("repowire")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 class HttpError(Exception):
@@ -142,7 +134,7 @@ def request_json(
 
     headers = {
         "Accept": "application/json",
-        "User-Agent": f"repowire/{_package_version()}",
+        "User-Agent": f"repowire/{package_version()}",
     }
     data = None
     if body is not None:

@@ -44,6 +44,8 @@ from typing import Any
 
 import attrs
 
+from common import is_daemon_id
+
 RUNTIME_FILE_NAME = "daemon.json"
 LOCK_FILE_NAME = ".daemon.lock"
 #: Version of the runtime file's layout; a file of another format is not trusted.
@@ -138,7 +140,7 @@ class RuntimeRecord:
             raise ValueError("bad host")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ValueError("bad port")
-        if not isinstance(daemon_id, str) or not daemon_id or len(daemon_id) > 64:
+        if not isinstance(daemon_id, str) or not is_daemon_id(daemon_id):
             raise ValueError("bad daemon id")
         if (
             not isinstance(started_at, int | float)

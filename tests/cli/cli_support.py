@@ -18,6 +18,7 @@ import attrs
 import h11
 import trio
 
+from common import KEY_PREFIX, SECRET_TEXT_LENGTH
 from repowire.cli import main
 
 #: Largest request the fake server reads; the CLI's requests are a few hundred bytes.
@@ -25,8 +26,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 #: Seconds any single network test may take.
 NETWORK_TEST_TIMEOUT = 20
 
-# A full key anywhere in a text: `rw_` and 43+ characters of the url-safe alphabet.
-FULL_KEY = re.compile(r"rw_[A-Za-z0-9_-]{43,}")
+# A full key anywhere in a text: the key prefix and 43+ characters of the url-safe alphabet
+# (`looks_like_key` checks a whole string; this finds one inside a text).
+FULL_KEY = re.compile(re.escape(KEY_PREFIX) + rf"[A-Za-z0-9_-]{{{SECRET_TEXT_LENGTH},}}")
 
 
 def assert_no_full_key(*texts: str) -> None:

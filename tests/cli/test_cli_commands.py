@@ -16,10 +16,12 @@ import pytest
 import trio
 
 import relay
+import repowire.dashboard
 from common import generate_key, looks_like_key, mask_key
 from repowire import cli
 from repowire.cli import main
 from repowire.config import Settings, load_settings
+from repowire.dashboard import STATIC_DIR
 
 from .cli_support import (
     NETWORK_TEST_TIMEOUT,
@@ -70,7 +72,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_python_dash_m_runs_the_same_command() -> None:
-    root = Path(cli.__file__).resolve().parents[1]
+    root = Path(cli.__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, "-m", "repowire", "--version"],
         capture_output=True,
@@ -322,6 +324,8 @@ def test_relay_start_defaults(home: Path, started: list[Any]) -> None:
             data_dir=home / "relay",
             registration="open",
             metrics_listen="127.0.0.1:9108",
+            # The relay has no dashboard of its own: the command names repowire's.
+            dashboard_dir=STATIC_DIR,
         )
     ]
 
@@ -363,6 +367,24 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
             metrics_listen="[::1]:0",
         )
     ]
+
+
+def test_relay_start_without_the_bundled_dashboard_says_so(
+    home: Path,
+    started: list[Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(repowire.dashboard, "STATIC_DIR", tmp_path / "missing")
+    assert main(["relay", "start"]) == 1
+    assert "the dashboard's static files are missing" in one_line(capsys.readouterr().err)
+    assert started == []
+    # A dashboard of one's own does not need the bundled one.
+    own = tmp_path / "own"
+    own.mkdir()
+    assert main(["relay", "start", "--dashboard-dir", str(own)]) == 0
+    assert started[0].dashboard_dir == own
 
 
 def test_relay_start_metrics_listener_can_be_turned_off(home: Path, started: list[Any]) -> None:
@@ -409,6 +431,7 @@ def test_relay_start_flags_fit_the_real_settings_class(home: Path, tmp_path: Pat
         **cli.relay_settings_kwargs(parser.parse_args(["relay", "start"]), home)
     )
     assert (defaults.host, defaults.port, defaults.data_dir) == ("127.0.0.1", 8000, home / "relay")
+    assert defaults.dashboard_dir == STATIC_DIR
     argv = ["relay", "start", "--public-url", "https://r.example", "--registration", "closed"]
     argv += ["--certfile", str(cert), "--keyfile", str(key), "--max-body-size", "1000"]
     argv += ["--trusted-proxy", "10.0.0.1", "--dashboard-dir", str(tmp_path)]

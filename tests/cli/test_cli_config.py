@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from repowire.config import (
     http_base,
     load_settings,
     make_daemon_id,
+    read_settings,
     redact_secrets,
     repowire_home,
     update_config,
@@ -286,6 +288,52 @@ def test_malformed_file_raises_and_is_left_untouched(home: Path, case: str) -> N
         assert message.startswith(str(path))
         assert "\n" not in message
         assert path.read_bytes() == data
+
+
+#: A config file without a daemon id: ``load_settings`` would write one unless told not to.
+WITHOUT_ID = "# no id yet\nrelay:\n  enabled: true  # on\n  url: ws://relay.example:8000\n"
+
+
+@pytest.mark.parametrize("case", ["with a daemon id", "without a daemon id", *sorted(MALFORMED)])
+def test_loading_never_writes_the_file(home: Path, case: str) -> None:
+    if case in MALFORMED:
+        text, _ = MALFORMED[case]
+        data = text.encode("latin-1") if case == "not UTF-8" else text.encode()
+    else:
+        data = (COMMENTED if case == "with a daemon id" else WITHOUT_ID).encode()
+    home.mkdir()
+    path = home / "config.yaml"
+    path.write_bytes(data)
+    # An hour in the past: a rewrite, even of the same bytes, would move it.
+    past = path.stat().st_mtime_ns - 3600 * 10**9
+    os.utime(path, ns=(past, past))
+    loads: list[Callable[[], object]] = [
+        lambda: read_settings(home, environ={}),
+        lambda: load_settings(home, environ={}, persist=False),
+    ]
+    if case != "without a daemon id":
+        # Nothing to persist (an id is stored), or nothing valid to persist it into.
+        loads.append(lambda: load_settings(home, environ={}))
+    for load in loads:
+        if case in MALFORMED:
+            with pytest.raises(ConfigError):
+                load()
+        else:
+            load()
+        assert path.read_bytes() == data
+        assert path.stat().st_mtime_ns == past
+        assert sorted(p.name for p in home.iterdir()) == ["config.yaml"]
+
+
+def test_a_read_without_a_stored_daemon_id_says_it_is_temporary(home: Path) -> None:
+    write_config(home, WITHOUT_ID)
+    first = read_settings(home, environ={})
+    assert first.daemon.id_is_temporary
+    assert "id:" not in (home / "config.yaml").read_text()
+    stored = load_settings(home, environ={})
+    assert not stored.daemon.id_is_temporary
+    assert f"id: {stored.daemon.daemon_id}" in (home / "config.yaml").read_text()
+    assert read_settings(home, environ={}).daemon == stored.daemon
 
 
 @pytest.mark.parametrize("command", [["status"], ["setup", "--relay"], ["serve"]])

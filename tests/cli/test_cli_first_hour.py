@@ -22,6 +22,7 @@ import trio
 from common import generate_key, mask_key
 from repowire import config
 from repowire.cli import build_parser, completion_script, main
+from repowire.config import _load as config_load
 from repowire.config import dashboard_url, load_settings
 from tests.connector.connector_support import ChildProcess, Cli, start_child
 from tests.support.system import skip_missing
@@ -205,7 +206,7 @@ def test_setup_names_the_hosted_relay_when_no_url_is_configured(
 ) -> None:
     # The hosted relay's address, pointed at loopback: no test leaves this machine.
     stand_in = f"ws://127.0.0.1:{closed_port}"
-    monkeypatch.setattr(config, "DEFAULT_RELAY_URL", stand_in)
+    monkeypatch.setattr(config_load, "DEFAULT_RELAY_URL", stand_in)
     assert main(["setup", "--relay", "--api-key", key]) == 0
     out = capsys.readouterr().out
     assert out.count(f"no relay URL configured: using the hosted relay {stand_in}") == 1

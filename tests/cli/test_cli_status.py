@@ -12,8 +12,7 @@ import pytest
 import trio
 
 from common import generate_key, mask_key
-from repowire import cli
-from repowire.cli import format_time, main
+from repowire.cli import _status, format_time, main
 
 from .cli_support import (
     NETWORK_TEST_TIMEOUT,
@@ -40,7 +39,7 @@ NOW = 1_700_000_000.0
 
 @pytest.fixture(autouse=True)
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(time=lambda: NOW))
+    monkeypatch.setattr(_status, "time", types.SimpleNamespace(time=lambda: NOW))
 
 
 STATES: dict[str, tuple[dict[str, Any], int, list[str]]] = {

@@ -404,6 +404,9 @@ def test_reading_never_waits_on_a_fifo(home: Path, name: str) -> None:
         b'{"format": 2, "pid": 1}',
         json.dumps(a_record(9000).to_json() | {"port": 0}).encode(),
         json.dumps(a_record(9000).to_json() | {"pid": True}).encode(),
+        # Not a daemon id (the words of common.is_daemon_id): a space, or one character too many.
+        json.dumps(a_record(9000).to_json() | {"daemon_id": "my box"}).encode(),
+        json.dumps(a_record(9000).to_json() | {"daemon_id": "b" * 65}).encode(),
     ],
 )
 def test_a_malformed_runtime_file_is_not_trusted(home: Path, content: bytes) -> None:
