@@ -1,0 +1,991 @@
+"""The key store in Redis, shared by every replica of a relay cluster (through coredis).
+
+Same semantics as the SQLite store (see :mod:`relay._store_api`); only SHA-256 digests of keys
+and session ids (:func:`common.hash_secret`) ever reach Redis. Every write that touches more
+than one Redis key is one Lua script, so it is atomic: a revocation marks the key and deletes
+all its sessions in one step, and a session can only be created for a key that is live at that
+instant. Scripts are sent once (EVALSHA, reloaded by coredis after a server restart).
+
+Layout, every name under the namespace prefix ``P`` (default ``repowire:``)::
+
+    P scope:<scope_id>          hash   label, created_at
+    P scope-keys:<scope_id>     set    key ids of the scope
+    P keys                      set    every key id (for list_keys of all scopes)
+    P key:<key digest>          hash   key_id, scope_id, label, created_at, seq, [revoked_at]
+    P key-id:<key_id>           string the key's digest
+    P revoked                   set    revoked key ids (lets a watcher catch up after an outage)
+    P seq                       string counter: creation order, for ties in list_keys
+    P session:<session digest>  hash   scope_id, key_id, created_at, expires_at; Redis expiry
+                                       at the session's ttl
+    P key-sessions:<key_id>     zset   session digests of the key, by expires_at (revocation
+                                       deletes them)
+    P session-expiry            zset   every session digest by expires_at (purge_expired)
+    P daemons:<scope_id>        zset   daemon ids by last_seen (at most MAX_DAEMONS_PER_SCOPE)
+    P daemons-first:<scope_id>  hash   daemon id -> first_seen
+    P changes                   pub/sub channel: JSON {"kind", "key_id" | "session"}
+
+Times are stored as Python's ``repr`` of the float, so they come back exactly; Lua only
+compares them. A session's Redis expiry uses its ttl on the server's clock, while
+:meth:`RedisStore.lookup_session` compares ``expires_at`` with the caller's ``now``: whichever
+comes first ends it.
+
+Connections: :meth:`RedisStore.open` takes a ``redis://`` (TCP), ``rediss://`` (TLS) or
+``unix://`` (Unix socket) URL, for one Redis server (7.0 or later, or 6.2). For Redis Sentinel,
+build the client with coredis (``coredis.Sentinel(sentinels).primary_for(service)``, entered
+as an async context manager) and pass it to :class:`RedisStore` directly: coredis follows a
+failover to the new primary. Redis Cluster (``coredis.RedisCluster``) is not supported: the
+scripts reach keys computed at run time, which a cluster can only route within one slot.
+
+A failure to reach Redis (connection refused or lost, a timeout, a replica that became
+read-only during a failover) raises :class:`StoreUnavailable` with a one-line message; other
+Redis errors raise :class:`StoreError`. Neither ever contains a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.commands.script import Script
+from coredis.response.types import PubSubMessage
+from coredis.retry import NoRetryPolicy
+
+from common import (
+    generate_key,
+    generate_public_id,
+    generate_session_id,
+    hash_secret,
+    is_daemon_id,
+    looks_like_key,
+    looks_like_session_id,
+)
+
+from . import _store
+from ._store import (
+    _PUBLIC_ID,
+    KeyRecord,
+    SessionRecord,
+    StoreError,
+    UnknownRecordError,
+    _check_label,
+    _check_time,
+    _shown,
+)
+from ._store_api import ChangeHandler, ChangeKind, StoreChange, StoreUnavailable
+
+log = logging.getLogger("repowire.relay.store")
+
+T = TypeVar("T")
+
+#: Prefix of every Redis key and of the change channel, unless another is given.
+DEFAULT_NAMESPACE: Final = "repowire:"
+#: Seconds to connect, to wait for a reply, or for a free pooled connection, before the call
+#: fails with StoreUnavailable.
+DEFAULT_TIMEOUT: Final = 2.0
+#: URL schemes :meth:`RedisStore.open` accepts.
+URL_SCHEMES: Final = ("redis", "rediss", "unix")
+#: Name the relay's connections carry in Redis's CLIENT LIST.
+CLIENT_NAME: Final = "repowire-relay"
+#: Expired sessions deleted per script run by :meth:`RedisStore.purge_expired` (it loops), so
+#: that one run never blocks Redis for long.
+PURGE_BATCH: Final = 500
+#: Changes read from Redis but not yet handled; past it the watcher stops reading.
+CHANGE_QUEUE_SIZE: Final = 1000
+#: Bounds of the watcher's pause between attempts while Redis is unreachable (doubling).
+WATCH_RETRY_MIN: Final = 0.1
+WATCH_RETRY_MAX: Final = 5.0
+#: Seconds without traffic on the change subscription before it is checked with a PING, so
+#: that a silently dead connection is noticed and replaced.
+WATCH_KEEPALIVE: Final = 5.0
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
+_DAEMON_ID_ERROR = "daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
+
+# Errors that mean "Redis cannot be reached now", as opposed to "Redis refused this".
+_UNAVAILABLE: Final = (
+    coredis.exceptions.ConnectionError,  # also ProtocolError, BusyLoadingError (LOADING)
+    coredis.exceptions.ReadOnlyError,  # a replica, during a failover
+    coredis.exceptions.ClusterDownError,
+    TimeoutError,
+    OSError,
+)
+_REDIS_ERRORS: Final = (coredis.exceptions.RedisError, *_UNAVAILABLE)
+
+# -- scripts --------------------------------------------------------------------------------
+# Every script gets the namespace prefix as ARGV[1]. A script is not rolled back if it fails
+# half-way, so each checks everything it needs before its first write.
+
+_PRELUDE = """
+local p = ARGV[1]
+local function key_free(key_id, digest)
+  return redis.call('EXISTS', p .. 'key:' .. digest) == 0
+    and redis.call('EXISTS', p .. 'key-id:' .. key_id) == 0
+end
+local function insert_key(scope_id, key_id, digest, label, now)
+  local seq = redis.call('INCR', p .. 'seq')
+  redis.call('HSET', p .. 'key:' .. digest, 'key_id', key_id, 'scope_id', scope_id,
+    'label', label, 'created_at', now, 'seq', seq)
+  redis.call('SET', p .. 'key-id:' .. key_id, digest)
+  redis.call('SADD', p .. 'scope-keys:' .. scope_id, key_id)
+  redis.call('SADD', p .. 'keys', key_id)
+end
+local function end_sessions(key_id)
+  local index = p .. 'key-sessions:' .. key_id
+  for _, digest in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    redis.call('DEL', p .. 'session:' .. digest)
+    redis.call('ZREM', p .. 'session-expiry', digest)
+  end
+  redis.call('DEL', index)
+end
+local function revoke(key_id, now, event)
+  local digest = redis.call('GET', p .. 'key-id:' .. key_id)
+  if not digest then return false end
+  local record = p .. 'key:' .. digest
+  if redis.call('EXISTS', record) == 0 or redis.call('HEXISTS', record, 'revoked_at') == 1 then
+    return false
+  end
+  redis.call('HSET', record, 'revoked_at', now)
+  redis.call('SADD', p .. 'revoked', key_id)
+  end_sessions(key_id)
+  redis.call('PUBLISH', p .. 'changes', event)
+  return true
+end
+"""
+
+# ARGV: p, scope_id, label, now, key_id, key digest
+_CREATE_SCOPE = """
+local scope = p .. 'scope:' .. ARGV[2]
+if redis.call('EXISTS', scope) == 1 or not key_free(ARGV[5], ARGV[6]) then
+  return 'collision'
+end
+redis.call('HSET', scope, 'label', ARGV[3], 'created_at', ARGV[4])
+insert_key(ARGV[2], ARGV[5], ARGV[6], ARGV[3], ARGV[4])
+return 'ok'
+"""
+
+# ARGV: p, scope_id, label, now, key_id, key digest
+_CREATE_KEY = """
+if redis.call('EXISTS', p .. 'scope:' .. ARGV[2]) == 0 then return 'no-scope' end
+if not key_free(ARGV[5], ARGV[6]) then return 'collision' end
+insert_key(ARGV[2], ARGV[5], ARGV[6], ARGV[3], ARGV[4])
+return 'ok'
+"""
+
+# ARGV: p, old key_id, now, new key_id, new key digest, change event
+_ROTATE_KEY = """
+local digest = redis.call('GET', p .. 'key-id:' .. ARGV[2])
+if not digest then return {'unknown'} end
+local old = redis.call('HMGET', p .. 'key:' .. digest, 'scope_id', 'label', 'revoked_at')
+if not old[1] then return {'unknown'} end
+if old[3] then return {'revoked'} end
+if not key_free(ARGV[4], ARGV[5]) then return {'collision'} end
+revoke(ARGV[2], ARGV[3], ARGV[6])
+insert_key(old[1], ARGV[4], ARGV[5], old[2], ARGV[3])
+return {'ok', old[1], old[2]}
+"""
+
+# ARGV: p, key_id, now, change event
+_REVOKE_KEY = """
+if revoke(ARGV[2], ARGV[3], ARGV[4]) then return 1 end
+return 0
+"""
+
+# ARGV: p, key_id
+_IS_KEY_LIVE = """
+local digest = redis.call('GET', p .. 'key-id:' .. ARGV[2])
+if not digest then return 0 end
+local record = p .. 'key:' .. digest
+if redis.call('EXISTS', record) == 0 or redis.call('HEXISTS', record, 'revoked_at') == 1 then
+  return 0
+end
+return 1
+"""
+
+# ARGV: p, scope_id or '' for every scope
+_LIST_KEYS = """
+local ids
+if ARGV[2] == '' then
+  ids = redis.call('SMEMBERS', p .. 'keys')
+else
+  ids = redis.call('SMEMBERS', p .. 'scope-keys:' .. ARGV[2])
+end
+local out = {}
+for _, key_id in ipairs(ids) do
+  local digest = redis.call('GET', p .. 'key-id:' .. key_id)
+  if digest then
+    local f = redis.call('HMGET', p .. 'key:' .. digest,
+      'key_id', 'scope_id', 'label', 'created_at', 'revoked_at', 'seq')
+    if f[1] then
+      out[#out + 1] = {f[1], f[2], f[3], f[4], f[5] or '', f[6]}
+    end
+  end
+end
+return out
+"""
+
+# ARGV: p, key_id, session digest, now, expires_at, ttl in ms
+_CREATE_SESSION = """
+local digest = redis.call('GET', p .. 'key-id:' .. ARGV[2])
+if not digest then return {'unknown'} end
+local key = redis.call('HMGET', p .. 'key:' .. digest, 'scope_id', 'revoked_at')
+if not key[1] or key[2] then return {'unknown'} end
+local session = p .. 'session:' .. ARGV[3]
+if redis.call('EXISTS', session) == 1 then return {'collision'} end
+redis.call('HSET', session, 'scope_id', key[1], 'key_id', ARGV[2],
+  'created_at', ARGV[4], 'expires_at', ARGV[5])
+redis.call('PEXPIRE', session, ARGV[6])
+local index = p .. 'key-sessions:' .. ARGV[2]
+-- Entries of sessions already expired are dead weight: drop them while here.
+redis.call('ZREMRANGEBYSCORE', index, '-inf', ARGV[4])
+redis.call('ZADD', index, ARGV[5], ARGV[3])
+redis.call('ZADD', p .. 'session-expiry', ARGV[5], ARGV[3])
+return {'ok', key[1]}
+"""
+
+# ARGV: p, session digest, now
+_LOOKUP_SESSION = """
+local f = redis.call('HMGET', p .. 'session:' .. ARGV[2],
+  'scope_id', 'key_id', 'created_at', 'expires_at')
+if not f[1] or not f[2] or not f[4] then return false end
+if tonumber(f[4]) <= tonumber(ARGV[3]) then return false end
+local digest = redis.call('GET', p .. 'key-id:' .. f[2])
+if not digest or redis.call('HEXISTS', p .. 'key:' .. digest, 'revoked_at') == 1 then
+  return false
+end
+return f
+"""
+
+# ARGV: p, session digest, change event
+_END_SESSION = """
+local session = p .. 'session:' .. ARGV[2]
+local key_id = redis.call('HGET', session, 'key_id')
+redis.call('ZREM', p .. 'session-expiry', ARGV[2])
+if not key_id then return 0 end
+redis.call('DEL', session)
+redis.call('ZREM', p .. 'key-sessions:' .. key_id, ARGV[2])
+redis.call('PUBLISH', p .. 'changes', ARGV[3])
+return 1
+"""
+
+# ARGV: p, now, batch size. Returns {deleted, looked at}.
+_PURGE_EXPIRED = """
+local due = redis.call('ZRANGEBYSCORE', p .. 'session-expiry', '-inf', ARGV[2],
+  'LIMIT', 0, tonumber(ARGV[3]))
+local deleted = 0
+for _, digest in ipairs(due) do
+  local session = p .. 'session:' .. digest
+  local key_id = redis.call('HGET', session, 'key_id')
+  if key_id then
+    redis.call('DEL', session)
+    redis.call('ZREM', p .. 'key-sessions:' .. key_id, digest)
+    deleted = deleted + 1
+  end
+  redis.call('ZREM', p .. 'session-expiry', digest)
+end
+return {deleted, #due}
+"""
+
+# ARGV: p, scope_id, daemon_id, now, most daemons kept. Keeps the most recently seen; among
+# equally recent ones, the smallest ids (the SQLite store's order).
+_RECORD_DAEMON = """
+if redis.call('EXISTS', p .. 'scope:' .. ARGV[2]) == 0 then return 0 end
+local seen = p .. 'daemons:' .. ARGV[2]
+local first = p .. 'daemons-first:' .. ARGV[2]
+redis.call('ZADD', seen, 'GT', ARGV[4], ARGV[3])
+redis.call('HSETNX', first, ARGV[3], ARGV[4])
+local excess = redis.call('ZCARD', seen) - tonumber(ARGV[5])
+while excess > 0 do
+  local lowest = redis.call('ZRANGE', seen, 0, 0, 'WITHSCORES')
+  local tied = redis.call('ZRANGEBYSCORE', seen, lowest[2], lowest[2])
+  local i = #tied
+  while excess > 0 and i >= 1 do
+    redis.call('ZREM', seen, tied[i])
+    redis.call('HDEL', first, tied[i])
+    excess = excess - 1
+    i = i - 1
+  end
+end
+return 1
+"""
+
+# ARGV: p, scope_id
+_KNOWN_DAEMONS = """
+local seen = redis.call('ZRANGE', p .. 'daemons:' .. ARGV[2], 0, -1, 'WITHSCORES')
+local first = p .. 'daemons-first:' .. ARGV[2]
+local out = {}
+for i = 1, #seen, 2 do
+  out[#out + 1] = {seen[i], redis.call('HGET', first, seen[i]) or seen[i + 1], seen[i + 1]}
+end
+return out
+"""
+
+
+class RedisStore:
+    """:class:`relay._store_api.Store` in Redis. Open with ``async with RedisStore.open(url)
+    as store:``, or wrap a coredis client you entered yourself (Sentinel, custom TLS).
+
+    Keeps no cache: every lookup asks Redis (one round trip), so a change made by any replica
+    applies everywhere at once. ``max_daemons_per_scope`` defaults to the SQLite store's
+    :data:`relay._store.MAX_DAEMONS_PER_SCOPE`.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        max_daemons_per_scope: int | None = None,
+    ) -> None:
+        """Use ``client`` (entered already, with ``decode_responses=False``; this object does
+        not close it). ValueError for a namespace outside ``[A-Za-z0-9_.:{}-]{1,64}`` or a
+        cap below 1."""
+        _check_namespace(namespace)
+        if max_daemons_per_scope is not None and max_daemons_per_scope < 1:
+            raise ValueError(f"max_daemons_per_scope must be >= 1, not {max_daemons_per_scope}")
+        self._client = client
+        self._prefix = namespace
+        self._channel = namespace + "changes"
+        self._max_daemons = max_daemons_per_scope
+        self._closed = False
+        register = client.register_script
+        self._create_scope = register(_PRELUDE + _CREATE_SCOPE)
+        self._create_key = register(_PRELUDE + _CREATE_KEY)
+        self._rotate_key = register(_PRELUDE + _ROTATE_KEY)
+        self._revoke_key = register(_PRELUDE + _REVOKE_KEY)
+        self._is_key_live = register(_PRELUDE + _IS_KEY_LIVE)
+        self._list_keys = register(_PRELUDE + _LIST_KEYS)
+        self._create_session = register(_PRELUDE + _CREATE_SESSION)
+        self._lookup_session = register(_PRELUDE + _LOOKUP_SESSION)
+        self._end_session = register(_PRELUDE + _END_SESSION)
+        self._purge_expired = register(_PRELUDE + _PURGE_EXPIRED)
+        self._record_daemon = register(_PRELUDE + _RECORD_DAEMON)
+        self._known_daemons = register(_PRELUDE + _KNOWN_DAEMONS)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        io_timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int | None = None,
+    ) -> AsyncIterator[RedisStore]:
+        """A store on the Redis server at ``url`` (``redis://[user:password@]host[:port][/db]``,
+        ``rediss://...`` for TLS, ``unix://[user:password@]/path/redis.sock[?db=N]``), closed
+        on exit. Options coredis reads from the URL's query (``?db=``, ``ssl_ca_certs=``...)
+        apply.
+
+        Does not connect yet: a relay may start while Redis is down, and its calls raise
+        :class:`StoreUnavailable` until Redis is back. ``io_timeout`` bounds each connection
+        attempt, each reply and each wait for a pooled connection. coredis runs a task group
+        for its connections, so an exception leaving the ``async with`` body comes out inside
+        an ExceptionGroup.
+
+        ValueError for a URL of another scheme or that cannot be parsed (the message never
+        repeats the URL: it may hold a password), a bad namespace or ``io_timeout``.
+        """
+        # Checked before coredis's task group starts, which would wrap any error it sees.
+        _check_namespace(namespace)
+        if not (math.isfinite(io_timeout) and io_timeout > 0):
+            raise ValueError(f"io_timeout must be a positive number of seconds, not {io_timeout}")
+        client = _client_from_url(url, timeout=io_timeout, max_connections=max_connections)
+        async with client:
+            store = cls(client, namespace=namespace)
+            try:
+                yield store
+            finally:
+                await store.aclose()
+
+    @property
+    def namespace(self) -> str:
+        return self._prefix
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- scopes and keys ----------------------------------------------------------------------
+
+    async def create_scope(self, *, label: str, now: float) -> tuple[KeyRecord, str]:
+        _check_label_text(label)
+        _check_time(now)
+        scope_id = generate_public_id("scope")
+        key_id = generate_public_id("key")
+        key = generate_key()
+        reply = await self._script(
+            "creating a scope",
+            self._create_scope,
+            scope_id,
+            label,
+            _time(now),
+            key_id,
+            hash_secret(key),
+        )
+        _expect_ok(reply)
+        record = KeyRecord(
+            key_id=key_id, scope_id=scope_id, label=label, created_at=now, revoked_at=None
+        )
+        return record, key
+
+    async def create_key(self, scope_id: str, *, label: str, now: float) -> tuple[KeyRecord, str]:
+        _check_label_text(label)
+        _check_time(now)
+        self._require_open()
+        if not _is_public_id(scope_id):
+            raise UnknownRecordError(f"no scope {_shown(scope_id)}")
+        key_id = generate_public_id("key")
+        key = generate_key()
+        reply = await self._script(
+            "creating a key",
+            self._create_key,
+            scope_id,
+            label,
+            _time(now),
+            key_id,
+            hash_secret(key),
+        )
+        if reply == b"no-scope":
+            raise UnknownRecordError(f"no scope {_shown(scope_id)}")
+        _expect_ok(reply)
+        record = KeyRecord(
+            key_id=key_id, scope_id=scope_id, label=label, created_at=now, revoked_at=None
+        )
+        return record, key
+
+    async def verify_key(self, key: str, *, now: float) -> KeyRecord | None:
+        self._require_open()
+        if not looks_like_key(key):
+            return None
+        fields = await self._call(
+            "verifying a key",
+            lambda: self._client.hgetall(self._prefix + "key:" + hash_secret(key)),
+            idempotent=True,
+        )
+        if not fields or b"revoked_at" in fields:
+            return None
+        return KeyRecord(
+            key_id=_text(fields.get(b"key_id")),
+            scope_id=_text(fields.get(b"scope_id")),
+            label=_text(fields.get(b"label")),
+            created_at=_number(fields.get(b"created_at")),
+            revoked_at=None,
+        )
+
+    async def rotate_key(self, key_id: str, *, now: float) -> tuple[KeyRecord, str]:
+        _check_time(now)
+        self._require_open()
+        if not _is_public_id(key_id):
+            raise UnknownRecordError(f"no key {_shown(key_id)}")
+        new_id = generate_public_id("key")
+        key = generate_key()
+        reply = _items(
+            await self._script(
+                "rotating a key",
+                self._rotate_key,
+                key_id,
+                _time(now),
+                new_id,
+                hash_secret(key),
+                _event(ChangeKind.KEY_ROTATED, key_id=key_id),
+            )
+        )
+        status = reply[0] if reply else None
+        if status == b"unknown":
+            raise UnknownRecordError(f"no key {_shown(key_id)}")
+        if status == b"revoked":
+            raise UnknownRecordError(f"key {_shown(key_id)} is revoked; create a new key")
+        _expect_ok(status)
+        if len(reply) != 3:
+            raise _unexpected("rotating a key")
+        record = KeyRecord(
+            key_id=new_id,
+            scope_id=_text(reply[1]),
+            label=_text(reply[2]),
+            created_at=now,
+            revoked_at=None,
+        )
+        return record, key
+
+    async def revoke_key(self, key_id: str, *, now: float) -> bool:
+        _check_time(now)
+        self._require_open()
+        if not _is_public_id(key_id):
+            return False
+        reply = await self._script(
+            "revoking a key",
+            self._revoke_key,
+            key_id,
+            _time(now),
+            _event(ChangeKind.KEY_REVOKED, key_id=key_id),
+        )
+        return reply == 1
+
+    async def is_key_live(self, key_id: str) -> bool:
+        self._require_open()
+        if not _is_public_id(key_id):
+            return False
+        reply = await self._script("checking a key", self._is_key_live, key_id, idempotent=True)
+        return reply == 1
+
+    async def list_keys(self, scope_id: str | None = None) -> list[KeyRecord]:
+        self._require_open()
+        if scope_id is not None and not _is_public_id(scope_id):
+            return []
+        reply = await self._script("listing keys", self._list_keys, scope_id or "", idempotent=True)
+        rows: list[tuple[float, int, KeyRecord]] = []
+        for row in _items(reply):
+            fields = _items(row)
+            if len(fields) != 6:
+                raise _unexpected("listing keys")
+            key_id, scope, label, created_at, revoked_at, seq = fields
+            record = KeyRecord(
+                key_id=_text(key_id),
+                scope_id=_text(scope),
+                label=_text(label),
+                created_at=_number(created_at),
+                revoked_at=_number(revoked_at) if revoked_at else None,
+            )
+            rows.append((record.created_at, int(_text(seq)), record))
+        rows.sort(key=lambda row: row[:2])
+        return [record for _, _, record in rows]
+
+    # -- browser sessions ---------------------------------------------------------------------
+
+    async def create_session(self, key: KeyRecord, *, now: float, ttl: float) -> str:
+        _check_time(now)
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl}")
+        self._require_open()
+        if not _is_public_id(key.key_id):
+            raise UnknownRecordError(f"key {_shown(key.key_id)} is unknown or revoked")
+        session_id = generate_session_id()
+        expires_at = now + ttl
+        reply = _items(
+            await self._script(
+                "creating a session",
+                self._create_session,
+                key.key_id,
+                hash_secret(session_id),
+                _time(now),
+                _time(expires_at),
+                str(max(1, math.ceil(ttl * 1000))),
+            )
+        )
+        status = reply[0] if reply else None
+        if status == b"unknown":
+            raise UnknownRecordError(f"key {_shown(key.key_id)} is unknown or revoked")
+        _expect_ok(status)
+        return session_id
+
+    async def lookup_session(self, session_id: str, *, now: float) -> SessionRecord | None:
+        self._require_open()
+        if not looks_like_session_id(session_id):
+            return None
+        reply = await self._script(
+            "looking up a session",
+            self._lookup_session,
+            hash_secret(session_id),
+            _time(now),
+            idempotent=True,
+        )
+        if reply is None:
+            return None
+        fields = _items(reply)
+        if len(fields) != 4:
+            raise _unexpected("looking up a session")
+        scope_id, key_id, created_at, expires_at = fields
+        return SessionRecord(
+            scope_id=_text(scope_id),
+            key_id=_text(key_id),
+            created_at=_number(created_at),
+            expires_at=_number(expires_at),
+        )
+
+    async def end_session(self, session_id: str) -> None:
+        self._require_open()
+        if not looks_like_session_id(session_id):
+            return
+        digest = hash_secret(session_id)
+        await self._script(
+            "ending a session",
+            self._end_session,
+            digest,
+            _event(ChangeKind.SESSION_ENDED, session=digest),
+        )
+
+    async def purge_expired(self, *, now: float) -> int:
+        _check_time(now)
+        self._require_open()
+        deleted = 0
+        while True:
+            reply = _items(
+                await self._script(
+                    "purging sessions", self._purge_expired, _time(now), str(PURGE_BATCH)
+                )
+            )
+            batch_deleted, looked_at = reply if len(reply) == 2 else (None, None)
+            if not (isinstance(batch_deleted, int) and isinstance(looked_at, int)):
+                raise _unexpected("purging sessions")
+            deleted += batch_deleted
+            if looked_at < PURGE_BATCH:
+                return deleted
+
+    def forget_sessions_of(self, key_id: str) -> None:
+        """Nothing to forget: this store keeps no session cache."""
+
+    # -- daemons ------------------------------------------------------------------------------
+
+    async def record_daemon(self, scope_id: str, daemon_id: str, *, now: float) -> None:
+        if not is_daemon_id(daemon_id):
+            raise ValueError(_DAEMON_ID_ERROR)
+        _check_time(now)
+        self._require_open()
+        if not _is_public_id(scope_id):
+            raise UnknownRecordError(f"no scope {_shown(scope_id)}")
+        cap = self._max_daemons
+        if cap is None:
+            # Read at each call, like the SQLite store does.
+            cap = _store.MAX_DAEMONS_PER_SCOPE
+        reply = await self._script(
+            "recording a daemon", self._record_daemon, scope_id, daemon_id, _time(now), str(cap)
+        )
+        if reply == 0:
+            raise UnknownRecordError(f"no scope {_shown(scope_id)}")
+
+    async def known_daemons(self, scope_id: str) -> list[tuple[str, float, float]]:
+        self._require_open()
+        if not _is_public_id(scope_id):
+            return []
+        reply = await self._script(
+            "listing daemons", self._known_daemons, scope_id, idempotent=True
+        )
+        daemons: list[tuple[str, float, float]] = []
+        for row in _items(reply):
+            fields = _items(row)
+            if len(fields) != 3:
+                raise _unexpected("listing daemons")
+            daemons.append((_text(fields[0]), _number(fields[1]), _number(fields[2])))
+        daemons.sort()
+        return daemons
+
+    # -- changes and life ---------------------------------------------------------------------
+
+    async def watch(
+        self,
+        handler: ChangeHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """See :meth:`relay._store_api.Store.watch`: a subscription to the change channel, and
+        after each (re)connection a read of the revoked keys, whose new ones are announced.
+        Sessions ended while the subscription was down are not announced (none is cached
+        here, so lookups are right regardless)."""
+        self._require_open()
+        send, receive = trio.open_memory_channel[StoreChange](CHANGE_QUEUE_SIZE)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen, send)
+            task_status.started()
+            async with receive:
+                async for change in receive:
+                    try:
+                        await handler(change)
+                    except Exception as exc:
+                        # Raised below, outside the nursery, as the handler raised it.
+                        failure = exc
+                        break
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _listen(
+        self,
+        send: trio.MemorySendChannel[StoreChange],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        known: set[str] | None = None
+        started = False
+        failing = False
+        delay = WATCH_RETRY_MIN
+        async with send:
+            while True:
+                try:
+                    async with self._client.pubsub(
+                        channels=[self._channel],
+                        ignore_subscribe_messages=True,
+                        retry_policy=None,  # reconnections are ours: each needs a catch-up
+                        max_idle_seconds=WATCH_KEEPALIVE,
+                    ) as subscription:
+                        revoked = await self._revoked_key_ids()
+                        fresh = sorted(revoked - known) if known is not None else []
+                        known = revoked if known is None else known | revoked
+                        if failing:
+                            log.info("key store watcher: Redis is reachable again")
+                            failing = False
+                        delay = WATCH_RETRY_MIN
+                        if not started:
+                            started = True
+                            task_status.started()
+                        for key_id in fresh:
+                            await send.send(StoreChange(kind=ChangeKind.KEY_REVOKED, key_id=key_id))
+                        async for message in subscription:
+                            change = _parse_event(message)
+                            if change is None:
+                                continue
+                            if change.key_id is not None:
+                                if change.key_id in known:
+                                    continue
+                                known.add(change.key_id)
+                            await send.send(change)
+                except* (*_REDIS_ERRORS, StoreError) as group:
+                    if known is None:
+                        # No baseline: what is revoked when Redis answers may have been
+                        # revoked after the start, so all of it will be announced.
+                        known = set()
+                    if not failing:
+                        failing = True
+                        log.warning(
+                            "key store watcher: cannot reach Redis (%s); retrying",
+                            _describe(_leaves(group)[0]),
+                        )
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(delay)
+                delay = min(delay * 2, WATCH_RETRY_MAX)
+
+    async def _revoked_key_ids(self) -> set[str]:
+        members = await self._call(
+            "listing revoked keys",
+            lambda: self._client.smembers(self._prefix + "revoked"),
+            idempotent=True,
+        )
+        return {_text(member) for member in members}
+
+    async def ping(self) -> None:
+        self._require_open()
+        await self._call("checking the connection", self._client.ping, idempotent=True)
+
+    async def aclose(self) -> None:
+        """Mark the store closed (later calls raise StoreError). The client is closed by
+        :meth:`open`'s context, or by whoever passed it in; cancel watchers first."""
+        self._closed = True
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise StoreError("the key store is closed")
+
+    async def _script(
+        self, action: str, script: Script[bytes], *args: str, idempotent: bool = False
+    ) -> object:
+        self._require_open()
+        arguments = [self._prefix, *args]
+        return await self._call(
+            action, lambda: script(keys=[], args=arguments), idempotent=idempotent
+        )
+
+    async def _call(
+        self, action: str, command: Callable[[], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run ``command``, turning Redis failures into StoreUnavailable or StoreError. A
+        read (``idempotent``) is tried once more after a lost connection: a pooled
+        connection may have died with a Redis restart. A write never is: it may have been
+        applied before the connection was lost."""
+        for attempt in (1, 2):
+            try:
+                return await command()
+            except (*_REDIS_ERRORS, ExceptionGroup) as exc:
+                error = _translate(exc, action)
+                if error is None:
+                    raise
+                if (
+                    idempotent
+                    and attempt == 1
+                    and isinstance(error, StoreUnavailable)
+                    and not isinstance(exc, TimeoutError)
+                ):
+                    continue
+                raise error from exc
+        raise AssertionError("unreachable")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _client_from_url(
+    url: str, *, timeout: float, max_connections: int | None
+) -> coredis.Redis[bytes]:
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme if isinstance(url, str) else ""
+    except ValueError:
+        scheme = ""
+    if scheme not in URL_SCHEMES:
+        raise ValueError(
+            "the Redis URL must start with redis://, rediss:// or unix:// "
+            "(the URL given is not shown: it may hold a password)"
+        )
+    try:
+        return coredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            decode_components=True,  # a password may hold percent-escaped characters
+            retry_policy=NoRetryPolicy(),
+            pool_timeout=timeout,
+            stream_timeout=timeout,
+            connect_timeout=timeout,
+            max_connections=max_connections,
+            client_name=CLIENT_NAME,
+        )
+    except (ValueError, TypeError, KeyError):
+        # Not chained: a parse error may quote any part of the URL, the password included.
+        raise ValueError(
+            "the Redis URL cannot be parsed (not shown: it may hold a password)"
+        ) from None
+
+
+def _check_namespace(namespace: str) -> None:
+    if not isinstance(namespace, str) or _NAMESPACE.fullmatch(namespace) is None:
+        raise ValueError("namespace must be 1 to 64 characters from A-Z a-z 0-9 _ . : { } -")
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _translate(error: BaseException, action: str) -> StoreError | None:
+    """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
+    leaves = _leaves(error)
+    if not leaves or not all(isinstance(leaf, _REDIS_ERRORS) for leaf in leaves):
+        return None
+    if all(isinstance(leaf, _UNAVAILABLE) for leaf in leaves):
+        return StoreUnavailable(
+            f"the key store (Redis) cannot be reached while {action}: {_describe(leaves[0])}"
+        )
+    first = next(leaf for leaf in leaves if not isinstance(leaf, _UNAVAILABLE))
+    return StoreError(f"key store failure (Redis) while {action}: {_describe(first)}")
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming ``error``. Redis never sees a raw key or session id, so its messages
+    cannot quote one; the URL (and its password) is never part of them."""
+    lines = str(error).strip().splitlines()
+    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _unexpected(action: str) -> StoreError:
+    return StoreError(f"key store failure (Redis) while {action}: unexpected reply")
+
+
+def _expect_ok(status: object) -> None:
+    if status == b"collision":
+        # Two random 64-bit ids (or 256-bit secrets) met: never in practice; retrying works.
+        raise StoreError("identifier collision in the key store; try again")
+    if status != b"ok":
+        raise StoreError("key store failure (Redis): unexpected reply")
+
+
+def _items(reply: object) -> list[object]:
+    if not isinstance(reply, list):
+        raise StoreError("key store failure (Redis): unexpected reply")
+    return reply
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    raise StoreError("key store failure (Redis): unexpected reply")
+
+
+def _number(value: object) -> float:
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(_text(value))
+    except ValueError:
+        raise StoreError("key store failure (Redis): unexpected reply") from None
+
+
+def _time(value: float) -> str:
+    # repr round-trips a float exactly; Lua's tostring would keep only 14 digits.
+    return repr(float(value))
+
+
+def _is_public_id(text: object) -> bool:
+    """Whether ``text`` has the shape of a scope or key id. Every stored id has it, so any
+    other text names nothing (and is never sent to Redis: it may be a pasted secret)."""
+    return isinstance(text, str) and _PUBLIC_ID.fullmatch(text) is not None
+
+
+def _check_label_text(label: str) -> None:
+    _check_label(label)
+    try:
+        label.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("label must be valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _event(kind: ChangeKind, *, key_id: str | None = None, session: str | None = None) -> str:
+    body: dict[str, str] = {"kind": kind.value}
+    if key_id is not None:
+        body["key_id"] = key_id
+    if session is not None:
+        body["session"] = session
+    return json.dumps(body, separators=(",", ":"))
+
+
+_KINDS: Final = {kind.value: kind for kind in ChangeKind}
+
+
+def _parse_event(message: PubSubMessage) -> StoreChange | None:
+    """The change a published message announces, or None for anything else (logged)."""
+    if message.get("type") != "message":
+        return None
+    data = message.get("data")
+    try:
+        body = json.loads(data) if isinstance(data, bytes | str) else None
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        log.warning("key store watcher: ignored a malformed change message")
+        return None
+    kind_name = body.get("kind")
+    kind = _KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    key_id = body.get("key_id")
+    session = body.get("session")
+    if kind in (ChangeKind.KEY_REVOKED, ChangeKind.KEY_ROTATED) and _is_public_id(key_id):
+        assert isinstance(key_id, str)
+        return StoreChange(kind=kind, key_id=key_id)
+    if (
+        kind is ChangeKind.SESSION_ENDED
+        and isinstance(session, str)
+        and re.fullmatch(r"[0-9a-f]{64}", session)
+    ):
+        return StoreChange(kind=kind, session_digest=session)
+    log.warning("key store watcher: ignored a malformed change message")
+    return None
