@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from mux import MuxSession, MuxStream, SessionClosed
+from mux import MuxSession, MuxStream, SessionClosed, install_fast_masking
 from protocol import Backoff, CloseCode, Decision, ErrorCode
 
 from ._config import ConnectorConfig
@@ -120,6 +120,7 @@ class Connector:
     async def run(
         self, *, task_status: trio.TaskStatus[Connector] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        install_fast_masking()  # the connector masks every byte it sends (see mux/_masking.py)
         task_status.started(self)
         try:
             while True:

@@ -7,6 +7,8 @@ is a :class:`trio.abc.HalfCloseableStream`.
 from ._errors import SessionClosed as SessionClosed
 from ._errors import StreamResetError as StreamResetError
 from ._errors import TransportClosed as TransportClosed
+from ._masking import fast_masking_available as fast_masking_available
+from ._masking import install_fast_masking as install_fast_masking
 from ._session import MuxConfig as MuxConfig
 from ._session import MuxSession as MuxSession
 from ._splice import splice as splice
