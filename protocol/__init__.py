@@ -32,14 +32,17 @@ from ._frames import FrameType as FrameType
 from ._frames import SettingId as SettingId
 from ._frames import decode_metadata as decode_metadata
 from ._frames import encode_metadata as encode_metadata
-from ._session import STREAM_TRANSITIONS as STREAM_TRANSITIONS
 from ._session import Role as Role
 from ._session import Session as Session
-from ._session import SessionState as SessionState
-from ._session import StreamInput as StreamInput
-from ._session import StreamState as StreamState
+from ._session_states import SESSION_TRANSITIONS as SESSION_TRANSITIONS
+from ._session_states import SessionInput as SessionInput
+from ._session_states import SessionState as SessionState
 from ._settings import DEFAULT_INITIAL_WINDOW_SIZE as DEFAULT_INITIAL_WINDOW_SIZE
 from ._settings import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._settings import SessionConfig as SessionConfig
+from ._stream_states import STREAM_TABLE as STREAM_TABLE
+from ._stream_states import STREAM_TRANSITIONS as STREAM_TRANSITIONS
+from ._stream_states import StreamInput as StreamInput
+from ._stream_states import StreamState as StreamState
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -75,3 +75,16 @@ class FlowControlError(LocalProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer violated the protocol. The session has queued a GOAWAY with ``code``."""
+
+
+class RemoteStreamError(RemoteProtocolError):
+    """The peer broke the protocol on one stream only (DATA after its FIN): a stream error.
+
+    The session resets that stream with ``code`` and goes on; :meth:`Session.receive_data`
+    never raises it. Should one escape all the same, it is still a :class:`RemoteProtocolError`
+    and ends the session like one.
+    """
+
+    def __init__(self, stream_id: int, message: str, code: ErrorCode = ErrorCode.STREAM_CLOSED):
+        super().__init__(message, code)
+        self.stream_id = stream_id

@@ -140,6 +140,10 @@ def test_wire_constants_match_the_spec() -> None:
     }
     assert {c.name: c.value for c in CloseCode} == {
         "NORMAL": 1000,
+        "GOING_AWAY": 1001,
+        "POLICY_VIOLATION": 1008,
+        "MESSAGE_TOO_BIG": 1009,
+        "INTERNAL_ERROR": 1011,
         "TRY_AGAIN_LATER": 1013,
         "PROTOCOL_ERROR": 4400,
         "INVALID_KEY": 4401,
