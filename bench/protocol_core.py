@@ -1,9 +1,10 @@
 """Throughput of the sans-IO session: two sessions in one process, bytes pumped by hand, no I/O.
 
-Run as ``python bench/protocol_core.py`` (``--runs N``, ``--quick``). Each workload pushes bytes on one
-stream from a connector session to a relay session, which acknowledges what it receives as it
-goes and sends its window updates back. Output is drained as the trio driver drains it, in
-transport messages of at most 1 MiB (``data_to_send(1 MiB)``). Workloads:
+Run as ``python -m bench.protocol_core`` (``--runs N``, ``--quick``) from the repository root.
+Each workload pushes bytes on one stream from a connector session to a relay session, which
+acknowledges what it receives as it goes and sends its window updates back. Output is drained
+as the trio driver drains it, in transport messages of at most 1 MiB (``data_to_send(1 MiB)``).
+Workloads:
 
 - ``write_64KiB``: 64 KiB writes (as much as the window allows), pumped after every write.
 - ``write_100B``: 100-byte writes, pumped after every write: per-frame costs dominate.
@@ -19,18 +20,19 @@ second) and DATA frames/s, with the machine's description, on stdout and in
 
 from __future__ import annotations
 
+import sys
+
+if not __package__:
+    sys.exit("run it from the repository root as a module: python -m bench.protocol_core")
+
 import argparse
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-# Run from a checkout without installing: make the repository root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import DataReceived, Role, Session, SessionConfig
 

@@ -1,29 +1,36 @@
 """Run every benchmark, one after the other, and write one summary.
 
-Run as ``python bench/run_all.py [--quick] [--runs N] [--only a,b]``. Each bench runs in its own
-process (``python bench/<name>.py``, with ``--quick`` and ``--runs`` passed on) and writes its
-own ``bench/results/<name>.json``; then this script reads them all and writes
-``bench/results/summary.json``: the machine, every goal with its value and verdict, the headline
-figures of each bench, and how long each took. A bench that fails is recorded as failed and the
-others still run; the exit code is 1 if any failed. ``--quick`` runs the whole set in a few
-minutes. ``--results-dir`` puts every JSON elsewhere (a quick check that must not replace the
-figures of a full run); ``--no-run`` only rebuilds the summary from the results already there.
+Run as ``python -m bench.run_all [--quick] [--runs N] [--only a,b]`` from the repository root.
+Each bench runs in its own process (``python -m bench.<module>`` from the repository root, with
+``--quick`` and ``--runs`` passed on) and writes its own ``bench/results/<name>.json``; bulk
+and small requests run twice, plain and with ``--tls`` (``bulk_tls``, ``small_requests_tls``).
+Then this script reads them all and writes ``bench/results/summary.json``: the machine, every
+goal with its value and verdict, the headline figures of each bench, and how long each took. A
+bench that fails is recorded as failed and the others still run; the exit code is 1 if any
+failed. ``--quick`` runs the whole set in a few minutes. ``--results-dir`` puts every JSON
+elsewhere (a quick check that must not replace the figures of a full run); ``--no-run`` only
+rebuilds the summary from the results already there.
 """
 
 from __future__ import annotations
 
+import sys
+
+if not __package__:
+    sys.exit("run it from the repository root as a module: python -m bench.run_all")
+
 import argparse
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import attrs
 
-from bench.common import (
+from bench.report import (
+    REPO,
     RESULTS_DIR,
     describe_machine,
     machine_line,
@@ -32,9 +39,20 @@ from bench.common import (
     write_results,
 )
 
-BENCH_DIR = Path(__file__).resolve().parent
-#: In the order they run: the protocol alone first, the heaviest (scale) last.
-BENCHES = ("protocol_core", "small_requests", "bulk", "sse", "fairness", "scale")
+#: ``(name, module, extra arguments)`` in the order they run: the protocol alone first, the
+#: heaviest (scale) last. A bench's results are ``<name>.json``.
+BENCHES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("protocol_core", "protocol_core", ()),
+    ("small_requests", "small_requests", ()),
+    ("small_requests_tls", "small_requests", ("--tls",)),
+    ("bulk", "bulk", ()),
+    ("bulk_tls", "bulk", ("--tls",)),
+    ("sse", "sse", ()),
+    ("fairness", "fairness", ()),
+    ("scale", "scale", ()),
+)
+NAMES = tuple(name for name, _, _ in BENCHES)
+MODULES = {name: module for name, module, _ in BENCHES}
 
 
 def _get(data: Any, *keys: str) -> Any:
@@ -59,18 +77,24 @@ def _protocol(data: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _tls(data: dict[str, Any]) -> str:
+    return " (TLS)" if data.get("tls") else ""
+
+
 def _small(data: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     for concurrency in ("1", "32"):
         figures = _get(data, "figures", concurrency)
         rows.append(
             (
-                f"small requests c={concurrency} (req/s)",
-                f"ceiling {_num(_get(figures, 'ceiling', 'requests_per_s'))}, "
+                f"small requests c={concurrency}{_tls(data)} (req/s)",
+                f"wrk on a trivial server {_num(_get(figures, 'trivial', 'requests_per_s'))}, "
                 f"direct {_num(_get(figures, 'direct', 'requests_per_s'))}, "
+                f"ceiling {_num(_get(figures, 'ceiling', 'requests_per_s'))}, "
                 f"relay {_num(_get(figures, 'relay', 'requests_per_s'))} "
-                f"(x{_num(_get(figures, 'relay_vs_direct', 'requests_per_s'), 3)}); p50 ms "
-                f"direct {_num(_get(figures, 'direct', 'p50_ms'), 2)}, "
+                f"(x{_num(_get(figures, 'relay_vs_direct', 'requests_per_s'), 3)} direct, "
+                f"x{_num(_get(figures, 'relay_vs_ceiling', 'requests_per_s'), 3)} ceiling); "
+                f"p50 ms direct {_num(_get(figures, 'direct', 'p50_ms'), 2)}, "
                 f"relay {_num(_get(figures, 'relay', 'p50_ms'), 2)}; p99 ms "
                 f"direct {_num(_get(figures, 'direct', 'p99_ms'), 2)}, "
                 f"relay {_num(_get(figures, 'relay', 'p99_ms'), 2)}",
@@ -82,10 +106,12 @@ def _small(data: dict[str, Any]) -> list[tuple[str, str]]:
 def _bulk(data: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (
-            f"bulk {way} (MB/s)",
+            f"bulk {way}{_tls(data)} (MB/s)",
             f"direct {_num(_get(data, 'figures', way, 'direct_mb_per_s'))}, "
+            f"ceiling {_num(_get(data, 'figures', way, 'ceiling_mb_per_s'))}, "
             f"relay {_num(_get(data, 'figures', way, 'relay_mb_per_s'))} "
-            f"(x{_num(_get(data, 'figures', way, 'relay_vs_direct'), 3)})",
+            f"(x{_num(_get(data, 'figures', way, 'relay_vs_direct'), 3)} direct, "
+            f"x{_num(_get(data, 'figures', way, 'relay_vs_ceiling'), 3)} ceiling)",
         )
         for way in ("download", "upload")
     ]
@@ -158,12 +184,12 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every bench in its quick form")
     parser.add_argument("--runs", type=int, default=None, help="passed on to every bench")
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated subset of: {', '.join(BENCHES)}"
+        "--only", default=None, help=f"comma-separated subset of: {', '.join(NAMES)}"
     )
     parser.add_argument(
         "--results-dir",
@@ -177,74 +203,89 @@ def main(argv: list[str] | None = None) -> int:
         help="run nothing: summarize the results already in --results-dir",
     )
     args = parser.parse_args(argv)
-    selected = list(BENCHES)
+    selected = list(NAMES)
     if args.only:
         selected = [name.strip() for name in args.only.split(",") if name.strip()]
-        unknown = [name for name in selected if name not in BENCHES]
+        unknown = [name for name in selected if name not in NAMES]
         if unknown:
             parser.error(f"unknown bench: {', '.join(unknown)}")
     if args.runs is not None and args.runs < 1:
         parser.error("--runs must be at least 1")
-    machine = describe_machine()
-    print(machine_line(machine), flush=True)
+    return args, selected
 
-    runs: dict[str, dict[str, Any]] = {}
-    for name in selected:
-        result_path = args.results_dir / f"{name}.json"
-        if args.no_run:
-            if result_path.exists():
-                runs[name] = {"results": json.loads(result_path.read_text())}
-            else:
-                runs[name] = {"failed": f"no results in {result_path}"}
-            continue
-        argv_bench = [sys.executable, str(BENCH_DIR / f"{name}.py"), "--output", str(result_path)]
-        if args.quick:
-            argv_bench.append("--quick")
-        if args.runs is not None:
-            argv_bench += ["--runs", str(args.runs)]
-        print(f"\n=== {name} ===", flush=True)
-        previous = result_path.stat().st_mtime if result_path.exists() else None
-        started = time.monotonic()
-        code = subprocess.run(argv_bench, check=False).returncode
-        elapsed = time.monotonic() - started
-        entry: dict[str, Any] = {"exit_code": code, "seconds": round(elapsed, 1)}
-        fresh = result_path.exists() and result_path.stat().st_mtime != previous
-        if code == 0 and fresh:
-            entry["results"] = json.loads(result_path.read_text())
-        else:
-            entry["failed"] = f"exit code {code}" if code != 0 else "it wrote no new results file"
-        runs[name] = entry
 
-    print("\n=== summary ===")
-    print(machine_line(machine))
-    rows: list[list[str]] = []
-    goals: list[dict[str, Any]] = []
-    headlines: dict[str, list[dict[str, str]]] = {}
+def run_bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one bench as ``python -m bench.<module>`` from the repository root; its exit code,
+    seconds, and results (or why there are none)."""
+    result_path = args.results_dir / f"{name}.json"
+    if args.no_run:
+        if result_path.exists():
+            return {"results": json.loads(result_path.read_text())}
+        return {"failed": f"no results in {result_path}"}
+    _, module, extra = next(bench for bench in BENCHES if bench[0] == name)
+    argv = [sys.executable, "-m", f"bench.{module}", *extra, "--output", str(result_path)]
+    if args.quick:
+        argv.append("--quick")
+    if args.runs is not None:
+        argv += ["--runs", str(args.runs)]
+    print(f"\n=== {name} ===", flush=True)
+    previous = result_path.stat().st_mtime if result_path.exists() else None
+    started = time.monotonic()
+    code = subprocess.run(argv, cwd=REPO, check=False).returncode
+    entry: dict[str, Any] = {"exit_code": code, "seconds": round(time.monotonic() - started, 1)}
+    fresh = result_path.exists() and result_path.stat().st_mtime != previous
+    if code == 0 and fresh:
+        entry["results"] = json.loads(result_path.read_text())
+    else:
+        entry["failed"] = f"exit code {code}" if code != 0 else "it wrote no new results file"
+    return entry
+
+
+@attrs.define
+class Summary:
+    rows: list[list[str]] = attrs.field(factory=list)
+    goals: list[dict[str, Any]] = attrs.field(factory=list)
+    headlines: dict[str, list[dict[str, str]]] = attrs.field(factory=dict)
+
+    def add(self, key: str, module: str, data: dict[str, Any], label: str = "") -> None:
+        lines = HEADLINES[module](data)
+        self.headlines[key] = [{"figure": figure, "value": value} for figure, value in lines]
+        self.rows += [[figure + label, value] for figure, value in lines]
+        self.goals += [
+            {"bench": key, **record, "goal": record["goal"] + label}
+            for record in data.get("goals") or []
+        ]
+
+
+def summarize(runs: dict[str, dict[str, Any]], selected: list[str], results_dir: Path) -> Summary:
+    summary = Summary()
     for name, entry in runs.items():
         if "failed" in entry:
-            rows.append([name, f"FAILED ({entry['failed']})"])
-            continue
-        data = entry["results"]
-        lines = HEADLINES[name](data)
-        headlines[name] = [{"figure": label, "value": value} for label, value in lines]
-        rows += [[label, value] for label, value in lines]
-        goals += [{"bench": name, **record} for record in data.get("goals") or []]
+            summary.rows.append([name, f"FAILED ({entry['failed']})"])
+        else:
+            summary.add(name, MODULES[name], entry["results"])
     # Separate runs of a bench kept beside its main results (e.g. ``scale_10000.json``, one
-    # size measured alone): summarized too, labelled with their file name.
+    # size measured alone): summarized too, labelled with their file name. The results of
+    # another bench of this set (``bulk_tls.json`` beside ``bulk.json``) are not among them.
     for name in selected:
-        for extra in sorted(args.results_dir.glob(f"{name}_*.json")):
-            data = json.loads(extra.read_text())
-            label = f" [{extra.name}]"
-            lines = HEADLINES[name](data)
-            headlines[extra.stem] = [{"figure": a, "value": b} for a, b in lines]
-            rows += [[a + label, b] for a, b in lines]
-            goals += [
-                {"bench": extra.stem, **record, "goal": record["goal"] + label}
-                for record in data.get("goals") or []
-            ]
-    print_table(["figure", "value"], rows, left=2)
+        for extra in sorted(results_dir.glob(f"{name}_*.json")):
+            if extra.stem not in NAMES:
+                data = json.loads(extra.read_text())
+                summary.add(extra.stem, MODULES[name], data, f" [{extra.name}]")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, selected = _parse(argv)
+    machine = describe_machine()
+    print(machine_line(machine), flush=True)
+    runs = {name: run_bench(name, args) for name in selected}
+    print("\n=== summary ===")
+    print(machine_line(machine))
+    summary = summarize(runs, selected, args.results_dir)
+    print_table(["figure", "value"], summary.rows, left=2)
     print()
-    print_goals(goals)
+    print_goals(summary.goals)
     written = write_results(
         "summary",
         {
@@ -255,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 name: {k: v for k, v in entry.items() if k != "results"}
                 for name, entry in runs.items()
             },
-            "headlines": headlines,
-            "goals": goals,
+            "headlines": summary.headlines,
+            "goals": summary.goals,
         },
         args.results_dir / "summary.json",
     )

@@ -1,9 +1,10 @@
 """Scale: thousands of idle daemon links on one relay process, and a relay restart.
 
-Run as ``python bench/scale.py [--quick] [--runs N] [--sizes 1000,5000,10000] [--profile]
-[--keep]``. For each size N, on 127.0.0.1: a fresh relay (``repowire relay start``, embedded
-defaults) and two connector processes with N/2 connectors each (production defaults; each
-daemon has its own scope and key), started at a steady rate. Measured, with nothing tunneled:
+Run as ``python -m bench.scale [--quick] [--runs N] [--sizes 1000,5000,10000] [--profile]
+[--keep]`` from the repository root. For each size N, on 127.0.0.1: a fresh relay
+(``repowire relay start``, embedded defaults) and two connector processes with N/2 connectors
+each (production defaults; each daemon has its own scope and key), started at a steady rate.
+Measured, with nothing tunneled:
 
 - memory per daemon link: (relay RSS with N links - relay RSS with none) / N, from /proc;
 - CPU at idle: relay CPU seconds (user + system) over a 10 s window with all N links up
@@ -27,38 +28,33 @@ reason, and the largest size reached is reported. Default sizes 1,000 / 5,000 / 
 
 from __future__ import annotations
 
+import sys
+
+if not __package__:
+    sys.exit("run it from the repository root as a module: python -m bench.scale")
+
 import argparse
 import collections
 import http.client
 import math
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (
-    Bench,
-    RelayProcess,
-    Worker,
-    WorkerError,
+from bench.harness import Bench, RelayProcess, http_get, wait_for_links
+from bench.processes import Worker, WorkerError, cpu_seconds, raise_fd_limit, rss_bytes
+from bench.report import (
     add_common_arguments,
-    cpu_seconds,
     describe_machine,
     fmt,
     goal,
-    http_get,
     machine_line,
     median,
     print_goals,
     print_table,
-    raise_fd_limit,
     resolve_runs,
     rounded,
-    rss_bytes,
-    wait_for_links,
     write_results,
 )
 
@@ -130,8 +126,8 @@ def _measure_size(
     idle_window: float,
     keepalive: float | None,
 ) -> dict[str, Any]:
-    data_dir = bench.relay_data_dir()
-    relay = bench.start_relay(data_dir=data_dir)
+    """A fresh relay, ``size`` connectors ramped up, then memory, idle CPU and restarts."""
+    relay = bench.start_relay(data_dir=bench.relay_data_dir())
     http_get(relay.port, "/health")
     time.sleep(1.0)
     idle_rss = rss_bytes(relay.pid)
@@ -149,20 +145,8 @@ def _measure_size(
         for part in range(CONNECTOR_PROCESSES)
     ]
     result: dict[str, Any] = {"links": size, "relay_rss_idle_bytes": idle_rss}
-    cpu_at_start = cpu_seconds(relay.pid)
     try:
-        try:
-            all_up = wait_for_links(
-                relay, size, timeout=size / RAMP_RATE * 3 + CONNECT_SLACK, poll=_poll_interval(size)
-            )
-        except WorkerError as exc:
-            # Say why: the relay's CPU share (a process near a full core cannot take more
-            # links) and what the connectors left out report as their last error.
-            share = (cpu_seconds(relay.pid) - cpu_at_start) / (time.monotonic() - started)
-            raise WorkerError(
-                f"{exc}; the relay process used {share:.0%} of a core on average meanwhile"
-                + _left_out(workers)
-            ) from None
+        all_up = _wait_connected(relay, workers, size, started)
         result["seconds_to_connect_at_ramp"] = round(all_up - started, 2)
         time.sleep(SETTLE)
         rss = rss_bytes(relay.pid)
@@ -171,45 +155,8 @@ def _measure_size(
         result["connector_rss_bytes_per_link"] = round(
             sum(rss_bytes(w.pid) for w in workers) / size
         )
-        cpu: list[float] = []
-        connector_cpu: list[float] = []
-        for _ in range(runs):
-            before = cpu_seconds(relay.pid), [cpu_seconds(w.pid) for w in workers]
-            time.sleep(idle_window)
-            cpu.append((cpu_seconds(relay.pid) - before[0]) * IDLE_WINDOW / idle_window)
-            connector_cpu.append(
-                sum(cpu_seconds(w.pid) - b for w, b in zip(workers, before[1], strict=True))
-                * IDLE_WINDOW
-                / idle_window
-            )
-        result["relay_cpu_s_per_10s_idle"] = round(median(cpu), 3)
-        result["runs_relay_cpu_s_per_10s_idle"] = [round(v, 3) for v in cpu]
-        result["connectors_cpu_s_per_10s_idle"] = round(median(connector_cpu), 3)
-        restarts: list[dict[str, Any]] = []
-        result["restarts"] = restarts
-        for _ in range(runs):
-            try:
-                record, relay = _restart(bench, relay, size)
-            except WorkerError as exc:
-                # What was measured before stays; the failure is a figure too.
-                result["restart_failed"] = f"{exc}{_left_out(workers)}"
-                print(f"  {size} links: restart: {result['restart_failed']}", flush=True)
-                return result
-            restarts.append(record)
-        result["restart_back_after_listen_s"] = round(
-            median([r["back_after_listen_s"] for r in restarts]), 2
-        )
-        result["restart_back_after_sigterm_s"] = round(
-            median([r["back_after_sigterm_s"] for r in restarts]), 2
-        )
-        for share in RECONNECT_SHARES:
-            key = f"{round(share * 100)}pct_after_listen_s"
-            result[f"restart_{key}"] = round(median([r[key] for r in restarts]), 2)
-        result["restart_health_unanswered"] = sum(r["health_unanswered"] for r in restarts)
-        slowest = [r["health_max_ms"] for r in restarts if r["health_max_ms"] is not None]
-        result["restart_health_max_ms"] = max(slowest) if slowest else None
-        time.sleep(SETTLE)
-        result["relay_rss_after_restart_bytes"] = rss_bytes(relay.pid)
+        result.update(_idle_cpu(relay, workers, runs, idle_window))
+        relay = _restarts(bench, relay, workers, size, runs, result)
     finally:
         for worker in [*workers, relay.worker]:
             worker.terminate()
@@ -217,6 +164,84 @@ def _measure_size(
             worker.stop()
             bench.forget(worker)
     return result
+
+
+def _wait_connected(relay: RelayProcess, workers: list[Worker], size: int, started: float) -> float:
+    """Wait for ``size`` links; the monotonic time they were all up. Raises
+    :class:`WorkerError` saying why not."""
+    cpu_at_start = cpu_seconds(relay.pid)
+    try:
+        return wait_for_links(
+            relay, size, timeout=size / RAMP_RATE * 3 + CONNECT_SLACK, poll=_poll_interval(size)
+        )
+    except WorkerError as exc:
+        # Say why: the relay's CPU share (a process near a full core cannot take more
+        # links) and what the connectors left out report as their last error.
+        share = (cpu_seconds(relay.pid) - cpu_at_start) / (time.monotonic() - started)
+        raise WorkerError(
+            f"{exc}; the relay process used {share:.0%} of a core on average meanwhile"
+            + _left_out(workers)
+        ) from None
+
+
+def _idle_cpu(
+    relay: RelayProcess, workers: list[Worker], runs: int, idle_window: float
+) -> dict[str, Any]:
+    """CPU seconds per 10 s of the relay and of the connector processes, all links idle."""
+    cpu: list[float] = []
+    connector_cpu: list[float] = []
+    for _ in range(runs):
+        before = cpu_seconds(relay.pid), [cpu_seconds(w.pid) for w in workers]
+        time.sleep(idle_window)
+        cpu.append((cpu_seconds(relay.pid) - before[0]) * IDLE_WINDOW / idle_window)
+        connector_cpu.append(
+            sum(cpu_seconds(w.pid) - b for w, b in zip(workers, before[1], strict=True))
+            * IDLE_WINDOW
+            / idle_window
+        )
+    return {
+        "relay_cpu_s_per_10s_idle": round(median(cpu), 3),
+        "runs_relay_cpu_s_per_10s_idle": [round(v, 3) for v in cpu],
+        "connectors_cpu_s_per_10s_idle": round(median(connector_cpu), 3),
+    }
+
+
+def _restarts(
+    bench: Bench,
+    relay: RelayProcess,
+    workers: list[Worker],
+    size: int,
+    runs: int,
+    result: dict[str, Any],
+) -> RelayProcess:
+    """``runs`` relay restarts, their figures added to ``result`` (or ``restart_failed``);
+    returns the relay now running."""
+    restarts: list[dict[str, Any]] = []
+    result["restarts"] = restarts
+    for _ in range(runs):
+        try:
+            record, relay = _restart(bench, relay, size)
+        except WorkerError as exc:
+            # What was measured before stays; the failure is a figure too.
+            result["restart_failed"] = f"{exc}{_left_out(workers)}"
+            print(f"  {size} links: restart: {result['restart_failed']}", flush=True)
+            return relay
+        restarts.append(record)
+    result["restart_back_after_listen_s"] = round(
+        median([r["back_after_listen_s"] for r in restarts]), 2
+    )
+    result["restart_back_after_sigterm_s"] = round(
+        median([r["back_after_sigterm_s"] for r in restarts]), 2
+    )
+    for share in RECONNECT_SHARES:
+        key = f"{round(share * 100)}pct_after_listen_s"
+        result[f"restart_{key}"] = round(median([r[key] for r in restarts]), 2)
+    result["restart_health_unanswered"] = sum(r["health_unanswered"] for r in restarts)
+    slowest = [r["health_max_ms"] for r in restarts if r["health_max_ms"] is not None]
+    result["restart_health_max_ms"] = max(slowest) if slowest else None
+    time.sleep(SETTLE)
+    result["relay_rss_after_restart_bytes"] = rss_bytes(relay.pid)
+    return relay
 
 
 def _left_out(workers: list[Worker]) -> str:
@@ -312,7 +337,8 @@ def _restart(bench: Bench, relay: RelayProcess, size: int) -> tuple[dict[str, An
     return record, fresh
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, int, tuple[int, ...]]:
+    """The options, the runs and the sizes."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--sizes", default=None, help="comma-separated link counts")
@@ -342,18 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes takes comma-separated integers, e.g. 1000,5000")
     if any(size < CONNECTOR_PROCESSES for size in sizes):
         parser.error(f"every size must be at least {CONNECTOR_PROCESSES}")
-    idle_window = QUICK_IDLE_WINDOW if args.quick else IDLE_WINDOW
-    fd_limit = raise_fd_limit()
-    machine = describe_machine()
-    print(machine_line(machine))
-    if args.connector_keepalive is not None:
-        print(f"what-if: connectors ping every {args.connector_keepalive:g} s")
-    print(
-        f"sizes {', '.join(map(str, sizes))}; {CONNECTOR_PROCESSES} connector processes, ramp "
-        f"{RAMP_RATE:g}/s; idle CPU over {idle_window:g} s windows (shown per 10 s); {runs} "
-        f"runs; RLIMIT_NOFILE {fd_limit}"
-    )
+    return args, runs, sizes
 
+
+def measure_sizes(
+    args: argparse.Namespace, runs: int, sizes: tuple[int, ...], fd_limit: int, idle_window: float
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Each size the machine allows, smallest first, until one fails; the figures per size,
+    and why a size was not measured."""
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     with Bench(NAME, profile=args.profile, keep=args.keep) as bench:
@@ -373,25 +395,29 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[str(size)] = f"failed: {exc}"
                 print(f"  {size} links: {exc}", flush=True)
                 break
+    return results, skipped
 
-    def cell(record: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1) -> str:
-        value = record.get(key)
-        return fmt(value / scale, digits) if isinstance(value, int | float) else "-"
 
+def _cell(record: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    value = record.get(key)
+    return fmt(value / scale, digits) if isinstance(value, int | float) else "-"
+
+
+def print_sizes(results: list[dict[str, Any]], skipped: dict[str, str]) -> None:
     rows = [
         [
             str(r["links"]),
-            cell(r, "seconds_to_connect_at_ramp"),
-            cell(r, "relay_rss_bytes", 2**20, 0),
-            cell(r, "relay_bytes_per_link", 1024),
-            cell(r, "relay_cpu_s_per_10s_idle", digits=2),
-            cell(r, "connectors_cpu_s_per_10s_idle", digits=2),
-            cell(r, "restart_50pct_after_listen_s"),
-            cell(r, "restart_90pct_after_listen_s"),
-            cell(r, "restart_back_after_listen_s"),
-            cell(r, "restart_back_after_sigterm_s"),
-            cell(r, "restart_health_max_ms", 1000),
-            cell(r, "relay_rss_after_restart_bytes", 2**20, 0),
+            _cell(r, "seconds_to_connect_at_ramp"),
+            _cell(r, "relay_rss_bytes", 2**20, 0),
+            _cell(r, "relay_bytes_per_link", 1024),
+            _cell(r, "relay_cpu_s_per_10s_idle", digits=2),
+            _cell(r, "connectors_cpu_s_per_10s_idle", digits=2),
+            _cell(r, "restart_50pct_after_listen_s"),
+            _cell(r, "restart_90pct_after_listen_s"),
+            _cell(r, "restart_back_after_listen_s"),
+            _cell(r, "restart_back_after_sigterm_s"),
+            _cell(r, "restart_health_max_ms", 1000),
+            _cell(r, "relay_rss_after_restart_bytes", 2**20, 0),
         ]
         for r in results
     ]
@@ -418,48 +444,66 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if "restart_failed" in r:
             print(f"restart of the relay with {r['links']} links: {r['restart_failed']}")
-    largest = max((r["links"] for r in results), default=0)
-    print(f"largest size measured: {largest} links")
-    per_link = [r["relay_bytes_per_link"] for r in results]
+
+
+def memory_goal(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Relay RSS at 10,000 links: measured, or projected from the largest size measured."""
     at_10k = next((r for r in results if r["links"] == 10_000), None)
     projected = math.nan
     if at_10k is not None:
         projected = float(at_10k["relay_rss_bytes"])
     elif results:
-        projected = float(results[-1]["relay_rss_idle_bytes"] + 10_000 * per_link[-1])
-    goals = [
-        goal(
-            "relay RSS with 10,000 idle links, MiB"
-            + ("" if at_10k is not None else " (projected from the largest size measured)"),
-            projected / 2**20,
-            GOAL_BYTES_10K / 2**20,
-            at_least=False,
-            unit=" MiB",
+        projected = float(
+            results[-1]["relay_rss_idle_bytes"] + 10_000 * results[-1]["relay_bytes_per_link"]
         )
-    ]
+    return goal(
+        "relay RSS with 10,000 idle links, MiB"
+        + ("" if at_10k is not None else " (projected from the largest size measured)"),
+        projected / 2**20,
+        GOAL_BYTES_10K / 2**20,
+        at_least=False,
+        unit=" MiB",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, runs, sizes = _parse(argv)
+    idle_window = QUICK_IDLE_WINDOW if args.quick else IDLE_WINDOW
+    fd_limit = raise_fd_limit()
+    machine = describe_machine()
+    print(machine_line(machine))
+    if args.connector_keepalive is not None:
+        print(f"what-if: connectors ping every {args.connector_keepalive:g} s")
+    print(
+        f"sizes {', '.join(map(str, sizes))}; {CONNECTOR_PROCESSES} connector processes, ramp "
+        f"{RAMP_RATE:g}/s; idle CPU over {idle_window:g} s windows (shown per 10 s); {runs} "
+        f"runs; RLIMIT_NOFILE {fd_limit}"
+    )
+    results, skipped = measure_sizes(args, runs, sizes, fd_limit, idle_window)
+    print_sizes(results, skipped)
+    largest = max((r["links"] for r in results), default=0)
+    print(f"largest size measured: {largest} links")
+    per_link = [r["relay_bytes_per_link"] for r in results]
+    goals = [memory_goal(results)]
     print()
     print_goals(goals)
-    written = write_results(
-        NAME,
-        {
-            "bench": NAME,
-            "machine": machine,
-            "quick": args.quick,
-            "runs": runs,
-            "fd_limit": fd_limit,
-            "connector_processes": CONNECTOR_PROCESSES,
-            "ramp_per_s": RAMP_RATE,
-            "idle_window_s": idle_window,
-            "connector_keepalive_s": args.connector_keepalive,
-            "sizes": results,
-            "skipped": skipped,
-            "largest_measured": largest,
-            "goals": goals,
-            "relay_rss_per_link_bytes": rounded(median(per_link), 0) if per_link else None,
-        },
-        args.output,
-    )
-    print(f"wrote {written}")
+    payload = {
+        "bench": NAME,
+        "machine": machine,
+        "quick": args.quick,
+        "runs": runs,
+        "fd_limit": fd_limit,
+        "connector_processes": CONNECTOR_PROCESSES,
+        "ramp_per_s": RAMP_RATE,
+        "idle_window_s": idle_window,
+        "connector_keepalive_s": args.connector_keepalive,
+        "sizes": results,
+        "skipped": skipped,
+        "largest_measured": largest,
+        "goals": goals,
+        "relay_rss_per_link_bytes": rounded(median(per_link), 0) if per_link else None,
+    }
+    print(f"wrote {write_results(NAME, payload, args.output)}")
     return 0
 
 

@@ -1,11 +1,12 @@
 """Server-Sent Events: latency of the daemon's event feed at 1,000 events/s, direct vs the relay.
 
-Run as ``python bench/sse.py [--quick] [--runs N] [--rate R] [--seconds S] [--profile]``. On
-127.0.0.1: a relay (``repowire relay start``) and the daemon with its connector. The daemon
-publishes ``message`` events into its own event log at ``--rate`` per second on a fixed
-schedule; each event carries the time it was published (the daemon's ``time`` field, from
-``time.time()``). A client in this process reads ``GET /events/stream`` and notes, for every
-event, when its ``data:`` line arrived, on the same clock (same machine):
+Run as ``python -m bench.sse [--quick] [--runs N] [--rate R] [--seconds S] [--profile]`` from
+the repository root. On 127.0.0.1: a relay (``repowire relay start``) and the daemon with its
+connector. The daemon publishes ``message`` events into its own event log at ``--rate`` per
+second on a fixed schedule; each event carries the time it was published (the daemon's
+``time`` field, from ``time.time()``). A trio client in this process
+(:mod:`tests.support.http_client`) reads ``GET /events/stream`` and notes, for every event,
+when its ``data:`` line arrived, on the same clock (same machine):
 
 - ``direct``: the daemon's ``/events/stream``;
 - ``relay``: the relay's ``/d/<daemon id>/events/stream`` with a browser session cookie.
@@ -18,26 +19,23 @@ max per path, and the relay's *added* latency (relay minus direct, per run), eac
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import json
 import sys
+
+if not __package__:
+    sys.exit("run it from the repository root as a module: python -m bench.sse")
+
+import argparse
+import json
 import time
-from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (
-    HOST,
-    Bench,
-    DaemonProcess,
-    RelayProcess,
-    WorkerError,
+from bench.harness import HOST, Bench, DaemonProcess, RelayProcess
+from bench.processes import WorkerError, cpu_seconds
+from bench.report import (
     add_common_arguments,
-    cpu_seconds,
     describe_machine,
     fmt,
     goal,
@@ -51,11 +49,14 @@ from bench.common import (
     rounded,
     write_results,
 )
+from tests.support.http_client import HttpConnection, connect
 
 NAME = "sse"
 DAEMON_ID = "bench-sse"
 #: Events at the start of each phase not counted (connection and code paths warming up).
 WARMUP_EVENTS = 100
+#: Seconds a phase may take beyond its events' schedule before it fails.
+PHASE_SLACK = 30.0
 #: Goal: the relay adds less than this much latency at the median, in ms.
 GOAL_ADDED_P50_MS = 5.0
 
@@ -86,58 +87,70 @@ class Phase:
         return max(self.latencies_ms) if self.latencies_ms else float("nan")
 
 
+async def _read_events(
+    connection: HttpConnection, path: str, count: int
+) -> tuple[list[float], int, bool]:
+    """Read ``count`` ``message`` events; return (latencies in ms of the counted ones, events
+    seen, whether the daemon dropped the feed first)."""
+    latencies: list[float] = []
+    seen = 0
+    while seen < count:
+        line = await connection.read_line()
+        if line is None:
+            raise WorkerError(f"{path}: the feed ended after {seen} of {count} events")
+        if line.startswith(b"event: dropped"):
+            return latencies, seen, True
+        if not line.startswith(b"data: "):
+            continue
+        arrived = time.time()
+        event = json.loads(line[6:])
+        if event.get("type") != "message":
+            continue
+        if event["data"]["seq"] != seen:
+            raise WorkerError(f"{path}: event {event['data']['seq']} came as number {seen}")
+        seen += 1
+        if seen > WARMUP_EVENTS:
+            latencies.append((arrived - float(event["time"])) * 1000.0)
+    return latencies, seen, False
+
+
+async def _subscribe_and_time(
+    daemon: DaemonProcess, route: tuple[int, str, str | None], rate: float, count: int
+) -> tuple[list[float], int, bool]:
+    port, path, cookie = route
+    with trio.fail_after(PHASE_SLACK + count / rate):
+        connection = await connect((HOST, port), cookie=cookie)
+        async with connection:
+            await connection.send_request("GET", path, headers=[("Accept", "text/event-stream")])
+            head = await connection.read_head()
+            if head.status != 200:
+                raise WorkerError(f"{path}: HTTP {head.status}")
+            # The feed opens with a "retry:" hint: once it is here, the subscription is live.
+            while await connection.read_line():
+                pass
+            daemon.worker.send({"cmd": "publish", "rate": rate, "count": count})
+            timed = await _read_events(connection, path, count)
+            await trio.to_thread.run_sync(
+                daemon.worker.expect_event, "published", PHASE_SLACK + count / rate
+            )
+            return timed
+
+
 def run_phase(
     relay: RelayProcess,
     daemon: DaemonProcess,
-    port: int,
-    path: str,
-    cookie: str | None,
+    route: tuple[int, str, str | None],
     rate: float,
     count: int,
 ) -> Phase:
-    """Subscribe, have the daemon publish ``count`` events, time each one's arrival.
+    """Subscribe at ``route`` (port, path, cookie), have the daemon publish ``count`` events,
+    time each one's arrival.
 
     A feed the daemon drops (the subscriber fell more than its buffer behind) ends the phase
     early with ``dropped`` set; the latencies up to the drop are kept.
     """
     cpu_before = (cpu_seconds(relay.pid), cpu_seconds(daemon.worker.pid))
-    dropped = False
-    connection = http.client.HTTPConnection(HOST, port, timeout=30 + count / rate)
-    try:
-        headers = {"Accept": "text/event-stream"}
-        if cookie is not None:
-            headers["Cookie"] = cookie
-        connection.request("GET", path, headers=headers)
-        response = connection.getresponse()
-        if response.status != 200:
-            raise WorkerError(f"{path}: HTTP {response.status}: {response.read(200)!r}")
-        # The feed opens with a "retry:" hint: once it is here, the subscription is live.
-        while response.readline() not in (b"\n", b""):
-            pass
-        daemon.worker.send({"cmd": "publish", "rate": rate, "count": count})
-        latencies: list[float] = []
-        seen = 0
-        while seen < count:
-            line = response.readline()
-            if not line:
-                raise WorkerError(f"{path}: the feed ended after {seen} of {count} events")
-            if line.startswith(b"event: dropped"):
-                dropped = True
-                break
-            if not line.startswith(b"data: "):
-                continue
-            arrived = time.time()
-            event = json.loads(line[6:])
-            if event.get("type") != "message":
-                continue
-            if event["data"]["seq"] != seen:
-                raise WorkerError(f"{path}: event {event['data']['seq']} came as number {seen}")
-            seen += 1
-            if seen > WARMUP_EVENTS:
-                latencies.append((arrived - float(event["time"])) * 1000.0)
-        daemon.worker.expect_event("published", 30 + count / rate)
-    finally:
-        connection.close()
+    latencies, seen, dropped = trio.run(_subscribe_and_time, daemon, route, rate, count)
     thousands = max(seen, 1) / 1000.0
     return Phase(
         latencies_ms=latencies,
@@ -148,7 +161,8 @@ def run_phase(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, int, float, int]:
+    """The options, the runs, the seconds per phase and the events per phase."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--rate", type=float, default=1000.0, help="events per second (1000)")
@@ -159,56 +173,75 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate <= 0 or seconds <= 0:
         parser.error("--rate and --seconds must be positive")
     count = max(WARMUP_EVENTS + 1, round(args.rate * seconds))
-    machine = describe_machine()
-    print(machine_line(machine))
-    print(
-        f"{args.rate:g} events/s for {seconds:g} s per phase ({count} events, first "
-        f"{WARMUP_EVENTS} not counted); {runs} runs, median shown"
+    return args, runs, seconds, count
+
+
+def measure(bench: Bench, runs: int, rate: float, count: int) -> dict[str, list[Phase]]:
+    """The relay and the daemon; a short warm-up phase per path, then ``runs`` phases of each
+    (order alternating)."""
+    relay = bench.start_relay()
+    [credentials] = bench.credentials()
+    daemon = bench.start_daemon(relay, credentials, DAEMON_ID)
+    routes: dict[str, tuple[int, str, str | None]] = {
+        "direct": (daemon.port, "/events/stream", None),
+        "relay": (relay.port, f"/d/{DAEMON_ID}/events/stream", credentials.cookie),
+    }
+    # One short phase each first: code paths and connections warm up outside the figures.
+    for route in routes.values():
+        run_phase(relay, daemon, route, rate, WARMUP_EVENTS + 1)
+    phases: dict[str, list[Phase]] = {"direct": [], "relay": []}
+    for run in range(runs):
+        order = ["direct", "relay"] if run % 2 == 0 else ["relay", "direct"]
+        for name in order:
+            phases[name].append(run_phase(relay, daemon, routes[name], rate, count))
+    return phases
+
+
+@attrs.frozen(kw_only=True)
+class Summary:
+    """The medians per path, the relay's added latency per run, and the dropped feeds."""
+
+    paths: dict[str, dict[str, float]]
+    added_p50: list[float]
+    added_p99: list[float]
+    drops: dict[str, int]
+
+
+def summarize(phases: dict[str, list[Phase]]) -> Summary:
+    pairs = list(zip(phases["direct"], phases["relay"], strict=True))
+    return Summary(
+        paths={
+            name: {
+                "p50_ms": median([p.p50 for p in phases[name]]),
+                "p99_ms": median([p.p99 for p in phases[name]]),
+                "max_ms": median([p.max for p in phases[name]]),
+                "relay_cpu_s_per_1000_events": median([p.relay_cpu_per_1000 for p in phases[name]]),
+                "daemon_cpu_s_per_1000_events": median(
+                    [p.daemon_cpu_per_1000 for p in phases[name]]
+                ),
+            }
+            for name in phases
+        },
+        added_p50=[r.p50 - d.p50 for d, r in pairs],
+        added_p99=[r.p99 - d.p99 for d, r in pairs],
+        drops={name: sum(p.dropped for p in phases[name]) for name in phases},
     )
 
-    phases: dict[str, list[Phase]] = {"direct": [], "relay": []}
-    with Bench(NAME, profile=args.profile) as bench:
-        relay = bench.start_relay()
-        [credentials] = bench.credentials()
-        daemon = bench.start_daemon(relay, credentials, DAEMON_ID)
-        targets: dict[str, tuple[int, str, str | None]] = {
-            "direct": (daemon.port, "/events/stream", None),
-            "relay": (relay.port, f"/d/{DAEMON_ID}/events/stream", credentials.cookie),
-        }
-        # One short phase each first: code paths and connections warm up outside the figures.
-        for port, path, cookie in targets.values():
-            run_phase(relay, daemon, port, path, cookie, args.rate, WARMUP_EVENTS + 1)
-        for run in range(runs):
-            order = ["direct", "relay"] if run % 2 == 0 else ["relay", "direct"]
-            for name in order:
-                port, path, cookie = targets[name]
-                phases[name].append(run_phase(relay, daemon, port, path, cookie, args.rate, count))
 
-    added_p50 = [r.p50 - d.p50 for d, r in zip(phases["direct"], phases["relay"], strict=True)]
-    added_p99 = [r.p99 - d.p99 for d, r in zip(phases["direct"], phases["relay"], strict=True)]
-    summary: dict[str, dict[str, float]] = {
-        name: {
-            "p50_ms": median([p.p50 for p in phases[name]]),
-            "p99_ms": median([p.p99 for p in phases[name]]),
-            "max_ms": median([p.max for p in phases[name]]),
-            "relay_cpu_s_per_1000_events": median([p.relay_cpu_per_1000 for p in phases[name]]),
-            "daemon_cpu_s_per_1000_events": median([p.daemon_cpu_per_1000 for p in phases[name]]),
-        }
-        for name in phases
-    }
-    drops = {name: sum(p.dropped for p in phases[name]) for name in phases}
+def print_summary(summary: Summary, runs: int) -> None:
+    paths = summary.paths
     rows = [
         [
             name,
-            fmt(summary[name]["p50_ms"], 3),
-            fmt(summary[name]["p99_ms"], 3),
-            fmt(summary[name]["max_ms"], 3),
-            f"{drops[name]}/{runs}",
-            fmt(summary[name]["relay_cpu_s_per_1000_events"], 3),
-            fmt(summary[name]["daemon_cpu_s_per_1000_events"], 3),
-            fmt(median(added_p50), 3) if name == "relay" else "",
-            fmt(median(added_p99), 3) if name == "relay" else "",
-            fmt(ratio(summary["relay"]["p50_ms"], summary["direct"]["p50_ms"]), 2)
+            fmt(paths[name]["p50_ms"], 3),
+            fmt(paths[name]["p99_ms"], 3),
+            fmt(paths[name]["max_ms"], 3),
+            f"{summary.drops[name]}/{runs}",
+            fmt(paths[name]["relay_cpu_s_per_1000_events"], 3),
+            fmt(paths[name]["daemon_cpu_s_per_1000_events"], 3),
+            fmt(median(summary.added_p50), 3) if name == "relay" else "",
+            fmt(median(summary.added_p99), 3) if name == "relay" else "",
+            fmt(ratio(paths["relay"]["p50_ms"], paths["direct"]["p50_ms"]), 2)
             if name == "relay"
             else "",
         ]
@@ -230,32 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
-    if any(drops.values()):
+    if any(summary.drops.values()):
         print(
             "note: a dropped feed fell more than the daemon's subscriber buffer behind: that "
             "path did not keep up with the rate (its latencies are those up to the drop)"
         )
-    goals = [
-        goal(
-            "SSE added latency p50 (ms)",
-            median(added_p50),
-            GOAL_ADDED_P50_MS,
-            at_least=False,
-            unit=" ms",
-        ),
-        goal(
-            f"SSE feeds through the relay that kept up with {args.rate:g} events/s",
-            (runs - drops["relay"]) / runs,
-            1.0,
-            at_least=True,
-        ),
-    ]
-    print()
-    print_goals(goals)
+
+
+def figures_of(phases: dict[str, list[Phase]], summary: Summary) -> dict[str, Any]:
     figures: dict[str, Any] = {
         name: {
-            **{key: rounded(value) for key, value in summary[name].items()},
-            "feeds_dropped": drops[name],
+            **{key: rounded(value) for key, value in summary.paths[name].items()},
+            "feeds_dropped": summary.drops[name],
             "runs_p50_ms": [round(p.p50, 3) for p in phases[name]],
             "runs_p99_ms": [round(p.p99, 3) for p in phases[name]],
             "runs_events": [p.events for p in phases[name]],
@@ -263,30 +282,58 @@ def main(argv: list[str] | None = None) -> int:
         for name in phases
     }
     figures["added"] = {
-        "p50_ms": rounded(median(added_p50)),
-        "p99_ms": rounded(median(added_p99)),
-        "runs_p50_ms": [round(v, 3) for v in added_p50],
-        "runs_p99_ms": [round(v, 3) for v in added_p99],
+        "p50_ms": rounded(median(summary.added_p50)),
+        "p99_ms": rounded(median(summary.added_p99)),
+        "runs_p50_ms": [round(v, 3) for v in summary.added_p50],
+        "runs_p99_ms": [round(v, 3) for v in summary.added_p99],
     }
     figures["relay_vs_direct_p50"] = rounded(
-        ratio(summary["relay"]["p50_ms"], summary["direct"]["p50_ms"])
+        ratio(summary.paths["relay"]["p50_ms"], summary.paths["direct"]["p50_ms"])
     )
-    written = write_results(
-        NAME,
-        {
-            "bench": NAME,
-            "machine": machine,
-            "quick": args.quick,
-            "runs": runs,
-            "rate_per_s": args.rate,
-            "events_per_phase": count,
-            "warmup_events": WARMUP_EVENTS,
-            "figures": figures,
-            "goals": goals,
-        },
-        args.output,
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, runs, seconds, count = _parse(argv)
+    machine = describe_machine()
+    print(machine_line(machine))
+    print(
+        f"{args.rate:g} events/s for {seconds:g} s per phase ({count} events, first "
+        f"{WARMUP_EVENTS} not counted); {runs} runs, median shown"
     )
-    print(f"wrote {written}")
+    with Bench(NAME, profile=args.profile) as bench:
+        phases = measure(bench, runs, args.rate, count)
+    summary = summarize(phases)
+    print_summary(summary, runs)
+    goals = [
+        goal(
+            "SSE added latency p50 (ms)",
+            median(summary.added_p50),
+            GOAL_ADDED_P50_MS,
+            at_least=False,
+            unit=" ms",
+        ),
+        goal(
+            f"SSE feeds through the relay that kept up with {args.rate:g} events/s",
+            (runs - summary.drops["relay"]) / runs,
+            1.0,
+            at_least=True,
+        ),
+    ]
+    print()
+    print_goals(goals)
+    payload = {
+        "bench": NAME,
+        "machine": machine,
+        "quick": args.quick,
+        "runs": runs,
+        "rate_per_s": args.rate,
+        "events_per_phase": count,
+        "warmup_events": WARMUP_EVENTS,
+        "figures": figures_of(phases, summary),
+        "goals": goals,
+    }
+    print(f"wrote {write_results(NAME, payload, args.output)}")
     return 0
 
 
