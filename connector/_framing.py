@@ -4,8 +4,20 @@ The connector forwards a tunneled request and its response as raw bytes. To reus
 to the daemon for the next request it must know exactly where each message ends, without
 re-encoding it: :class:`MessageFramer` is fed the bytes as they pass and says how many of them
 belong to the message and whether the connection may carry another one. It is sans-IO (no
-sockets, no clock) and parses only what framing needs: the start line, ``Content-Length``,
-``Transfer-Encoding``, ``Connection`` and the chunked encoding (RFC 9112, sections 6 and 7).
+sockets, no clock) and parses only what framing needs: the start line, the shape of every
+header field, ``Content-Length``, ``Transfer-Encoding``, ``Connection``, ``Host``, ``Upgrade``
+and the chunked encoding (RFC 9112, sections 6 and 7).
+
+The parsers on either side of the connector are h11's (the relay reads responses with it, the
+daemon's server reads requests with it), so the framer agrees with h11: wherever h11 reads a
+message, the framer ends it at the same byte with the same keep-alive decision, or refuses it
+(``tests/connector/test_framing_vs_h11.py`` holds it to that). It is stricter than h11 where
+parsers are known to disagree (a bare CR or LF, a folded line, a list in ``Content-Length``,
+any transfer coding but ``chunked`` in a request). It departs from h11 in two ways RFC 9112
+defines and h11 does not implement, neither of which can make the two disagree on a message
+both accept: whitespace before a chunk extension's ``;`` (section 7.1.1), and a response whose
+transfer codings are not ``chunked`` alone (section 6.3: chunked framing if ``chunked`` comes
+last, else the body runs until the connection closes).
 
 Anything it does not understand raises :class:`FramingError`; the caller then stops reusing
 the connection (a request it cannot frame goes to the daemon on a connection of its own).
@@ -23,10 +35,24 @@ MAX_CHUNK_LINE = 4 * 1024
 
 #: Bytes of a read first searched for the end of a chunk-size or trailer line.
 _LINE_PROBE = 128
-_TOKEN_LIST = re.compile(rb"\s*,\s*")
-_RESPONSE_LINE = re.compile(rb"^HTTP/1\.([01]) (\d{3})(?: .*)?$", re.DOTALL)
-_REQUEST_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.([01])$")
-_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?$", re.DOTALL)
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_TOKEN_ONLY = re.compile(_TOKEN)
+#: Request and status lines, matched whole (the head holds no CR or LF inside a line).
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]+ HTTP/1\.([01])")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: .*)?")
+#: Every line of a head after the start line: a field name, a colon, a value (no folding).
+_FIELD_LINES = re.compile(rb"(?:\r\n" + _TOKEN + rb":[^\r\n]*+)*+")
+#: The fields the framing depends on, at the start of a line of the head.
+_FRAMING_FIELD = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection|host|upgrade):([^\r\n]*)", re.IGNORECASE
+)
+#: A chunk-size line: the size, optional whitespace, optional extensions (read past, never
+#: parsed: no CR, LF or NUL in them).
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n\x00]*)?")
+_TRAILER_FIELD = re.compile(rb"(" + _TOKEN + rb"):[^\r\n\x00\x0b\x0c]*")
+#: Fields that frame a message, and so may not come as trailers (RFC 9110, section 6.5.1).
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
+_CR = 0x0D
 
 
 class FramingError(Exception):
@@ -44,6 +70,54 @@ class _Phase(enum.Enum):
     DONE = "done"
 
 
+class _Fields:
+    """What a head's framing fields say (each value stripped of its optional whitespace)."""
+
+    def __init__(self, fields: bytes) -> None:
+        self.lengths: list[bytes] = []
+        #: The token list of each ``Transfer-Encoding`` field, lowercased.
+        self.codings: list[list[bytes]] = []
+        self.connection: list[bytes] = []
+        self.hosts = 0
+        self.upgrade = False
+        for match in _FRAMING_FIELD.finditer(fields):
+            name = match.group(1).lower()
+            value = match.group(2)
+            if name == b"content-length":
+                self.lengths.append(value.strip(b" \t"))
+            elif name == b"transfer-encoding":
+                self.codings.append(_tokens(value))
+            elif name == b"connection":
+                self.connection.extend(_tokens(value))
+            elif name == b"host":
+                self.hosts += 1
+            else:
+                self.upgrade = True
+
+    def content_length(self) -> int | None:
+        """The declared length, or ``None`` without one. Raises :class:`FramingError` unless
+        every ``Content-Length`` is the same string of at most 18 digits."""
+        lengths = self.lengths
+        if not lengths:
+            return None
+        first = lengths[0]
+        if any(value != first for value in lengths) or not first.isdigit():
+            raise FramingError("invalid Content-Length")
+        if len(first) > 18:
+            raise FramingError("Content-Length too large")
+        return int(first)
+
+    def response_codings(self) -> list[bytes]:
+        """Every transfer coding of a response, in order. Raises :class:`FramingError` on an
+        empty field or a coding that is not a bare token."""
+        codings = [coding for field in self.codings for coding in field]
+        if any(not field for field in self.codings) or not all(
+            _TOKEN_ONLY.fullmatch(coding) for coding in codings
+        ):
+            raise FramingError("invalid Transfer-Encoding")
+        return codings
+
+
 class MessageFramer:
     """Follows one request (``for_request=True``) or one response through a byte stream.
 
@@ -51,8 +125,9 @@ class MessageFramer:
     :attr:`complete` is true the rest (if any) lies beyond it. For a response, ``request_method``
     is the method of the request it answers (a response to ``HEAD`` has no body). Interim (1xx)
     responses are passed over: the message ends with the final response. ``101 Switching
-    Protocols`` is refused with :class:`FramingError`, since after it the bytes are no longer
-    HTTP.
+    Protocols``, a 2xx answer to ``CONNECT`` and a request that may switch protocols (``CONNECT``
+    or an ``Upgrade`` field) are refused with :class:`FramingError`, since after them the bytes
+    may no longer be HTTP.
     """
 
     def __init__(self, *, for_request: bool, request_method: bytes = b"GET") -> None:
@@ -123,9 +198,19 @@ class MessageFramer:
 
     def _take_head(self, view: memoryview) -> int:
         line = self._line
-        start = max(0, len(line) - 3)
+        kept = len(line)
+        if not kept and view[0] < 0x21:
+            # No start line begins with a control character or a space (h11 refuses as early).
+            line_kind = "request" if self._for_request else "status"
+            raise FramingError(f"malformed {line_kind} line: a space or control character first")
         line += view
-        end = line.find(b"\r\n\r\n", start)
+        end = line.find(b"\r\n\r\n", max(0, kept - 3))
+        # Check the new bytes of the head, from a CR left unchecked last time (it may have been
+        # the first half of a CRLF) up to the end of the head, or to a final CR that may be.
+        start = kept - 1 if kept and line[kept - 1] == _CR else kept
+        stop = end + 4 if end >= 0 else len(line) - line.endswith(b"\r")
+        if not _plain_lines(line[start:stop]):
+            raise FramingError("malformed head: a bare CR or LF, a NUL, VT or FF")
         if end < 0:
             if len(line) > MAX_HEAD_SIZE:
                 raise FramingError("message head too large")
@@ -139,70 +224,80 @@ class MessageFramer:
         return used
 
     def _parse_head(self, head: bytes) -> None:
-        start, _, fields = head.partition(b"\r\n")
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
-        connection: list[bytes] = []
-        for field in fields.split(b"\r\n") if fields else ():
-            name, colon, value = field.partition(b":")
-            if not colon or not name or name != name.strip() or b" " in name:
-                raise FramingError("malformed header field")
-            lowered = name.lower()
-            if lowered == b"content-length":
-                lengths.append(value.strip())
-            elif lowered == b"transfer-encoding":
-                codings.extend(_tokens(value))
-            elif lowered == b"connection":
-                connection.extend(_tokens(value))
+        start_end = head.find(b"\r\n")
+        if start_end < 0:
+            start_end = len(head)
+        start, fields = head[:start_end], head[start_end:]
         if self._for_request:
-            match = _REQUEST_LINE.match(start)
-            if match is None:
-                raise FramingError("malformed request line")
-            self.method = match.group(1)
-            minor = match.group(3)
+            self._parse_request(start, fields)
         else:
-            match = _RESPONSE_LINE.match(start)
-            if match is None:
-                raise FramingError("malformed status line")
-            minor = match.group(1)
-            status = int(match.group(2))
-            if status == 101:
-                raise FramingError("the connection switches protocols")
-            if 100 <= status < 200:
-                return  # interim response: the final one follows (phase stays HEAD)
-            self.status = status
-        if minor != b"1" or b"close" in connection:
-            self._keep_alive = False
-        self._choose_body(lengths, codings)
+            self._parse_response(start, fields)
 
-    def _choose_body(self, lengths: list[bytes], codings: list[bytes]) -> None:
-        if not self._for_request and (self._request_method == b"HEAD" or self.status in (204, 304)):
+    def _parse_request(self, start: bytes, raw_fields: bytes) -> None:
+        match = _REQUEST_LINE.fullmatch(start)
+        if match is None:
+            raise FramingError("malformed request line")
+        fields = _parse_fields(raw_fields)
+        method, minor = match.group(1), match.group(2)
+        self.method = method
+        if fields.hosts > 1 or (minor == b"1" and not fields.hosts):
+            raise FramingError("a request has exactly one Host field (none in HTTP/1.0)")
+        if method == b"CONNECT" or fields.upgrade:
+            raise FramingError("the request may switch protocols")
+        self._keep_alive = minor == b"1" and b"close" not in fields.connection
+        if fields.codings:
+            if fields.lengths:
+                raise FramingError("both Content-Length and Transfer-Encoding")
+            if fields.codings != [[b"chunked"]]:
+                raise FramingError("a request body must end with the chunked coding, alone")
+            self._phase = _Phase.CHUNK_SIZE
+            return
+        length = fields.content_length()
+        # A request without framing fields has no body.
+        self._start_length(length or 0)
+
+    def _parse_response(self, start: bytes, raw_fields: bytes) -> None:
+        match = _STATUS_LINE.fullmatch(start)
+        if match is None:
+            raise FramingError("malformed status line")
+        status = int(match.group(2))
+        if status < 100:
+            raise FramingError("malformed status line: a status code under 100")
+        fields = _parse_fields(raw_fields)
+        # Checked whatever the status: h11 refuses a malformed one even where it frames nothing.
+        length = fields.content_length()
+        codings = fields.response_codings()
+        if status == 101 or (self._request_method == b"CONNECT" and 200 <= status < 300):
+            raise FramingError("the connection switches protocols")
+        if status < 200:
+            return  # interim response: the final one follows (phase stays HEAD)
+        self.status = status
+        self._keep_alive = match.group(1) == b"1" and b"close" not in fields.connection
+        if self._request_method == b"HEAD" or status in (204, 304):
             self._phase = _Phase.DONE
             return
         if codings:
-            if lengths:
+            if fields.lengths:
                 raise FramingError("both Content-Length and Transfer-Encoding")
-            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                if self._for_request:
-                    raise FramingError("a request body must end with the chunked coding")
-                self._keep_alive = False
-                self._phase = _Phase.UNTIL_CLOSE
-                return
-            self._phase = _Phase.CHUNK_SIZE
+            if codings[-1] != b"chunked":
+                self._until_close()
+            elif codings.count(b"chunked") != 1:
+                raise FramingError("the chunked coding applied twice")
+            else:
+                self._phase = _Phase.CHUNK_SIZE
             return
-        if lengths:
-            if any(value != lengths[0] for value in lengths) or not lengths[0].isdigit():
-                raise FramingError("invalid Content-Length")
-            if len(lengths[0]) > 18:
-                raise FramingError("Content-Length too large")
-            self._remaining = int(lengths[0])
-            self._phase = _Phase.LENGTH if self._remaining else _Phase.DONE
-            return
-        if self._for_request:
-            self._phase = _Phase.DONE  # a request without framing headers has no body
+        if length is None:
+            self._until_close()
         else:
-            self._keep_alive = False
-            self._phase = _Phase.UNTIL_CLOSE
+            self._start_length(length)
+
+    def _start_length(self, length: int) -> None:
+        self._remaining = length
+        self._phase = _Phase.LENGTH if length else _Phase.DONE
+
+    def _until_close(self) -> None:
+        self._keep_alive = False
+        self._phase = _Phase.UNTIL_CLOSE
 
     def _take_chunk_crlf(self, view: memoryview) -> int:
         line = self._line
@@ -217,36 +312,48 @@ class MessageFramer:
 
     def _take_line(self, view: memoryview) -> int:
         line = self._line
-        start = max(0, len(line) - 1)
         kept = len(line)
         # Copy only as much of the read as a line may still take: a short probe first (chunk
         # size lines are short), then up to the bound. Appending the whole read for every line
         # would copy a read once per chunk in it.
         limit = MAX_CHUNK_LINE + 2 - kept
-        end = -1
+        newline = -1
         for size in (min(limit, _LINE_PROBE), limit):
             del line[kept:]
             line += view[:size]
-            end = line.find(b"\r\n", start)
-            if end >= 0 or size >= len(view):
+            # The kept part holds no LF: the line would have ended there.
+            newline = line.find(b"\n", kept)
+            if newline >= 0 or size >= len(view):
                 break
-        if end < 0:
+        if newline < 0:
             # A final CR may be the start of the line's CRLF: it does not count.
             if len(line) - line.endswith(b"\r") > MAX_CHUNK_LINE:
                 raise FramingError(f"{self._phase.value} too long")
             return len(line) - kept
+        if not newline or line[newline - 1] != _CR:
+            # h11 ends a trailer section at a bare LF: the two would part here.
+            raise FramingError(f"a bare LF in the {self._phase.value}")
+        end = newline - 1
         if end > MAX_CHUNK_LINE:
             raise FramingError(f"{self._phase.value} too long")
-        used = end + 2 - kept
         text = bytes(line[:end])
         self._line = bytearray()
         if self._phase is _Phase.TRAILERS:
-            if not text:
-                self._phase = _Phase.DONE
-            elif b":" not in text:
-                raise FramingError("malformed trailer field")
-            return used
-        match = _CHUNK_SIZE.match(text)
+            self._trailer_line(text)
+        else:
+            self._chunk_size_line(text)
+        return newline + 1 - kept
+
+    def _trailer_line(self, text: bytes) -> None:
+        if not text:
+            self._phase = _Phase.DONE
+            return
+        match = _TRAILER_FIELD.fullmatch(text)
+        if match is None or match.group(1).lower() in _FRAMING_NAMES:
+            raise FramingError("malformed trailer field")
+
+    def _chunk_size_line(self, text: bytes) -> None:
+        match = _CHUNK_SIZE.fullmatch(text)
         if match is None:
             raise FramingError("malformed chunk size")
         size = int(match.group(1), 16)
@@ -255,8 +362,30 @@ class MessageFramer:
             self._phase = _Phase.CHUNK_DATA
         else:
             self._phase = _Phase.TRAILERS
-        return used
+
+
+def _parse_fields(fields: bytes) -> _Fields:
+    """The framing fields of the lines after a start line (each line led by its CRLF).
+    Raises :class:`FramingError` unless every line is a well-formed field."""
+    if _FIELD_LINES.fullmatch(fields) is None:
+        raise FramingError("malformed header field")
+    return _Fields(fields)
+
+
+def _plain_lines(data: bytes | bytearray) -> bool:
+    """Whether ``data`` holds no CR or LF outside a CRLF pair (h11 ends a line at a bare LF,
+    other parsers do not) and no NUL, VT or FF (no field value may hold them)."""
+    pairs = data.count(b"\r\n")
+    return (
+        data.count(b"\r") == pairs
+        and data.count(b"\n") == pairs
+        and b"\x00" not in data
+        and b"\x0b" not in data
+        and b"\x0c" not in data
+    )
 
 
 def _tokens(value: bytes) -> list[bytes]:
-    return [token.lower() for token in _TOKEN_LIST.split(value.strip()) if token]
+    """The elements of a comma-separated list, lowercased, empty ones dropped (as h11 reads
+    ``Connection`` and ``Transfer-Encoding``)."""
+    return [token for token in (part.strip(b" \t") for part in value.lower().split(b",")) if token]

@@ -6,7 +6,8 @@ request (no upgrade) goes over a kept-alive connection, whose reuse needs only t
 the messages (see :mod:`connector._exchange`); a mesh request is framed the same way but closes
 its connection after the response; anything else (a WebSocket upgrade, a request the framer
 cannot follow) gets a TCP connection of its own, spliced both ways without another look, so
-upgraded WebSockets flow through untouched.
+upgraded WebSockets flow through untouched. Whether a connection to the daemon stays open is
+the connector's decision alone (see :func:`rewrite_head`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import logging
 import re
 from collections.abc import Collection
 
+import attrs
 import trio
 
+from common import is_daemon_id, reason_phrase
 from mux import MuxStream, splice
 from protocol import ErrorCode
 
@@ -37,9 +40,6 @@ _MESH_HEADER = MESH_FROM_HEADER.lower().encode()
 #: Parsers disagree on those (h11 accepts a bare LF as a line end), so a header hidden behind
 #: one could pass the connector's checks and still reach the daemon.
 _AMBIGUOUS_HEAD = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n|\r\n[ \t]")
-_UPGRADE = re.compile(rb"\r\nupgrade[ \t]*:", re.IGNORECASE)
-#: What a daemon id looks like (the relay enforces the same on `/ws/relay`).
-DAEMON_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class HeadError(Exception):
@@ -84,10 +84,16 @@ def parse_request_line(head: bytes) -> tuple[str, str]:
 
 
 def rewrite_head(head: bytes, *, mesh_from: str | None, keep_alive: bool = False) -> bytes:
-    """Drop any mesh header the sender supplied; on a mesh stream add ours, and force
-    ``Connection: close`` so the stream carries exactly one request (the one checked against
-    the allowlist) and nothing can follow it to the daemon unchecked. With ``keep_alive`` (a
-    request for a kept connection) the ``Connection`` header goes, so the daemon keeps it open.
+    """The head as the daemon gets it. Any mesh header the sender supplied goes; a mesh stream
+    gets ours.
+
+    ``Connection`` speaks for the hop a request arrived on (the stream, which carries one
+    request and ends with it), and the connector alone decides the hop to the daemon. With
+    ``keep_alive`` (a request for a kept connection) no ``Connection`` header goes, whatever
+    the sender wrote (the relay writes none), so the daemon keeps the connection open. A mesh
+    request gets ``Connection: close``, so its connection carries exactly one request (the one
+    checked against the allowlist) and nothing can follow it to the daemon unchecked. A request
+    on a connection of its own keeps its header (an upgrade needs its ``Connection: Upgrade``).
     """
     lines = head[:-4].split(b"\r\n")
     kept = [lines[0]]
@@ -108,12 +114,7 @@ async def answer(
 ) -> None:
     """Write a complete JSON error response on the stream and close our side."""
     body = json.dumps({"error": error, "detail": detail}).encode()
-    reason = {
-        400: "Bad Request",
-        403: "Forbidden",
-        431: "Request Header Fields Too Large",
-        502: "Bad Gateway",
-    }.get(status, "Error")
+    reason = reason_phrase(status)
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
@@ -127,15 +128,24 @@ async def answer(
 
 def framer_for(head: bytes) -> MessageFramer | None:
     """A request framer that has read ``head``, or ``None`` if the request must have a
-    connection of its own (an upgrade, or framing the connector does not follow)."""
-    if _UPGRADE.search(head):
-        return None
+    connection of its own: the framer refuses an upgrade (or ``CONNECT``), and framing it
+    does not follow."""
     framer = MessageFramer(for_request=True)
     try:
         framer.feed(head)
     except FramingError:
         return None
     return framer
+
+
+@attrs.frozen
+class _Request:
+    """A checked request, ready for the daemon: its rewritten ``head``, the bytes that
+    followed it on the stream, and its framer (``None``: a connection of its own)."""
+
+    head: bytes
+    rest: bytes
+    framer: MessageFramer | None
 
 
 async def pipe_to_daemon(
@@ -154,19 +164,21 @@ async def pipe_to_daemon(
     if kind not in ("http", "mesh"):
         stream.reset(ErrorCode.FORBIDDEN)
         return
+    request = await _receive_request(stream, kind, mesh_allowlist)
+    if request is not None:
+        await _carry(stream, pool, request)
+
+
+async def _receive_request(
+    stream: MuxStream, kind: str, mesh_allowlist: Collection[tuple[str, str]]
+) -> _Request | None:
+    """Read and check the request head of ``stream``. Returns ``None`` once the stream has
+    been answered (a refused head) or reset (no head in time)."""
     try:
         with trio.fail_after(HEAD_TIMEOUT):
             head, rest = await read_head(stream)
         method, path = parse_request_line(head)
-        mesh_from: str | None = None
-        if kind == "mesh":
-            mesh_from = stream.metadata.get("from", "")
-            if not DAEMON_ID.match(mesh_from):
-                raise HeadError(400, "bad_request", "The mesh stream names no valid sender.")
-            if (method, path) not in mesh_allowlist:
-                raise HeadError(
-                    403, "forbidden", f"{method} {path} is not reachable from other daemons."
-                )
+        mesh_from = _mesh_sender(stream, method, path, mesh_allowlist) if kind == "mesh" else None
         # Mesh requests are framed too (with `Connection: close`, so their connection is not
         # kept): the exchange ends the stream when the response is complete, and a sender's
         # half-close after its request is never passed on to the daemon. Spliced raw, that
@@ -179,16 +191,35 @@ async def pipe_to_daemon(
     except HeadError as exc:
         await answer(stream, exc.status, exc.error, exc.detail)
         await trio.aclose_forcefully(stream)
-        return
+        return None
     except trio.TooSlowError:
         stream.reset(ErrorCode.CANCEL)
-        return
+        return None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await trio.aclose_forcefully(stream)
-        return
+        return None
+    return _Request(head, rest, framer)
+
+
+def _mesh_sender(
+    stream: MuxStream, method: str, path: str, mesh_allowlist: Collection[tuple[str, str]]
+) -> str:
+    """The daemon a mesh stream comes from, as the relay named it. Raises :class:`HeadError`
+    for a malformed sender or a route outside ``mesh_allowlist``."""
+    sender = stream.metadata.get("from", "")
+    if not is_daemon_id(sender):
+        raise HeadError(400, "bad_request", "The mesh stream names no valid sender.")
+    if (method, path) not in mesh_allowlist:
+        raise HeadError(403, "forbidden", f"{method} {path} is not reachable from other daemons.")
+    return sender
+
+
+async def _carry(stream: MuxStream, pool: DaemonPool, request: _Request) -> None:
+    """Carry a checked request to the daemon (a kept connection if it is framed, else a new
+    one spliced to the stream) and the response back; 502 if the daemon cannot be reached."""
     try:
-        if framer is not None:
-            await pooled_exchange(stream, pool, head, rest, framer)
+        if request.framer is not None:
+            await pooled_exchange(stream, pool, request.head, request.rest, request.framer)
             return
         daemon = await pool.fresh()
     except (OSError, ExchangeError) as exc:
@@ -197,7 +228,7 @@ async def pipe_to_daemon(
         await trio.aclose_forcefully(stream)
         return
     try:
-        await daemon.send_all(head + rest)
+        await daemon.send_all(request.head + request.rest)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         stream.reset(ErrorCode.UPSTREAM_FAILED)
         await trio.aclose_forcefully(daemon)

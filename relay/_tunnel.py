@@ -24,7 +24,7 @@ from wsproto.connection import ConnectionState
 from wsproto.utilities import ProtocolError
 
 from mux import MuxStream, SessionClosed
-from protocol import ErrorCode
+from protocol import CloseCode, ErrorCode
 
 from ._asgi_transport import Receive, Send
 from ._context import Relay, header
@@ -376,13 +376,25 @@ class HttpExchange:
         self._head_wait = trio.CancelScope()
         self._head_received = False
 
-    async def run(self, *, has_length: bool) -> None:
-        out_headers = forwarded_headers(self.relay, self.scope)
-        out_headers.insert(0, (b"host", b"repowire-daemon"))
-        out_headers.append((b"connection", b"close"))
+    def request(self, *, has_length: bool) -> h11.Request:
+        """The request head the stream carries.
+
+        It says nothing about keeping a connection alive: the stream carries this one
+        exchange and ends with it (:func:`tunnel_http` closes it once the response is through,
+        whatever h11's state), and whether the connector's connection to the daemon stays open
+        is the connector's decision alone. h11 therefore ends a complete exchange with both
+        sides ``DONE`` (not ``MUST_CLOSE``); nothing starts another cycle on it, and nothing
+        is read from the stream after the response's end, which h11 finds by the response's
+        own framing (its length, its chunks, or the stream's end for a response with neither).
+        """
+        headers = forwarded_headers(self.relay, self.scope)
+        headers.insert(0, (b"host", b"repowire-daemon"))
         if self.method not in BODYLESS_METHODS and not has_length:
-            out_headers.append((b"transfer-encoding", b"chunked"))
-        request = h11.Request(method=self.method, target=self.target, headers=out_headers)
+            headers.append((b"transfer-encoding", b"chunked"))
+        return h11.Request(method=self.method, target=self.target, headers=headers)
+
+    async def run(self, *, has_length: bool) -> None:
+        request = self.request(has_length=has_length)
         failure: str | None = None
         too_large = timed_out = head_timed_out = False
         try:
@@ -542,7 +554,9 @@ MAX_REJECTION_BODY = 64 * 1024
 #: one bounds getting a stream, this one the daemon's own handler, which may do some work.
 UPGRADE_ANSWER_TIMEOUT = 30.0
 #: WebSocket close code for a message over ``settings.max_websocket_message_size``.
-WS_MESSAGE_TOO_BIG = 1009
+WS_MESSAGE_TOO_BIG = CloseCode.MESSAGE_TOO_BIG
+#: Seconds the daemon has to answer a close the browser started before the bridge ends.
+BROWSER_CLOSE_GRACE = 2.0
 
 
 async def deny_websocket(
@@ -586,7 +600,7 @@ async def tunnel_websocket(
             relay.metrics.streams_total.labels("websocket").inc()
             relay.metrics.streams_open.inc()
             try:
-                await _bridge(relay, scope, receive, send, stream, target)
+                await WebSocketBridge(relay, scope, receive, send, stream, target).run()
             except BaseException:
                 stream.reset(ErrorCode.CANCEL)  # as for HTTP: the daemon learns at once
                 raise
@@ -597,181 +611,257 @@ async def tunnel_websocket(
         await deny_websocket(send, scope, refused.status, refused.error, refused.detail)
 
 
-async def _bridge(
-    relay: Relay,
-    scope: dict[str, Any],
-    receive: Receive,
-    send: Send,
-    stream: MuxStream,
-    target: bytes,
-) -> None:
-    conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    subprotocols: list[str] = list(scope.get("subprotocols") or [])
-    extra = [
-        (k, v)
-        for k, v in forwarded_headers(relay, scope)
-        if k.lower() not in (b"origin", b"sec-websocket-protocol")
-    ]
-    try:
-        await stream.send_all(
-            conn.send(
-                ws.Request(
-                    host="repowire-daemon",
-                    target=target.decode("latin-1"),
-                    subprotocols=subprotocols,
-                    extra_headers=extra,
-                )
-            )
-        )
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
-        await deny_websocket(send, scope, 502, "daemon_failed", "The daemon failed the upgrade.")
-        return
-    # Wait for the daemon's answer to the upgrade within UPGRADE_ANSWER_TIMEOUT, and watch
-    # the browser meanwhile: a browser that leaves ends the wait at once.
-    answer: ws.AcceptConnection | tuple[int, str] | None = None
-    browser_left = False
+class BridgeState(enum.Enum):
+    """Where one tunneled WebSocket is, towards the browser. Each change is made before the
+    await that acts on it, so a cancelled send still counts as sent."""
 
-    async def watch_browser(cancel: trio.CancelScope) -> None:
-        nonlocal browser_left
+    #: The upgrade goes to the daemon and its answer is awaited; the browser has been sent
+    #: nothing yet.
+    CONNECTING = enum.auto()
+    #: The browser's upgrade is refused (an HTTP answer, or a close before any accept).
+    DENIED = enum.auto()
+    #: The browser is accepted: messages flow both ways.
+    OPEN = enum.auto()
+    #: The browser went away (hypercorn reported its disconnect): nothing more goes to it;
+    #: its close goes on to the daemon.
+    BROWSER_GONE = enum.auto()
+    #: The relay has closed the browser's WebSocket (the daemon closed it, went away or
+    #: failed): nothing more goes to the browser.
+    CLOSED = enum.auto()
+
+
+class _MessageTooBig(Exception):
+    """A tunneled WebSocket message from the daemon grew past the limit."""
+
+
+class WebSocketBridge:
+    """One browser WebSocket bridged to the daemon over ``stream``: the relay is the
+    WebSocket client of the daemon (wsproto) and relays messages and closes to the browser's
+    ASGI connection, while :attr:`state` says what the browser has been sent. :meth:`run`
+    never raises for a failure of the daemon or the stream: the browser is denied or closed,
+    as :attr:`state` allows, and the stream reset."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        stream: MuxStream,
+        target: bytes,
+    ) -> None:
+        self.relay = relay
+        self.scope = scope
+        self.target = target
+        self.stream = stream
+        self._receive = receive
+        self._send = send
+        self.conn = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        self.state = BridgeState.CONNECTING
+        #: The daemon's answer to the upgrade: its accept, or its refusal as (status, detail);
+        #: ``None`` until it has come.
+        self.answer: ws.AcceptConnection | tuple[int, str] | None = None
+        self.limit = relay.settings.max_websocket_message_size
+        self.answer_timeout = UPGRADE_ANSWER_TIMEOUT  # read at call time: tests shorten it
+
+    async def run(self) -> None:
+        if await self._upgrade():
+            await self._relay_messages()
+
+    # ------------------------------------------------------------------ the upgrade
+
+    async def _upgrade(self) -> bool:
+        """Ask the daemon to upgrade, and accept the browser if it does. Returns False when
+        the browser was denied or has left (the stream is reset unless the daemon accepted)."""
+        if not await self._send_upgrade_request() or not await self._await_answer():
+            await self._deny(502, "daemon_failed", "The daemon failed the upgrade.")
+            return False
+        answer = self.answer
+        if not isinstance(answer, ws.AcceptConnection):
+            # Refused, timed out or abandoned: the daemon's side of the stream ends at once.
+            self.stream.reset(ErrorCode.CANCEL)
+        if self.state is BridgeState.BROWSER_GONE:
+            return False
+        if answer is None:
+            timeout = self.answer_timeout
+            detail = f"The daemon did not answer the WebSocket upgrade within {timeout:g} s."
+            await self._deny(504, "daemon_timeout", detail)
+            return False
+        if isinstance(answer, tuple):
+            status, detail = answer
+            await self._deny(status, "upgrade_refused", detail)
+            return False
+        self.state = BridgeState.OPEN
+        await self._send({"type": "websocket.accept", "subprotocol": answer.subprotocol})
+        return True
+
+    async def _send_upgrade_request(self) -> bool:
+        """Write the upgrade request on the stream; False if the stream refused it."""
+        extra = [
+            (k, v)
+            for k, v in forwarded_headers(self.relay, self.scope)
+            if k.lower() not in (b"origin", b"sec-websocket-protocol")
+        ]
+        request = ws.Request(
+            host="repowire-daemon",
+            target=self.target.decode("latin-1"),
+            subprotocols=list(self.scope.get("subprotocols") or []),
+            extra_headers=extra,
+        )
+        try:
+            await self.stream.send_all(self.conn.send(request))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            return False
+        return True
+
+    async def _await_answer(self) -> bool:
+        """Wait for the daemon's answer (:attr:`answer`) within :attr:`answer_timeout`,
+        and watch the browser meanwhile: a browser that leaves ends the wait at once. Returns
+        False if the stream failed."""
+        failed = False
+        try:
+            with trio.move_on_after(self.answer_timeout):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_browser, nursery.cancel_scope)
+                    nursery.start_soon(self._read_answer, nursery.cancel_scope)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            failed = True
+        return not failed
+
+    async def _watch_browser(self, cancel: trio.CancelScope) -> None:
         while True:
             # Before the accept hypercorn delivers nothing but the disconnect.
-            if (await receive())["type"] == "websocket.disconnect":
-                browser_left = True
+            if (await self._receive())["type"] == "websocket.disconnect":
+                self.state = BridgeState.BROWSER_GONE
                 cancel.cancel()
                 return
 
-    async def read_answer(cancel: trio.CancelScope) -> None:
-        nonlocal answer
-        answer = await _upgrade_answer(conn, stream)
+    async def _read_answer(self, cancel: trio.CancelScope) -> None:
+        self.answer = await _upgrade_answer(self.conn, self.stream)
         cancel.cancel()
 
-    timeout = UPGRADE_ANSWER_TIMEOUT
-    failed = False
-    try:
-        with trio.move_on_after(timeout):
+    async def _deny(self, status: int, error: str, detail: str) -> None:
+        self.state = BridgeState.DENIED
+        await deny_websocket(self._send, self.scope, status, error, detail)
+
+    # ------------------------------------------------------------------ messages
+
+    async def _relay_messages(self) -> None:
+        """Relay messages both ways until either side closes; a message over the limit, or
+        a failing stream, closes the browser's side and resets the stream."""
+        try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_browser, nursery.cancel_scope)
-                nursery.start_soon(read_answer, nursery.cancel_scope)
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
-        failed = True
-    if failed:
-        await deny_websocket(send, scope, 502, "daemon_failed", "The daemon failed the upgrade.")
-        return
-    if answer is None or isinstance(answer, tuple):
-        # Refused, timed out or abandoned: the daemon's side of the stream ends at once.
-        stream.reset(ErrorCode.CANCEL)
-    if browser_left:
-        return
-    if answer is None:
-        detail = f"The daemon did not answer the WebSocket upgrade within {timeout:g} s."
-        await deny_websocket(send, scope, 504, "daemon_timeout", detail)
-        return
-    if isinstance(answer, tuple):
-        status, detail = answer
-        await deny_websocket(send, scope, status, "upgrade_refused", detail)
-        return
-    accepted = answer
+                nursery.start_soon(self._browser_to_daemon, nursery.cancel_scope)
+                nursery.start_soon(self._daemon_to_browser, nursery.cancel_scope)
+        except* _MessageTooBig:
+            self.stream.reset(ErrorCode.CANCEL)
+            reason = f"message over the relay's limit of {self.limit} bytes"
+            await self._close_browser(WS_MESSAGE_TOO_BIG, reason)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            await self._close_browser(CloseCode.INTERNAL_ERROR, "daemon link failed")
+            self.stream.reset(ErrorCode.UPSTREAM_FAILED)
 
-    await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
-    closed_by_browser = False
+    async def _close_browser(self, code: int, reason: str) -> None:
+        """Close the browser's WebSocket, unless it is gone or closed already."""
+        if self.state is BridgeState.OPEN:
+            self.state = BridgeState.CLOSED
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
-    async def browser_to_daemon(cancel: trio.CancelScope) -> None:
-        nonlocal closed_by_browser
+    async def _browser_to_daemon(self, cancel: trio.CancelScope) -> None:
         while True:
-            message = await receive()
+            message = await self._receive()
             kind = message["type"]
             if kind == "websocket.receive":
-                data = conn.send(_browser_message(message))
+                data = self.conn.send(_browser_message(message))
                 # Only the encoding is held while the daemon's window lets it through.
                 del message
-                relay.metrics.bytes_to_daemon.inc(len(data))
-                await stream.send_all(data)
+                self.relay.metrics.bytes_to_daemon.inc(len(data))
+                await self.stream.send_all(data)
                 del data
             elif kind == "websocket.disconnect":
-                closed_by_browser = True
-                code = int(message.get("code", 1000))
-                if code in (1005, 1006):
-                    code = 1000
-                if conn.state is ConnectionState.OPEN:
-                    await stream.send_all(conn.send(ws.CloseConnection(code=code)))
-                # The daemon's answer to the close ends daemon_to_browser; do not wait forever.
-                await trio.sleep(2)
+                await self._browser_left(int(message.get("code", CloseCode.NORMAL)))
                 cancel.cancel()
                 return
 
-    limit = relay.settings.max_websocket_message_size
+    async def _browser_left(self, code: int) -> None:
+        """Pass the browser's close on to the daemon, and give the daemon's answer (which
+        ends :meth:`_daemon_to_browser`) ``BROWSER_CLOSE_GRACE`` to come."""
+        if self.state is BridgeState.OPEN:
+            self.state = BridgeState.BROWSER_GONE
+        if code in (1005, 1006):  # "no status" and "abnormal": not codes to send
+            code = CloseCode.NORMAL
+        if self.conn.state is ConnectionState.OPEN:
+            await self.stream.send_all(self.conn.send(ws.CloseConnection(code=code)))
+        await trio.sleep(BROWSER_CLOSE_GRACE)
 
-    async def daemon_to_browser(cancel: trio.CancelScope) -> None:
-        # One unfinished message at most, and at most ``limit`` bytes of it (UTF-8 bytes for
-        # text: a character may take 4), held once: its parts are dropped before the joined
-        # message is sent. See stream_cost for all this WebSocket may make the relay hold.
-        text_parts: list[str] = []
-        byte_parts: list[bytes] = []
-        held = 0
+    async def _daemon_to_browser(self, cancel: trio.CancelScope) -> None:
+        assembler = _MessageAssembler(self.limit)
         while True:
-            data = await stream.receive_some(READ_SIZE)
+            data = await self.stream.receive_some(READ_SIZE)
             if not data:
-                if not closed_by_browser:
-                    await send(
-                        {"type": "websocket.close", "code": 1011, "reason": "daemon went away"}
-                    )
+                await self._close_browser(CloseCode.INTERNAL_ERROR, "daemon went away")
                 cancel.cancel()
                 return
-            relay.metrics.bytes_from_daemon.inc(len(data))
-            conn.receive_data(data)
-            for event in conn.events():
-                if isinstance(event, ws.TextMessage):
-                    held += len(event.data.encode())
-                elif isinstance(event, ws.BytesMessage):
-                    held += len(event.data)
-                if isinstance(event, ws.TextMessage | ws.BytesMessage):
-                    if held > limit:
-                        raise _MessageTooBig(limit)
-                    if event.message_finished:
-                        held = 0
-                if isinstance(event, ws.TextMessage):
-                    text_parts.append(event.data)
-                    if event.message_finished:
-                        text = "".join(text_parts)
-                        text_parts.clear()
-                        await send({"type": "websocket.send", "text": text})
-                        del text
-                elif isinstance(event, ws.BytesMessage):
-                    byte_parts.append(bytes(event.data))
-                    if event.message_finished:
-                        joined = b"".join(byte_parts)
-                        byte_parts.clear()
-                        await send({"type": "websocket.send", "bytes": joined})
-                        del joined
-                elif isinstance(event, ws.Ping):
-                    await stream.send_all(conn.send(event.response()))
-                elif isinstance(event, ws.CloseConnection):
-                    if conn.state is ConnectionState.REMOTE_CLOSING:
-                        await stream.send_all(conn.send(event.response()))
-                    if not closed_by_browser:
-                        await send(
-                            {
-                                "type": "websocket.close",
-                                "code": event.code,
-                                "reason": event.reason or "",
-                            }
-                        )
+            self.relay.metrics.bytes_from_daemon.inc(len(data))
+            self.conn.receive_data(data)
+            del data
+            for event in self.conn.events():
+                if not await self._daemon_event(event, assembler):
                     cancel.cancel()
                     return
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(browser_to_daemon, nursery.cancel_scope)
-            nursery.start_soon(daemon_to_browser, nursery.cancel_scope)
-    except* _MessageTooBig:
-        stream.reset(ErrorCode.CANCEL)
-        if not closed_by_browser:
-            reason = f"message over the relay's limit of {limit} bytes"
-            await send({"type": "websocket.close", "code": WS_MESSAGE_TOO_BIG, "reason": reason})
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
-        if not closed_by_browser:
-            await send({"type": "websocket.close", "code": 1011, "reason": "daemon link failed"})
-        stream.reset(ErrorCode.UPSTREAM_FAILED)
+    async def _daemon_event(self, event: ws.Event, assembler: _MessageAssembler) -> bool:
+        """Act on one event from the daemon; False once the daemon has closed."""
+        if isinstance(event, ws.TextMessage | ws.BytesMessage):
+            message = assembler.add(event)
+            if message is not None and self.state is BridgeState.OPEN:
+                key = "text" if isinstance(message, str) else "bytes"
+                await self._send({"type": "websocket.send", key: message})
+        elif isinstance(event, ws.Ping):
+            await self.stream.send_all(self.conn.send(event.response()))
+        elif isinstance(event, ws.CloseConnection):
+            if self.conn.state is ConnectionState.REMOTE_CLOSING:
+                await self.stream.send_all(self.conn.send(event.response()))
+            await self._close_browser(event.code, event.reason or "")
+            return False
+        return True
+
+
+class _MessageAssembler:
+    """The daemon's message being received: one unfinished message at most, and at most
+    ``limit`` bytes of it (UTF-8 bytes for text: a character may take 4), held once (its
+    parts are dropped before the joined message is returned). See ``stream_cost`` for all
+    a WebSocket may make the relay hold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._text: list[str] = []
+        self._bytes: list[bytes] = []
+        self._held = 0
+
+    def add(self, event: ws.TextMessage | ws.BytesMessage) -> str | bytes | None:
+        """Take the next part of a message; returns the message once it is whole. Raises
+        :class:`_MessageTooBig` past the limit."""
+        if isinstance(event, ws.TextMessage):
+            self._held += len(event.data.encode())
+        else:
+            self._held += len(event.data)
+        if self._held > self.limit:
+            raise _MessageTooBig(self.limit)
+        if not event.message_finished:
+            if isinstance(event, ws.TextMessage):
+                self._text.append(event.data)
+            else:
+                self._bytes.append(bytes(event.data))
+            return None
+        self._held = 0
+        if isinstance(event, ws.TextMessage):
+            text = "".join([*self._text, event.data])
+            self._text.clear()
+            return text
+        joined = b"".join([*self._bytes, bytes(event.data)])
+        self._bytes.clear()
+        return joined
 
 
 def _browser_message(message: dict[str, Any]) -> ws.Event:
@@ -808,7 +898,3 @@ async def _upgrade_answer(
                     return rejection.status_code, text
         if rejection is not None and not rejection.has_body:
             return rejection.status_code, "The daemon refused."
-
-
-class _MessageTooBig(Exception):
-    """A tunneled WebSocket message from the daemon grew past the limit."""

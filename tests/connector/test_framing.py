@@ -4,7 +4,8 @@ Table tests pin each framing rule and each error; every case is fed whole, byte 
 (with Hypothesis) at random splits, and must come out the same. A Hypothesis property uses h11
 as the oracle: messages that h11 writes (random headers, bodies, chunked or Content-Length,
 keep-alive or close, HEAD, interim responses, trailers) must end exactly where h11 says they
-end, and be reusable exactly when h11 would start a next cycle.
+end, and be reusable exactly when h11 would start a next cycle. ``test_framing_vs_h11.py``
+goes further: random and mutated messages, which the framer must read as h11 does or refuse.
 """
 
 from __future__ import annotations
@@ -441,6 +442,129 @@ BAD = [
         name="101 after an interim response",
         data=b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n",
         error="switches protocols",
+    ),
+    # What the comparison with h11 found (tests/connector/test_framing_vs_h11.py): each of these
+    # the framer once read otherwise than h11 (a different end, keep-alive, or a message h11
+    # refuses); it refuses them now.
+    Bad(
+        name="a bare LF hides a Content-Length",
+        data=b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\nhi" + NEXT,
+        error="bare CR or LF",
+    ),
+    Bad(
+        name="a bare LF ends a request head early",
+        data=b"GET / HTTP/1.0\n\r\nX-A: 1\r\n\r\n",
+        error="bare CR or LF",
+        for_request=True,
+    ),
+    Bad(
+        name="a bare CR hides Connection: close",
+        data=b"HTTP/1.1 200 OK\rConnection: close\r\nContent-Length: 0\r\n\r\n",
+        error="bare CR or LF",
+    ),
+    Bad(
+        name="a NUL in a field value",
+        data=_response(b"X-A: a\x00b", b"Content-Length: 0"),
+        error="NUL",
+    ),
+    Bad(
+        name="trailers ended by a bare LF",
+        data=chunked_head() + b"0\r\n\nX-A: 1\r\n\r\n" + NEXT,
+        error="bare LF in the trailer section",
+    ),
+    Bad(
+        name="a bare LF in a chunk extension",
+        data=chunked_head() + b"2;a\nb\r\nhi\r\n0\r\n\r\n",
+        error="bare LF in the chunk size line",
+    ),
+    Bad(
+        name="a bare CR in a chunk extension",
+        data=chunked_head() + b"2;a\rb\r\nhi\r\n0\r\n\r\n",
+        error="malformed chunk size",
+    ),
+    Bad(
+        name="HTTP/1.1 request without Host",
+        data=b"GET / HTTP/1.1\r\n\r\n",
+        error="exactly one Host",
+        for_request=True,
+    ),
+    Bad(
+        name="request with two Host fields",
+        data=b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        error="exactly one Host",
+        for_request=True,
+    ),
+    Bad(
+        name="CONNECT request",
+        data=b"CONNECT d:443 HTTP/1.1\r\nHost: d\r\n\r\n",
+        error="may switch protocols",
+        for_request=True,
+    ),
+    Bad(
+        name="request with Upgrade",
+        data=_request(b"Upgrade: websocket", b"Connection: Upgrade"),
+        error="may switch protocols",
+        for_request=True,
+    ),
+    Bad(
+        name="2xx answer to CONNECT",
+        data=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        error="switches protocols",
+        method=b"CONNECT",
+    ),
+    Bad(name="field name not a token", data=_response(b"X(: 1"), error="malformed header field"),
+    Bad(
+        name="request target not visible ASCII",
+        data=b"GET /\x80 HTTP/1.1\r\nHost: d\r\n\r\n",
+        error="malformed request line",
+        for_request=True,
+    ),
+    Bad(
+        name="status code under 100",
+        data=b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
+        error="status code under 100",
+    ),
+    Bad(
+        name="204 with an invalid Content-Length",
+        data=b"HTTP/1.1 204 No Content\r\nContent-Length: x\r\n\r\n",
+        error="invalid Content-Length",
+    ),
+    Bad(
+        name="interim response with an invalid Content-Length",
+        data=b"HTTP/1.1 100 Continue\r\nContent-Length: x\r\n\r\n" + NEXT,
+        error="invalid Content-Length",
+    ),
+    Bad(
+        name="request coding list ending in chunked",
+        data=_request(b"Transfer-Encoding: gzip, chunked") + b"0\r\n\r\n",
+        error="must end with the chunked coding",
+        for_request=True,
+    ),
+    Bad(
+        name="request with an empty second Transfer-Encoding",
+        data=_request(b"Transfer-Encoding: chunked", b"Transfer-Encoding:") + b"0\r\n\r\n",
+        error="must end with the chunked coding",
+        for_request=True,
+    ),
+    Bad(
+        name="empty Transfer-Encoding beside Content-Length",
+        data=_response(b"Transfer-Encoding: ", b"Content-Length: 2") + b"hi",
+        error="invalid Transfer-Encoding",
+    ),
+    Bad(
+        name="response chunked twice",
+        data=_response(b"Transfer-Encoding: chunked, chunked") + b"0\r\n\r\n",
+        error="chunked coding applied twice",
+    ),
+    Bad(
+        name="malformed trailer name",
+        data=chunked_head() + b"0\r\nBad Name: x\r\n\r\n",
+        error="malformed trailer field",
+    ),
+    Bad(
+        name="Content-Length as a trailer",
+        data=chunked_head() + b"0\r\nContent-Length: 3\r\n\r\n",
+        error="malformed trailer field",
     ),
 ]
 
