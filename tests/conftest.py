@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
 
+from tests.support.daemons import write_dashboard
 from tests.support.system import MISSING_PREFIX, REQUIRE_ENV, required
+
+
+@pytest.fixture
+def dashboard_dir(tmp_path: Path) -> Path:
+    """A dashboard directory with an ``index.html``."""
+    return write_dashboard(tmp_path / "dashboard")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,9 +7,6 @@ port), and directly for the classification of an ended session and of an HTTP re
 
 from __future__ import annotations
 
-import shutil
-import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -21,10 +18,16 @@ import trio
 from connector._dialer import LinkEnd, open_link, rejected, why_ended
 from mux import MuxSession, TransportClosed
 from protocol import PROTOCOL_VERSION, CloseCode, DisconnectReason
-from tests.cli.cli_support import FakeHttpServer, Reply, SelfSigned, serve_fake
-from tests.support.system import skip_missing
-
-from .connector_support import BOGUS_KEY, fake_relay_config, free_port, start_fake_relay
+from tests.support.fake_http import (
+    FakeHttpServer,
+    Reply,
+    SelfSigned,
+    make_self_signed,
+    serve_fake,
+    tls_server_context,
+)
+from tests.support.fake_relay import BOGUS_KEY, fake_relay_config, start_fake_relay
+from tests.support.processes import free_port
 
 #: Seconds any test here may take.
 TEST_TIMEOUT = 15
@@ -147,45 +150,13 @@ async def test_an_upgrade_refused_over_http_is_classified_by_its_status(
 @pytest.fixture(scope="module")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
     """A self-signed certificate for 127.0.0.1 (its own CA), made with openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        skip_missing("openssl, to make a test certificate", "apt-get install openssl")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return SelfSigned(cert=cert, key=key)
+    return make_self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
 async def tls_server(self_signed: SelfSigned) -> AsyncIterator[FakeHttpServer]:
     """A web server that is not a relay (every path answers 404), behind TLS."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(self_signed.cert, self_signed.key)
-    async with serve_fake(FakeHttpServer(tls=context)) as server:
+    async with serve_fake(FakeHttpServer(tls=tls_server_context(self_signed))) as server:
         yield server
 
 

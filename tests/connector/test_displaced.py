@@ -12,14 +12,12 @@ import trio
 
 from connector import LinkState
 from protocol import BackoffConfig
-from tests.relay.link_support import identity_handler, start_stand_in
-from tests.relay.relay_support import start_daemon_with_connector
-
-from .conftest import Stack
+from tests.support.stack import Stack
+from tests.support.stand_in import identity_handler, start_stand_in
 
 #: The displaced connector's long delay, shortened for the test.
 REPLACED_DELAY = 1.0
-#: ``relay_support.fast_connector_config``'s backoff, with that delay.
+#: ``tests.support.stack.fast_connector_config``'s backoff, with that delay.
 BACKOFF = BackoffConfig(
     base=0.05, cap=1.0, stable_after=5.0, restart_spread=0.2, replaced_delay=REPLACED_DELAY
 )
@@ -30,10 +28,8 @@ async def test_a_displaced_connector_waits_the_replaced_delay_then_takes_its_lin
 ) -> None:
     with trio.fail_after(20):
         relay = await stack.start_relay()
-        _, key = relay.new_scope()
-        laptop = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, backoff=BACKOFF
-        )
+        _, key = await relay.new_scope()
+        laptop = await stack.start_daemon(relay, key, "laptop", backoff=BACKOFF)
         connector = laptop.connector
 
         # Someone else connects with the same key and daemon id.
@@ -67,13 +63,9 @@ async def test_two_connectors_sharing_an_id_trade_the_link_at_most_once_per_dela
 ) -> None:
     with trio.fail_after(20):
         relay = await stack.start_relay()
-        _, key = relay.new_scope()
-        first = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, backoff=BACKOFF
-        )
-        second = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, backoff=BACKOFF
-        )
+        _, key = await relay.new_scope()
+        first = await stack.start_daemon(relay, key, "laptop", backoff=BACKOFF)
+        second = await stack.start_daemon(relay, key, "laptop", backoff=BACKOFF)
         window = 2.5 * REPLACED_DELAY
         await trio.sleep(window)
         dials = first.connector.status().attempts + second.connector.status().attempts

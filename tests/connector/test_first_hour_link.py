@@ -14,9 +14,8 @@ import trio
 
 from connector import Connector, LinkState
 from connector._connector import LINK_DOWN_SUMMARY_EVERY
-from tests.cli.cli_support import FakeHttpServer, Reply, serve_fake
-
-from .connector_support import fake_relay_config, start_fake_relay
+from tests.support.fake_http import FakeHttpServer, Reply, serve_fake
+from tests.support.fake_relay import fake_relay_config, start_fake_relay
 
 #: Seconds any test here may take.
 TEST_TIMEOUT = 15

@@ -11,10 +11,10 @@ import trio
 
 from common import generate_key
 from repowire.config import update_config
-from tests.daemon.daemon_support import eventually
-
-from .conftest import Stack
-from .connector_support import Cli, free_port, start_child, start_fake_relay
+from tests.support.fake_relay import start_fake_relay
+from tests.support.processes import Cli, free_port, start_child
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 #: Seconds the whole process test may take.
 PROCESS_TEST_TIMEOUT = 30
@@ -62,7 +62,7 @@ async def test_relay_sees_going_away_when_serve_is_terminated(
     work.mkdir()
     with trio.fail_after(PROCESS_TEST_TIMEOUT):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         update_config(
             home,
             {

@@ -25,24 +25,20 @@ from connector import Connector, LinkState
 from connector._daemon_pool import DaemonPool
 from mux import MuxSession, MuxStream, StreamResetError
 from protocol import ErrorCode
-from tests.daemon.daemon_support import (
+from tests.support.clients import (
     HttpResponse,
     SseReader,
-    eventually,
     http_request,
     open_http_stream,
-    start_daemon,
+    request_head,
 )
-from tests.relay.relay_support import RelayHandle, fast_connector_config
+from tests.support.daemons import start_daemon
+from tests.support.fake_relay import fake_relay_config, start_fake_relay
 from tests.support.listener import LoopbackServer
 from tests.support.proxy import TcpProxy, start_proxy
-
-from .conftest import Stack
-from .connector_support import (
-    fake_relay_config,
-    request_head,
-    start_fake_relay,
-)
+from tests.support.relays import RelayHandle
+from tests.support.stack import Stack, fast_connector_config
+from tests.support.waiting import eventually
 
 LOOPBACK = "127.0.0.1"
 DAEMON_ID = "laptop"
@@ -348,12 +344,12 @@ class Chain:
 
 async def start_chain(stack: Stack, daemon_port: int, **relay_settings: Any) -> Chain:
     relay = await stack.start_relay(**relay_settings)
-    record, key = relay.new_scope()
+    record, key = await relay.new_scope()
     connector = Connector(fast_connector_config(relay, key, DAEMON_ID, daemon_port))
     await stack.daemons.start(connector.run)
     with trio.fail_after(5):
         await connector.wait_state(LinkState.CONNECTED)
-    return Chain(relay=relay, connector=connector, cookie=relay.session_cookie(record))
+    return Chain(relay=relay, connector=connector, cookie=await relay.session_cookie(record))
 
 
 async def start_scripted(stack: Stack) -> ScriptedDaemon:

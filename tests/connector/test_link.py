@@ -12,31 +12,21 @@ import trio_websocket
 from connector import Connector, LinkState
 from mux import MuxConfig
 from protocol import PROTOCOL_VERSION, BackoffConfig, CloseCode
-from tests.daemon.daemon_support import eventually, http_request, start_daemon
-from tests.relay.relay_support import start_daemon_with_connector
-
-from .conftest import Stack
-from .connector_support import (
-    BOGUS_KEY,
-    LOOPBACK,
-    fake_relay_config,
-    start_daemon_for,
-    start_fake_relay,
-)
+from tests.support.clients import http_request
+from tests.support.daemons import start_daemon
+from tests.support.fake_relay import BOGUS_KEY, fake_relay_config, start_fake_relay
+from tests.support.processes import LOOPBACK
+from tests.support.stack import Stack, start_daemon_for
+from tests.support.waiting import eventually
 
 
 async def test_connects_tunnels_and_reports_its_status(stack: Stack) -> None:
     with trio.fail_after(10):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         before = time.time()
-        laptop = await start_daemon_with_connector(
-            stack.daemons,
-            relay,
-            key,
-            "laptop",
-            stack.dashboard_dir,
-            mux=MuxConfig(keepalive_interval=0.2, keepalive_timeout=1.0),
+        laptop = await stack.start_daemon(
+            relay, key, "laptop", mux=MuxConfig(keepalive_interval=0.2, keepalive_timeout=1.0)
         )
         status = laptop.connector.status()
         assert status.state is LinkState.CONNECTED
@@ -54,7 +44,7 @@ async def test_connects_tunnels_and_reports_its_status(stack: Stack) -> None:
         await eventually(lambda: links.get(record.scope_id, "laptop") is not None)
 
         # A browser request through the relay reaches the daemon.
-        cookie = relay.session_cookie(record)
+        cookie = await relay.session_cookie(record)
         created = await http_request(
             relay.address,
             "POST",
@@ -96,10 +86,8 @@ async def test_link_handshake_carries_the_key_in_a_header_never_in_the_url(
 async def test_status_never_contains_the_key(stack: Stack) -> None:
     with trio.fail_after(10):
         relay = await stack.start_relay()
-        _, key = relay.new_scope()
-        laptop = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir
-        )
+        _, key = await relay.new_scope()
+        laptop = await stack.start_daemon(relay, key, "laptop")
         assert key not in json.dumps(laptop.connector.status().to_json())
         assert key not in repr(laptop.connector.config)
         health = await http_request(laptop.address, "GET", "/health")
@@ -110,12 +98,10 @@ async def test_bad_key_slows_down_to_the_cap_and_says_so(stack: Stack) -> None:
     cap = 1.0
     with trio.fail_after(10):
         relay = await stack.start_relay()
-        laptop = await start_daemon_with_connector(
-            stack.daemons,
+        laptop = await stack.start_daemon(
             relay,
             BOGUS_KEY,
             "laptop",
-            stack.dashboard_dir,
             wait=False,
             backoff=BackoffConfig(base=0.05, cap=cap, stable_after=5.0, restart_spread=0.2),
         )
@@ -146,13 +132,9 @@ async def test_same_daemon_id_twice_the_older_backs_off_long_and_the_newer_serve
 ) -> None:
     with trio.fail_after(10):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
-        older = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir
-        )
-        newer = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir
-        )
+        record, key = await relay.new_scope()
+        older = await stack.start_daemon(relay, key, "laptop")
+        newer = await stack.start_daemon(relay, key, "laptop")
         await older.connector.wait_state(LinkState.DOWN)
         status = older.connector.status()
         # Displaced, not stopped for good: it retries, but only after the long replaced delay,
@@ -171,7 +153,7 @@ async def test_same_daemon_id_twice_the_older_backs_off_long_and_the_newer_serve
 
         # The relay routes the daemon id to the newer daemon.
         await http_request(newer.address, "POST", "/peers", json_body={"name": "bob"})
-        cookie = relay.session_cookie(record)
+        cookie = await relay.session_cookie(record)
         listed = await http_request(relay.address, "GET", "/d/laptop/peers", headers=[cookie])
         assert listed.status == 200
         assert [peer["name"] for peer in listed.json()["peers"]] == ["bob"]
@@ -253,10 +235,8 @@ async def test_an_upgrade_refused_with_503_backs_off_as_busy(stack: Stack) -> No
 async def test_several_tasks_can_wait_for_the_same_state(stack: Stack) -> None:
     with trio.fail_after(3):
         relay = await stack.start_relay()
-        _, key = relay.new_scope()
-        laptop = await start_daemon_with_connector(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, wait=False
-        )
+        _, key = await relay.new_scope()
+        laptop = await stack.start_daemon(relay, key, "laptop", wait=False)
         woken: list[int] = []
 
         async def waiter(number: int) -> None:

@@ -12,11 +12,10 @@ import trio
 from connector import LinkState, MeshError
 from relay import KeyRecord
 from repowire.daemon import DaemonState
-from tests.daemon.daemon_support import eventually, http_request
-from tests.relay.relay_support import RelayHandle, start_daemon_with_connector
-
-from .conftest import Stack
-from .connector_support import ConnectedDaemon, start_connected_daemon
+from tests.support.clients import http_request
+from tests.support.relays import RelayHandle
+from tests.support.stack import ConnectedDaemon, Stack
+from tests.support.waiting import eventually
 
 JSON = [("Content-Type", "application/json")]
 
@@ -34,13 +33,9 @@ async def start_mesh(stack: Stack) -> Mesh:
     """A relay and two daemons of one scope, ``laptop`` and ``desk``; ``desk`` has peer ``bob``
     and ``laptop`` has peer ``alice``."""
     relay = await stack.start_relay()
-    record, key = relay.new_scope()
-    laptop = await start_connected_daemon(
-        stack.daemons, relay, key, "laptop", stack.dashboard_dir, rand=lambda: 0.5
-    )
-    desk = await start_connected_daemon(
-        stack.daemons, relay, key, "desk", stack.dashboard_dir, rand=lambda: 0.5
-    )
+    record, key = await relay.new_scope()
+    laptop = await stack.start_daemon(relay, key, "laptop", rand=lambda: 0.5)
+    desk = await stack.start_daemon(relay, key, "desk", rand=lambda: 0.5)
     links = relay.running.relay.links
     await eventually(lambda: len(links.for_scope(record.scope_id)) == 2)
     assert (await laptop.request("POST", "/peers", json_body={"name": "alice"})).status == 201
@@ -93,10 +88,8 @@ async def test_daemon_notify_reaches_a_peer_of_the_other_daemon(stack: Stack) ->
 async def test_other_daemons_lists_the_scope_only(stack: Stack) -> None:
     with trio.fail_after(10):
         mesh = await start_mesh(stack)
-        _, stranger_key = mesh.relay.new_scope("stranger")
-        stranger = await start_daemon_with_connector(
-            stack.daemons, mesh.relay, stranger_key, "stranger", stack.dashboard_dir
-        )
+        _, stranger_key = await mesh.relay.new_scope("stranger")
+        stranger = await stack.start_daemon(mesh.relay, stranger_key, "stranger")
         assert await mesh.laptop.connector.other_daemons() == ["desk"]
         assert await mesh.desk.connector.other_daemons() == ["laptop"]
         assert await stranger.connector.other_daemons() == []
@@ -127,10 +120,8 @@ async def test_broadcast_reaches_the_peers_of_the_other_daemon(stack: Stack) -> 
 async def test_unknown_daemon_and_other_scopes_are_unknown(stack: Stack) -> None:
     with trio.fail_after(10):
         mesh = await start_mesh(stack)
-        _, stranger_key = mesh.relay.new_scope("stranger")
-        await start_daemon_with_connector(
-            stack.daemons, mesh.relay, stranger_key, "stranger", stack.dashboard_dir
-        )
+        _, stranger_key = await mesh.relay.new_scope("stranger")
+        await stack.start_daemon(mesh.relay, stranger_key, "stranger")
         for target in ("nobody", "stranger"):
             with pytest.raises(MeshError) as caught:
                 await mesh.laptop.connector.request(
@@ -221,7 +212,7 @@ async def test_mesh_from_header_is_set_by_the_connector_not_the_sender(stack: St
 async def test_browser_requests_never_carry_a_mesh_from_header(stack: Stack) -> None:
     with trio.fail_after(10):
         mesh = await start_mesh(stack)
-        cookie = mesh.relay.session_cookie(mesh.record)
+        cookie = await mesh.relay.session_cookie(mesh.record)
         answer = await http_request(
             mesh.relay.address,
             "POST",

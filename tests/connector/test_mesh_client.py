@@ -21,8 +21,7 @@ from connector import MeshClient, MeshDirectory, MeshError, MeshResponse
 from connector._mesh_client import MAX_MESH_RESPONSE
 from mux import MuxConfig, MuxSession, MuxStream, memory_transport_pair
 from protocol import ErrorCode, Role
-
-from .connector_support import fake_relay_config
+from tests.support.fake_relay import fake_relay_config
 
 #: Seconds any test here may take (in the autojump tests: of virtual time).
 TEST_TIMEOUT = 15

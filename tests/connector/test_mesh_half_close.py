@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from tests.daemon.daemon_support import eventually
-
-from .conftest import Stack
-from .connector_support import start_connected_daemon
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 #: Large enough that the response spans many frames and transport messages on every hop.
 BODY_SIZE = 2 * 1024 * 1024
@@ -28,19 +26,9 @@ async def test_half_closed_mesh_request_gets_the_whole_response(stack: Stack) ->
     allow = frozenset({("GET", "/dashboard/big.bin")})
     with trio.fail_after(30):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
-        laptop = await start_connected_daemon(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, rand=lambda: 0.5
-        )
-        await start_connected_daemon(
-            stack.daemons,
-            relay,
-            key,
-            "desk",
-            stack.dashboard_dir,
-            rand=lambda: 0.5,
-            mesh_allowlist=allow,
-        )
+        record, key = await relay.new_scope()
+        laptop = await stack.start_daemon(relay, key, "laptop", rand=lambda: 0.5)
+        await stack.start_daemon(relay, key, "desk", rand=lambda: 0.5, mesh_allowlist=allow)
         links = relay.running.relay.links
         await eventually(lambda: len(links.for_scope(record.scope_id)) == 2)
         for _ in range(ROUNDS):

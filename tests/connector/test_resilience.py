@@ -8,15 +8,11 @@ from connector import LinkState
 from mux import MuxConfig
 from protocol import BackoffConfig
 from relay import KeyRecord
-from tests.daemon.daemon_support import eventually, http_request
-from tests.relay.relay_support import RelayHandle
+from tests.support.clients import http_request
 from tests.support.proxy import start_proxy
-
-from .conftest import Stack
-from .connector_support import (
-    ConnectedDaemon,
-    start_connected_daemon,
-)
+from tests.support.relays import RelayHandle
+from tests.support.stack import ConnectedDaemon, Stack
+from tests.support.waiting import eventually
 
 #: Extra seconds allowed on top of a computed bound for scheduling and loopback I/O.
 SLACK = 0.5
@@ -29,7 +25,7 @@ async def assert_reachable(relay: RelayHandle, record: KeyRecord, daemon_id: str
     links = relay.running.relay.links
     await eventually(lambda: links.get(record.scope_id, daemon_id) is not None)
     health = await http_request(
-        relay.address, "GET", f"/d/{daemon_id}/health", headers=[relay.session_cookie(record)]
+        relay.address, "GET", f"/d/{daemon_id}/health", headers=[await relay.session_cookie(record)]
     )
     assert health.status == 200, health.body
     assert health.json()["daemon_id"] == daemon_id
@@ -54,11 +50,9 @@ async def test_relay_restart_on_the_same_port_the_connector_comes_back_by_itself
     with trio.fail_after(15):
         runner = stack.relay_runner()
         relay = await runner.start()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         port = relay.running.port
-        laptop = await start_connected_daemon(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, rand=lambda: 0.5
-        )
+        laptop = await stack.start_daemon(relay, key, "laptop", rand=lambda: 0.5)
         await assert_reachable(relay, record, "laptop")
 
         await runner.stop(graceful=False)
@@ -80,17 +74,9 @@ async def test_graceful_relay_restart_reconnects_within_the_restart_spread(stack
     with trio.fail_after(15):
         runner = stack.relay_runner()
         relay = await runner.start()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         port = relay.running.port
-        laptop = await start_connected_daemon(
-            stack.daemons,
-            relay,
-            key,
-            "laptop",
-            stack.dashboard_dir,
-            rand=lambda: 0.9,
-            backoff=backoff,
-        )
+        laptop = await stack.start_daemon(relay, key, "laptop", rand=lambda: 0.9, backoff=backoff)
         started = trio.current_time()
         await runner.stop(graceful=True)
         await laptop.connector.wait_state(LinkState.DOWN)
@@ -110,16 +96,10 @@ async def test_link_cut_without_a_close_frame_is_redialled(stack: Stack) -> None
     with trio.fail_after(15):
         runner = stack.relay_runner()
         relay = await runner.start()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         proxy = await start_proxy(stack.relays, relay.address)
-        laptop = await start_connected_daemon(
-            stack.daemons,
-            relay,
-            key,
-            "laptop",
-            stack.dashboard_dir,
-            rand=lambda: 0.5,
-            relay_url=proxy.ws_url,
+        laptop = await stack.start_daemon(
+            relay, key, "laptop", rand=lambda: 0.5, relay_url=proxy.ws_url
         )
         assert proxy.accepted == 1
 
@@ -137,17 +117,10 @@ async def test_half_open_link_is_found_within_the_keepalive_bounds(stack: Stack)
     mux = MuxConfig(keepalive_interval=0.5, keepalive_timeout=0.5, close_timeout=0.2)
     with trio.fail_after(15):
         relay = await stack.start_relay()
-        _, key = relay.new_scope()
+        _, key = await relay.new_scope()
         proxy = await start_proxy(stack.relays, relay.address)
-        laptop = await start_connected_daemon(
-            stack.daemons,
-            relay,
-            key,
-            "laptop",
-            stack.dashboard_dir,
-            rand=lambda: 0.5,
-            relay_url=proxy.ws_url,
-            mux=mux,
+        laptop = await stack.start_daemon(
+            relay, key, "laptop", rand=lambda: 0.5, relay_url=proxy.ws_url, mux=mux
         )
         started = trio.current_time()
         proxy.blackhole()
@@ -165,17 +138,10 @@ async def test_half_open_link_goes_down_then_reconnects_once_the_path_heals(
     mux = MuxConfig(keepalive_interval=0.5, keepalive_timeout=0.5, close_timeout=0.2)
     with trio.fail_after(15):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         proxy = await start_proxy(stack.relays, relay.address)
-        laptop = await start_connected_daemon(
-            stack.daemons,
-            relay,
-            key,
-            "laptop",
-            stack.dashboard_dir,
-            rand=lambda: 0.5,
-            relay_url=proxy.ws_url,
-            mux=mux,
+        laptop = await stack.start_daemon(
+            relay, key, "laptop", rand=lambda: 0.5, relay_url=proxy.ws_url, mux=mux
         )
         proxy.blackhole()
         await laptop.connector.wait_state(LinkState.DOWN)
@@ -193,15 +159,13 @@ async def test_half_open_link_goes_down_then_reconnects_once_the_path_heals(
 async def test_dial_into_a_black_hole_times_out_and_is_retried(stack: Stack) -> None:
     with trio.fail_after(15):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         proxy = await start_proxy(stack.relays, relay.address)
         proxy.blackhole()
-        laptop = await start_connected_daemon(
-            stack.daemons,
+        laptop = await stack.start_daemon(
             relay,
             key,
             "laptop",
-            stack.dashboard_dir,
             rand=lambda: 0.5,
             relay_url=proxy.ws_url,
             connect_timeout=0.5,
@@ -224,10 +188,8 @@ async def test_stopping_a_connected_daemon_closes_its_link_within_close_timeout(
     mux = MuxConfig(keepalive_interval=1.0, keepalive_timeout=1.0, close_timeout=0.2)
     with trio.fail_after(15):
         relay = await stack.start_relay()
-        record, key = relay.new_scope()
-        laptop = await start_connected_daemon(
-            stack.daemons, relay, key, "laptop", stack.dashboard_dir, mux=mux
-        )
+        record, key = await relay.new_scope()
+        laptop = await stack.start_daemon(relay, key, "laptop", mux=mux)
         links = relay.running.relay.links
         await eventually(lambda: links.get(record.scope_id, "laptop") is not None)
         started = trio.current_time()

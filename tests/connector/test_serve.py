@@ -12,11 +12,20 @@ from common import looks_like_key
 from connector import Connector, LinkState
 from repowire._serve import run_daemon
 from repowire.config import Settings, load_settings, update_config
-from tests.cli.cli_support import assert_no_full_key
-from tests.daemon.daemon_support import Address, HttpResponse, eventually, http_request
-
-from .conftest import Stack
-from .connector_support import LOOPBACK, ChildProcess, Cli, free_port, start_child
+from tests.support.clients import Address, http_request
+from tests.support.leaks import assert_no_full_key
+from tests.support.processes import (
+    LOOPBACK,
+    ChildProcess,
+    Cli,
+    RelayProcess,
+    free_port,
+    start_child,
+    stop_processes,
+    wait_for_relay_state,
+)
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 #: Seconds the whole process test may take.
 PROCESS_TEST_TIMEOUT = 30
@@ -70,7 +79,7 @@ async def test_restart_after_changing_the_relay_url_uses_the_new_url(
         second = stack.relay_runner("relays")
         relay_a = await first.start()
         relay_b = await second.start()
-        record, key = relay_a.new_scope()
+        record, key = await relay_a.new_scope()
         update_config(
             home,
             {
@@ -100,43 +109,16 @@ async def test_restart_after_changing_the_relay_url_uses_the_new_url(
         assert health.json()["relay"]["relay_url"] == relay_b.ws_url
 
 
-async def wait_for_health(serve: ChildProcess, address: Address) -> HttpResponse:
-    """``GET /health`` once it reports the relay connected (the caller bounds the wait)."""
-    while True:
-        if serve.process.poll() is not None:
-            raise AssertionError(
-                f"serve exited with {serve.process.returncode}: {serve.stderr()[-2000:]}"
-            )
-        try:
-            health = await http_request(address, "GET", "/health")
-        except OSError:
-            health = None
-        if health is not None and health.json()["relay"].get("state") == "connected":
-            return health
-        await trio.sleep(0.05)
-
-
 async def test_serve_with_relay_end_to_end_as_processes(tmp_path: Path) -> None:
     home = tmp_path / "home"
     work = tmp_path / "work"
     work.mkdir()
     cli = Cli(home, work)
-    relay = await start_child(
-        cli,
-        "relay",
-        "relay",
-        "start",
-        "--port",
-        "0",
-        "--data-dir",
-        str(tmp_path / "relay-data"),
-        *("--metrics-listen", "off"),
-    )
-    serve: ChildProcess | None = None
+    children: list[ChildProcess] = []
+    relay = RelayProcess(cli, tmp_path / "relay-data", children=children)
     try:
         with trio.fail_after(PROCESS_TEST_TIMEOUT):
-            line = await relay.wait_for_line("repowire relay listening on http://")
-            relay_port = int(line.rsplit(":", 1)[1])
+            await relay.start()
             daemon_port = free_port()
             serve = await start_child(
                 cli,
@@ -144,12 +126,13 @@ async def test_serve_with_relay_end_to_end_as_processes(tmp_path: Path) -> None:
                 "serve",
                 "--relay",
                 "--relay-url",
-                f"ws://{LOOPBACK}:{relay_port}",
+                relay.ws_url,
                 "--port",
                 str(daemon_port),
             )
-            health = await wait_for_health(serve, (LOOPBACK, daemon_port))
-            assert health.json()["relay"]["relay_url"] == f"ws://{LOOPBACK}:{relay_port}"
+            children.append(serve)
+            link = await wait_for_relay_state(serve, (LOOPBACK, daemon_port), "connected")
+            assert link["relay_url"] == f"ws://{LOOPBACK}:{relay.port}"
 
             # The first-run key is in the config file, which only its owner may read.
             config_file = home / "config.yaml"
@@ -171,9 +154,9 @@ async def test_serve_with_relay_end_to_end_as_processes(tmp_path: Path) -> None:
 
             assert await relay.terminate() == 0
             assert "Registered with" in serve.stdout()
-            assert_no_full_key(serve.stdout(), serve.stderr(), relay.stdout(), relay.stderr())
+            assert relay.child is not None
+            assert_no_full_key(
+                serve.stdout(), serve.stderr(), relay.child.stdout(), relay.child.stderr()
+            )
     finally:
-        with trio.CancelScope(shield=True):
-            if serve is not None:
-                await serve.terminate()
-            await relay.terminate()
+        await stop_processes(children)

@@ -12,19 +12,10 @@ from connector import Connector, LinkState
 from mux import MuxSession, StreamResetError
 from protocol import ErrorCode
 from repowire.daemon import DaemonState
-
-from .conftest import Stack
-from .connector_support import (
-    ConnectedDaemon,
-    FakeRelay,
-    fake_relay_config,
-    free_port,
-    json_head,
-    request_head,
-    start_daemon_for,
-    start_fake_relay,
-    stream_request,
-)
+from tests.support.clients import json_head, request_head, stream_request
+from tests.support.fake_relay import FakeRelay, fake_relay_config, start_fake_relay
+from tests.support.processes import free_port
+from tests.support.stack import ConnectedDaemon, Stack, start_daemon_for
 
 
 async def start_linked_daemon(stack: Stack) -> tuple[FakeRelay, MuxSession, ConnectedDaemon]:

@@ -1,4 +1,4 @@
-"""Fixtures for the daemon tests; the helpers they use live in daemon_support.py."""
+"""Fixtures for the daemon tests; the helpers they use live in tests/support/daemons.py."""
 
 from __future__ import annotations
 
@@ -8,16 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from .daemon_support import DaemonFactory, RunningDaemon, start_daemon
-
-
-@pytest.fixture
-def dashboard_dir(tmp_path: Path) -> Path:
-    """A dashboard directory with an ``index.html``."""
-    root = tmp_path / "dashboard"
-    root.mkdir()
-    (root / "index.html").write_text("<!doctype html><title>dashboard</title>")
-    return root
+from tests.support.daemons import DaemonFactory, RunningDaemon, start_daemon
 
 
 @pytest.fixture

@@ -8,9 +8,12 @@ import trio
 
 from repowire.daemon import DaemonSettings, MeshError, MeshResponse
 from repowire.daemon._messaging import KnownDaemons
-from tests.relay.relay_support import start_daemon_with_connector, start_relay
+from tests.support.clients import http_request
+from tests.support.daemons import DaemonFactory
+from tests.support.relays import start_relay
+from tests.support.stack import start_connected_daemon
+from tests.support.waiting import eventually
 
-from .daemon_support import DaemonFactory, eventually, http_request
 from .test_daemon_mesh import ScriptedMesh, json_answer
 
 
@@ -126,13 +129,11 @@ async def test_a_daemon_that_left_the_relay_is_reported_offline(
 ) -> None:
     with trio.fail_after(20):
         relay = await start_relay(nursery, tmp_path / "relay")
-        record, key = relay.new_scope()
-        laptop = await start_daemon_with_connector(nursery, relay, key, "laptop", dashboard_dir)
+        record, key = await relay.new_scope()
+        laptop = await start_connected_daemon(nursery, relay, key, "laptop", dashboard_dir)
         links = relay.running.relay.links
         async with trio.open_nursery() as desk_nursery:
-            desk = await start_daemon_with_connector(
-                desk_nursery, relay, key, "desk", dashboard_dir
-            )
+            desk = await start_connected_daemon(desk_nursery, relay, key, "desk", dashboard_dir)
             desk.state.add_peer("bob")
             await eventually(lambda: len(links.for_scope(record.scope_id)) == 2)
             online = await http_request(

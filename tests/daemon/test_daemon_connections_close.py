@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tests.daemon.daemon_support import DaemonFactory
 from tests.relay.test_connections_close import PROMPT, request_then_eof
+from tests.support.daemons import DaemonFactory
 
 #: hypercorn's default keep-alive idle timeout, which the daemon keeps (seconds).
 DAEMON_IDLE_TIMEOUT = 5.0

@@ -12,16 +12,12 @@ import trio
 from repowire.daemon import DaemonSettings, MeshError, MeshResponse
 from repowire.daemon._dedupe import RecentMessages, fingerprint
 from repowire.daemon._errors import ApiError
-from tests.relay.relay_support import start_daemon_with_connector, start_relay
+from tests.support.clients import http_request, open_websocket
+from tests.support.daemons import DaemonFactory, FixedClock, LoopbackMesh
+from tests.support.relays import start_relay
+from tests.support.stack import start_connected_daemon
+from tests.support.waiting import eventually
 
-from .daemon_support import (
-    DaemonFactory,
-    FixedClock,
-    LoopbackMesh,
-    eventually,
-    http_request,
-    open_websocket,
-)
 from .test_daemon_mesh import messages, start_pair
 from .test_daemon_ws import receive_json, send_json
 
@@ -212,9 +208,9 @@ async def test_a_retry_through_a_real_relay_is_delivered_once(
     body = {"to": "bob@desk", "text": "over the relay", "id": "relay-1"}
     with trio.fail_after(15):
         relay = await start_relay(nursery, tmp_path / "relay")
-        record, key = relay.new_scope()
-        laptop = await start_daemon_with_connector(nursery, relay, key, "laptop", dashboard_dir)
-        desk = await start_daemon_with_connector(nursery, relay, key, "desk", dashboard_dir)
+        record, key = await relay.new_scope()
+        laptop = await start_connected_daemon(nursery, relay, key, "laptop", dashboard_dir)
+        desk = await start_connected_daemon(nursery, relay, key, "desk", dashboard_dir)
         links = relay.running.relay.links
         await eventually(lambda: len(links.for_scope(record.scope_id)) == 2)
         desk.state.add_peer("bob")

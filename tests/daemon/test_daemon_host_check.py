@@ -15,15 +15,10 @@ from trio_websocket import ConnectionRejected
 
 from repowire.daemon import DaemonState, create_app, serve_daemon
 from repowire.daemon._host import host_refusal, split_host
-from tests.connector.connector_support import stream_request
+from tests.support.clients import Address, HttpResponse, stream_request
+from tests.support.daemons import TEST_GRACEFUL_TIMEOUT, DaemonFactory
 from tests.support.websocket import open_client_websocket
 
-from .daemon_support import (
-    TEST_GRACEFUL_TIMEOUT,
-    Address,
-    DaemonFactory,
-    HttpResponse,
-)
 from .test_daemon_ws import receive_json, send_json
 
 #: The routes a rebound page would go for, each as (method, path, body).

@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from repowire.daemon import DaemonSettings, DaemonState, Peer
-
-from .daemon_support import DaemonFactory, HttpResponse, open_http_stream
+from tests.support.clients import HttpResponse, open_http_stream
+from tests.support.daemons import DaemonFactory
 
 JSON = [("Content-Type", "application/json")]
 

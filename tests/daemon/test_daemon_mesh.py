@@ -22,8 +22,8 @@ from repowire.daemon import (
     MeshErrorCode,
     MeshResponse,
 )
-
-from .daemon_support import DaemonFactory, HttpResponse, LoopbackMesh, RunningDaemon
+from tests.support.clients import HttpResponse
+from tests.support.daemons import DaemonFactory, LoopbackMesh, RunningDaemon
 
 Handler = Callable[[str, str, str, bytes], Awaitable[MeshResponse]]
 

@@ -21,8 +21,7 @@ from repowire.daemon import (
     serve_daemon,
 )
 from repowire.daemon._server import make_config
-
-from .daemon_support import SseReader, http_request, open_http_stream
+from tests.support.clients import SseReader, http_request, open_http_stream
 
 
 def make_app(

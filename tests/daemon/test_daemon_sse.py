@@ -6,8 +6,9 @@ import trio
 import trio.testing
 
 from repowire.daemon import DaemonSettings, DaemonState
-
-from .daemon_support import DaemonFactory, SseReader, eventually, http_request, open_http_stream
+from tests.support.clients import SseReader, http_request, open_http_stream
+from tests.support.daemons import DaemonFactory
+from tests.support.waiting import eventually
 
 JSON = [("Content-Type", "application/json")]
 

@@ -9,8 +9,7 @@ import pytest
 import trio
 
 from repowire.daemon._static import resolve_static
-
-from .daemon_support import DaemonFactory
+from tests.support.daemons import DaemonFactory
 
 
 @pytest.fixture

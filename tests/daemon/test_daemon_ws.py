@@ -10,8 +10,9 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from repowire.daemon import DaemonState
-
-from .daemon_support import DaemonFactory, eventually, http_request, open_websocket
+from tests.support.clients import http_request, open_websocket
+from tests.support.daemons import DaemonFactory
+from tests.support.waiting import eventually
 
 
 async def receive_json(ws: WebSocketConnection) -> dict[str, Any]:

@@ -15,8 +15,10 @@ from urllib.parse import urljoin, urlsplit
 import trio
 
 from repowire.dashboard import STATIC_DIR
-from tests.daemon.daemon_support import http_request, start_daemon
-from tests.relay.relay_support import start_daemon_with_connector, start_relay
+from tests.support.clients import http_request
+from tests.support.daemons import start_daemon
+from tests.support.relays import start_relay
+from tests.support.stack import start_connected_daemon
 
 ASSETS = sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file())
 EXPECTED_TYPES = {
@@ -43,9 +45,9 @@ async def test_every_asset_is_served_locally_and_through_the_relay(
     assert all(Path(name).suffix in EXPECTED_TYPES for name in ASSETS), mimetypes.types_map
     with trio.fail_after(20):
         relay = await start_relay(nursery, tmp_path / "relay")
-        record, key = relay.new_scope()
-        daemon = await start_daemon_with_connector(nursery, relay, key, "laptop", STATIC_DIR)
-        cookie = relay.session_cookie(record)
+        record, key = await relay.new_scope()
+        daemon = await start_connected_daemon(nursery, relay, key, "laptop", STATIC_DIR)
+        cookie = await relay.session_cookie(record)
         places = [
             (daemon.address, "/dashboard/", []),
             (relay.address, "/d/laptop/dashboard/", [cookie]),

@@ -20,31 +20,28 @@ import trio_websocket
 
 from connector import Connector, ConnectorConfig, LinkState, MeshError
 from protocol import CloseCode, FrameType
-from tests.connector.connector_support import free_port
-from tests.daemon.daemon_support import Address, HttpResponse, http_request, open_http_stream
-from tests.relay.link_support import (
+from tests.support.clients import (
+    Address,
+    HttpResponse,
+    http_request,
+    next_text,
+    open_browser_websocket,
+    open_http_stream,
+)
+from tests.support.fault_daemon import KIB, MIB
+from tests.support.lab import Lab, open_lab
+from tests.support.links import (
     RawLink,
     encode_frame,
     link_headers,
     link_refusal,
-    open_browser_websocket,
     open_link_websocket,
     open_raw_link,
 )
-
-from .fault_support import (
-    KIB,
-    MIB,
-    Lab,
-    cookie_attributes,
-    describe,
-    form_body,
-    next_text,
-    open_lab,
-    poll,
-    session_id_of,
-    sign_in,
-)
+from tests.support.processes import free_port
+from tests.support.sessions import cookie_attributes, form_body, session_id_of, sign_in
+from tests.support.stats import describe
+from tests.support.waiting import poll
 
 #: The relay's request-head limit and slow-head deadline (RelaySettings defaults; `relay
 #: start` has no flag for them).

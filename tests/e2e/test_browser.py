@@ -19,22 +19,19 @@ from typing import Any, Final
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.cli.cli_support import FULL_KEY
+from tests.support.blocking_processes import Budget, ProcessStack, http, json_object
+from tests.support.leaks import FULL_KEY
 
 from .e2e_support import (
     DEFAULT_WAIT,
     DESKTOP,
     PHONE,
     Browsing,
-    Budget,
-    Stack,
     browser,
     browsing,
     budget,
     event_arrival_ms,
     first_run_stack,
-    http,
-    json_object,
     reaper,
     relay_process,
     session_cookie,
@@ -174,7 +171,7 @@ def screenshot(page: Page, name: str, budget: Budget) -> Path:
     return path
 
 
-def seed_dashboard(stack: Stack) -> None:
+def seed_dashboard(stack: ProcessStack) -> None:
     """Peers and messages of a plausible working day."""
     stack.register_peer("alice", {"repo": "repowire", "branch": "main"})
     stack.register_peer("reviewer-bot", {"repo": "repowire", "model": "small", "busy": False})
@@ -197,7 +194,7 @@ def seed_dashboard(stack: Stack) -> None:
 # -- signing in ---------------------------------------------------------------------------
 
 
-def test_sign_in_form_as_served(stack: Stack, browsing: Browsing) -> None:
+def test_sign_in_form_as_served(stack: ProcessStack, browsing: Browsing) -> None:
     """The relay's own forms exactly as served."""
     budget = stack.budget
     page = browsing.new_page()
@@ -220,7 +217,7 @@ def test_sign_in_form_as_served(stack: Stack, browsing: Browsing) -> None:
 
 
 def test_wrong_key_shows_the_error_and_the_right_key_opens_the_dashboard(
-    first_run_stack: Stack, browsing: Browsing
+    first_run_stack: ProcessStack, browsing: Browsing
 ) -> None:
     # A new user: the daemon registered itself on its first run and stored its key.
     stack = first_run_stack
@@ -274,7 +271,7 @@ def test_wrong_key_shows_the_error_and_the_right_key_opens_the_dashboard(
 
 
 def test_a_message_posted_to_the_daemon_appears_within_a_second(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     stack.register_peer("alice")
@@ -303,7 +300,7 @@ def test_a_message_posted_to_the_daemon_appears_within_a_second(
     wait_live(page, budget)
 
 
-def test_websocket_round_trip_through_the_tunnel(stack: Stack, browsing: Browsing) -> None:
+def test_websocket_round_trip_through_the_tunnel(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     stack.register_peer("alice")
     page = browsing.new_page()
@@ -336,7 +333,7 @@ def test_websocket_round_trip_through_the_tunnel(stack: Stack, browsing: Browsin
 
 
 def test_the_send_form_delivers_and_names_the_precise_error(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     stack.register_peer("alice")
@@ -394,7 +391,7 @@ def test_the_send_form_delivers_and_names_the_precise_error(
 
 
 def test_the_dashboard_follows_the_daemon_going_offline_and_coming_back(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     stack.register_peer("alice")
@@ -455,7 +452,7 @@ def test_the_dashboard_follows_the_daemon_going_offline_and_coming_back(
 # -- sessions ---------------------------------------------------------------------------------
 
 
-def test_logout_ends_the_session(stack: Stack, browsing: Browsing) -> None:
+def test_logout_ends_the_session(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     page = browsing.new_page()
     sign_in(page, stack)
@@ -482,7 +479,7 @@ def test_logout_ends_the_session(stack: Stack, browsing: Browsing) -> None:
     stack.assert_not_printed({"the API key": stack.daemon.api_key, "the session id": session_id})
 
 
-def test_rotating_the_key_ends_the_browser_session(stack: Stack, browsing: Browsing) -> None:
+def test_rotating_the_key_ends_the_browser_session(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     page = browsing.new_page()
     sign_in(page, stack)
@@ -528,7 +525,7 @@ def test_rotating_the_key_ends_the_browser_session(stack: Stack, browsing: Brows
 # -- how it looks -----------------------------------------------------------------------------
 
 
-def test_dashboard_on_a_phone_and_a_desktop(stack: Stack, browsing: Browsing) -> None:
+def test_dashboard_on_a_phone_and_a_desktop(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     seed_dashboard(stack)
     for viewport, mobile in ((PHONE, True), (DESKTOP, False)):
@@ -562,7 +559,7 @@ def test_dashboard_on_a_phone_and_a_desktop(stack: Stack, browsing: Browsing) ->
             assert right["x"] >= left["x"] + left["width"], (left, right)
 
 
-def test_on_a_phone_nothing_sticks_out_of_its_card(stack: Stack, browsing: Browsing) -> None:
+def test_on_a_phone_nothing_sticks_out_of_its_card(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     seed_dashboard(stack)
     page = browsing.new_page(PHONE, mobile=True)

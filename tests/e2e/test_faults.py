@@ -31,28 +31,21 @@ from connector import Connector, ConnectorConfig, LinkState
 from mux import MuxConfig
 from protocol import BackoffConfig, CloseCode
 from relay import RelaySettings
-from tests.connector.connector_support import free_port
-from tests.daemon.daemon_support import HttpStream, http_request, open_http_stream
-from tests.relay.link_support import (
-    RawLink,
-    link_headers,
-    open_browser_websocket,
-    open_link_websocket,
-)
-
-from .fault_support import (
-    MIB,
-    Lab,
-    SilentProxy,
-    describe,
+from tests.support.clients import (
+    HttpStream,
+    http_request,
     next_text,
-    open_lab,
-    pattern,
-    percentile,
-    poll,
-    session_id_of,
-    sign_in,
+    open_browser_websocket,
+    open_http_stream,
 )
+from tests.support.fault_daemon import MIB, pattern
+from tests.support.lab import Lab, open_lab
+from tests.support.links import RawLink, link_headers, open_link_websocket
+from tests.support.processes import free_port
+from tests.support.proxy import SilentProxy
+from tests.support.sessions import session_id_of, sign_in
+from tests.support.stats import describe, percentile
+from tests.support.waiting import poll
 
 #: Size of the download the relay dies in the middle of (it never gets near the end).
 HUGE = 200 * MIB

@@ -15,10 +15,11 @@ from typing import Final
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, Response, ViewportSize, expect
 
+from tests.support.blocking_processes import ProcessStack
+
 from .e2e_support import (
     DEFAULT_WAIT,
     Browsing,
-    Stack,
     browser,
     browsing,
     budget,
@@ -80,7 +81,7 @@ def record_problems(page: Page) -> list[str]:
 
 
 def test_on_a_phone_the_send_form_is_in_reach_with_200_events(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     stack.register_peer("alice")
@@ -124,7 +125,7 @@ def test_on_a_phone_the_send_form_is_in_reach_with_200_events(
 
 
 def test_the_daemon_going_and_returning_is_told_once_and_alike_by_every_card(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     daemon_id = stack.daemon.daemon_id
@@ -166,7 +167,7 @@ def test_the_daemon_going_and_returning_is_told_once_and_alike_by_every_card(
 
 
 def test_a_refused_message_is_explained_in_words_with_the_code_small(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     stack.register_peer("alice")
@@ -195,7 +196,7 @@ def test_a_refused_message_is_explained_in_words_with_the_code_small(
 
 
 def test_the_sign_in_page_toggles_the_key_says_where_it_is_and_loads_cleanly(
-    stack: Stack, browsing: Browsing
+    stack: ProcessStack, browsing: Browsing
 ) -> None:
     budget = stack.budget
     page = browsing.new_page()

@@ -23,8 +23,7 @@ import pytest
 import trio
 
 from tests.support.hostile import MIB, fuzz_relay_process, fuzz_settings
-
-from .fault_support import Lab, open_lab
+from tests.support.lab import Lab, open_lab
 
 #: Most the relay's resident memory may grow over its starting RSS during the run, bytes.
 #: Measured with the fixed seed on the 2-core CI machine: +48 MiB with the hardened relay

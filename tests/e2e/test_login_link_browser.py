@@ -12,16 +12,15 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Route, expect
 
+from tests.support.blocking_processes import ProcessStack, http, json_object
+
 from .e2e_support import (
     DEFAULT_WAIT,
     PHONE,
     Browsing,
-    Stack,
     browser,
     browsing,
     budget,
-    http,
-    json_object,
     reaper,
     relay_process,
     session_cookie,
@@ -52,7 +51,7 @@ HOSTILE_NEXT: Final = (
 GONE: Final = "This sign-in link has expired or was already used."
 
 
-def _login_link(stack: Stack) -> str:
+def _login_link(stack: ProcessStack) -> str:
     """A sign-in link for the stack's daemon, asked for as the CLI asks for it."""
     answer = http(
         stack.relay.address,
@@ -68,7 +67,7 @@ def _login_link(stack: Stack) -> str:
     return url
 
 
-def test_a_phone_signs_in_with_a_one_time_link(stack: Stack, browsing: Browsing) -> None:
+def test_a_phone_signs_in_with_a_one_time_link(stack: ProcessStack, browsing: Browsing) -> None:
     budget = stack.budget
     url = _login_link(stack)
     parts = urlsplit(url)
@@ -101,7 +100,7 @@ def test_a_phone_signs_in_with_a_one_time_link(stack: Stack, browsing: Browsing)
 
 @pytest.mark.parametrize("hostile", HOSTILE_NEXT)
 def test_a_hostile_next_never_leaves_the_relay(
-    stack: Stack, browsing: Browsing, hostile: str
+    stack: ProcessStack, browsing: Browsing, hostile: str
 ) -> None:
     budget = stack.budget
     page = browsing.new_page(PHONE, mobile=True)

@@ -20,9 +20,8 @@ import h11
 import pytest
 import trio
 
-from tests.connector.connector_support import LOOPBACK, cli_environment, free_port
-
-from .e2e_support import Budget, http, json_object
+from tests.support.blocking_processes import Budget, http, json_object
+from tests.support.processes import LOOPBACK, cli_environment, free_port
 
 #: The script under test.
 SCRIPT: Final = Path(__file__).resolve().parents[2] / "scripts" / "run-local.sh"

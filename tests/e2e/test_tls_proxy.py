@@ -28,9 +28,20 @@ from common import looks_like_key
 from connector import Connector, ConnectorConfig, LinkState
 from repowire.cli import build_parser
 from repowire.config import load_settings
-from tests.cli.cli_support import assert_no_full_key
-from tests.connector.connector_support import LOOPBACK, ChildProcess, Cli, free_port, start_child
-from tests.daemon.daemon_support import Address, HttpResponse, SseReader, http_request
+from tests.support.clients import Address, HttpResponse, SseReader, http_request
+from tests.support.leaks import assert_no_full_key
+from tests.support.processes import (
+    LOOPBACK,
+    ChildProcess,
+    Cli,
+    RelayProcess,
+    free_port,
+    free_ports,
+    start_child,
+    stop_processes,
+    wait_for_relay_state,
+)
+from tests.support.sessions import cookie_from, form_body
 from tests.support.system import needs
 
 from .tls_support import (
@@ -44,15 +55,12 @@ from .tls_support import (
     RecordingServer,
     RunningNginx,
     TlsFiles,
-    cookie_from,
     find_nginx,
-    free_ports,
     https_request,
     make_certificates,
     open_https_stream,
     open_wss,
     start_nginx,
-    wait_for_relay_state,
 )
 
 #: The tests that run nginx; the ones about the other deployment files run anywhere.
@@ -125,18 +133,6 @@ class ProxiedStack:
         return relay
 
 
-async def stop(*processes: ChildProcess) -> None:
-    """SIGTERM, then SIGKILL after a bounded wait, even while the test is being cancelled.
-
-    All at once: a daemon whose relay is gone exits without waiting for a closing handshake.
-    Stopping a process that has already exited does nothing.
-    """
-    with trio.CancelScope(shield=True):
-        async with trio.open_nursery() as nursery:
-            for process in processes:
-                nursery.start_soon(process.terminate)
-
-
 @pytest.fixture
 async def proxied_relay(tmp_path: Path) -> AsyncIterator[ProxiedRelay]:
     work = tmp_path / "work"
@@ -146,28 +142,25 @@ async def proxied_relay(tmp_path: Path) -> AsyncIterator[ProxiedRelay]:
     relay_data = tmp_path / "relay-data"
     with trio.fail_after(STARTUP_TIMEOUT):
         tls = await make_certificates(tmp_path / "tls")
-    relay = await start_child(
-        cli,
-        "relay",
-        *("relay", "start", "--port", "0", "--data-dir", str(relay_data)),
-        *("--metrics-listen", "off"),
-        *("--public-url", f"https://{TLS_HOST}:{https_port}", "--trusted-proxy", LOOPBACK),
-    )
-    nginx: RunningNginx | None = None
+    public = ("--public-url", f"https://{TLS_HOST}:{https_port}", "--trusted-proxy", LOOPBACK)
+    children: list[ChildProcess] = []
+    relay = RelayProcess(cli, relay_data, public, children=children)
     try:
         with trio.fail_after(STARTUP_TIMEOUT):
-            line = await relay.wait_for_line("repowire relay listening on http://")
+            await relay.start()
+            assert relay.child is not None
             site = NginxSite(
                 https_port=https_port,
                 http_port=http_port,
-                relay_port=int(line.rsplit(":", 1)[1]),
+                relay_port=relay.port,
                 tls=tls,
                 log_dir=tmp_path / "nginx-logs",
             )
             nginx = await start_nginx(tmp_path / "nginx", site)
-        yield ProxiedRelay(tls=tls, nginx=nginx, relay=relay, relay_data=relay_data, cli=cli)
+            children.append(nginx.process)
+        yield ProxiedRelay(tls=tls, nginx=nginx, relay=relay.child, relay_data=relay_data, cli=cli)
     finally:
-        await stop(relay, *([] if nginx is None else [nginx.process]))
+        await stop_processes(children)
 
 
 @pytest.fixture
@@ -198,11 +191,7 @@ async def proxied_stack(proxied_relay: ProxiedRelay) -> AsyncIterator[ProxiedSta
             api_key=configured.api_key,
         )
     finally:
-        await stop(serve, proxied.nginx.process, proxied.relay)
-
-
-def sign_in_form(api_key: str) -> bytes:
-    return urllib.parse.urlencode({"api_key": api_key}).encode()
+        await stop_processes([serve, proxied.nginx.process, proxied.relay])
 
 
 async def sign_in(stack: ProxiedStack) -> tuple[str, str]:
@@ -215,7 +204,7 @@ async def sign_in(stack: ProxiedStack) -> tuple[str, str]:
             ("Content-Type", "application/x-www-form-urlencoded"),
             ("Origin", proxied.origin),
         ],
-        body=sign_in_form(stack.api_key),
+        body=form_body(api_key=stack.api_key),
     )
     assert answer.status == 303, answer.body[:500]
     return cookie_from(answer)
@@ -236,7 +225,7 @@ async def test_sign_in_behind_nginx_gives_a_secure_cookie_and_requests_reach_the
             "POST",
             "/auth",
             headers=[*form, ("Origin", FOREIGN_ORIGIN)],
-            body=sign_in_form(stack.api_key),
+            body=form_body(api_key=stack.api_key),
         )
         assert refused.status == 403
         assert refused.header("set-cookie") is None
@@ -245,7 +234,7 @@ async def test_sign_in_behind_nginx_gives_a_secure_cookie_and_requests_reach_the
             "POST",
             "/auth",
             headers=[*form, ("Origin", proxied.origin)],
-            body=sign_in_form(stack.api_key),
+            body=form_body(api_key=stack.api_key),
         )
         assert answer.status == 303
         assert answer.header("location") == "/dashboard/"
@@ -485,7 +474,7 @@ async def test_connector_without_the_ca_refuses_the_relay(proxied_relay: Proxied
             relay_health = await proxied.request("GET", "/health")
             assert relay_health.json()["daemons_connected"] == 0
     finally:
-        await stop(serve)
+        await stop_processes([serve])
     assert_no_full_key(serve.stdout(), serve.stderr())
     # The user is told why: the relay's certificate is not trusted.
     error = str(state["last_error"]).lower()
@@ -524,7 +513,7 @@ async def recorded_site(tmp_path: Path) -> AsyncIterator[RecordedSite]:
         try:
             yield RecordedSite(nginx=nginx, tls=tls, recorder=recorder)
         finally:
-            await stop(nginx.process)
+            await stop_processes([nginx.process])
             nursery.cancel_scope.cancel()
 
 

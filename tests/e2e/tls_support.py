@@ -8,12 +8,11 @@
   that keeps every path inside a temporary directory, run in the foreground
   (:func:`find_nginx` finds the executable, also outside a user's PATH).
 - :func:`https_request`, :func:`open_https_stream` and :func:`open_wss`: HTTPS and WebSocket
-  clients that trust only the test CA, optionally from another loopback source address.
+  clients that trust only the test CA, optionally from another loopback source address (the
+  clients of :mod:`tests.support.clients` over TLS).
 - :class:`RecordingServer`: an HTTP/1.1 server on loopback that answers every request with a
   JSON description of what it received (method, target, headers, body size), or with an
   event stream whose second event waits for the test.
-- :func:`wait_for_relay_state`: poll a ``repowire serve`` process's ``/health`` until its
-  relay link is in a given state.
 """
 
 from __future__ import annotations
@@ -26,16 +25,23 @@ import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import h11
 import trio
 from trio_websocket import WebSocketConnection
 
-from tests.connector.connector_support import LOOPBACK, ChildProcess, free_port
-from tests.daemon.daemon_support import HttpResponse, HttpStream, http_request
+from tests.support.clients import (
+    Address,
+    HttpResponse,
+    HttpStream,
+    json_request,
+    open_http_stream_on,
+    read_response,
+)
 from tests.support.listener import LoopbackServer
+from tests.support.processes import LOOPBACK, ChildProcess
 from tests.support.websocket import open_client_websocket
 
 #: The deployment examples shipped with the project.
@@ -57,8 +63,6 @@ MAX_RECORDED_HEAD = 64 * 1024
 STREAM_PATH = "/stream"
 FIRST_EVENT = b"data: first\n\n"
 SECOND_EVENT = b"data: second\n\n"
-
-Address = tuple[str, int]
 
 
 # -- certificates -------------------------------------------------------------------------
@@ -316,18 +320,6 @@ async def _wait_listening(process: ChildProcess, address: Address) -> None:
         return
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
-    ports: list[int] = []
-    for _ in range(100 * count):
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise AssertionError(f"no {count} distinct free ports found")
-
-
 # -- clients ------------------------------------------------------------------------------
 
 
@@ -363,28 +355,13 @@ async def open_https_stream(
     read with :meth:`HttpStream.read_chunk` (an SSE stream, say). The connection is closed on
     exit."""
     stream = await connect_tls(port, ca_file, local_address=local_address)
-    async with stream:
-        conn = h11.Connection(h11.CLIENT)
-        request_headers = [("Host", f"{TLS_HOST}:{port}"), *headers]
-        if body is not None:
-            request_headers.append(("Content-Length", str(len(body))))
-        data = conn.send(h11.Request(method=method, target=path, headers=request_headers)) or b""
-        if body:
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        await stream.send_all(data)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(bytes(await stream.receive_some(READ_SIZE)))
-            elif isinstance(event, h11.InformationalResponse):
-                continue
-            elif isinstance(event, h11.Response):
-                break
-            else:
-                raise AssertionError(f"unexpected event before the response: {event!r}")
-        # HttpStream only ever calls receive_some on its stream, which a TLS stream has too.
-        yield HttpStream(cast(trio.SocketStream, stream), conn, event)
+    async with (
+        stream,
+        open_http_stream_on(
+            stream, f"{TLS_HOST}:{port}", method, path, body=body, headers=headers
+        ) as response,
+    ):
+        yield response
 
 
 async def https_request(
@@ -399,15 +376,11 @@ async def https_request(
     local_address: str | None = None,
 ) -> HttpResponse:
     """One request over HTTPS, the whole response. ``json_body`` sets the body and its type."""
-    headers = list(headers)
-    if json_body is not None:
-        body = json.dumps(json_body).encode()
-        headers.append(("Content-Type", "application/json"))
+    body, sent = json_request(body, json_body, headers)
     async with open_https_stream(
-        port, ca_file, method, path, headers=headers, body=body, local_address=local_address
+        port, ca_file, method, path, headers=sent, body=body, local_address=local_address
     ) as response:
-        content = await response.read_all()
-        return HttpResponse(status=response.status, headers=response.headers, body=content)
+        return await read_response(response)
 
 
 @asynccontextmanager
@@ -430,13 +403,6 @@ async def open_wss(
         message_queue_size=message_queue_size,
     ) as ws:
         yield ws
-
-
-def cookie_from(response: HttpResponse) -> tuple[str, str]:
-    """A ``("Cookie", "name=value")`` header from a response's Set-Cookie."""
-    set_cookie = response.header("set-cookie")
-    assert set_cookie is not None, "no Set-Cookie in the response"
-    return ("Cookie", set_cookie.split(";", 1)[0].strip())
 
 
 # -- a server that says what it received --------------------------------------------------
@@ -564,28 +530,3 @@ class RecordingServer(LoopbackServer):
             )
         except trio.BrokenResourceError:
             return
-
-
-# -- waiting for the daemon -----------------------------------------------------------------
-
-
-async def wait_for_relay_state(
-    serve: ChildProcess, address: Address, state: str, *, interval: float = 0.05
-) -> Mapping[str, Any]:
-    """The ``relay`` part of the daemon's ``GET /health`` once its state is ``state``
-    (``connected``, ``down``...). Raises AssertionError if ``serve`` exits first; the caller
-    bounds the wait."""
-    while True:
-        if serve.process.poll() is not None:
-            raise AssertionError(
-                f"serve exited with {serve.process.returncode}: {serve.stderr()[-2000:]}"
-            )
-        try:
-            health = await http_request(address, "GET", "/health")
-        except OSError:
-            health = None
-        if health is not None and health.status == 200:
-            relay = health.json().get("relay")
-            if isinstance(relay, dict) and relay.get("state") == state:
-                return relay
-        await trio.sleep(interval)

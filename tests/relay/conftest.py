@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.relay.link_support import StackFactory, relay_stacks
+from tests.support.relays import StackFactory, relay_stacks
 
 #: Hard stop for the relays of one test, teardown included (each test has its own, shorter
 #: deadline around what it checks).

@@ -19,8 +19,8 @@ import h11
 import pytest
 import trio
 
-from tests.daemon.daemon_support import Address
-from tests.relay.relay_support import RelayHandle, start_relay
+from tests.support.clients import Address
+from tests.support.relays import RelayHandle, start_relay
 
 #: Idle timeout of the relays here (``header_timeout``): a keep-alive connection ends then.
 IDLE_TIMEOUT = 1.0
@@ -119,8 +119,8 @@ async def test_an_early_answer_closes_the_connection_of_a_client_still_sending(
         relay = await start_relay(nursery, tmp_path / "relay", header_timeout=IDLE_TIMEOUT)
         headers = [("host", "relay")]
         if case == "503":  # signed in, but no daemon is connected
-            record, _ = relay.new_scope()
-            headers.append(relay.session_cookie(record))
+            record, _ = await relay.new_scope()
+            headers.append(await relay.session_cookie(record))
         stream = await trio.open_tcp_stream(*relay.address)
         sent = [0]
         async with stream, trio.open_nursery() as inner:

@@ -1,6 +1,6 @@
 """``/ws/relay``, the daemon endpoint, against bad input, floods, replacement and shutdown.
 
-Links are raw (frames written by hand, ``link_support.RawLink``), stand-ins (the project's
+Links are raw (frames written by hand, ``tests.support.links.RawLink``), stand-ins (the project's
 driver with test handlers) or real connectors, as each case needs. Every refusal must carry
 the close code of docs/ARCHITECTURE.md, and the relay must keep serving everyone else.
 """
@@ -11,7 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -19,25 +18,22 @@ import trio.testing
 from connector import LinkState
 from mux import MuxStream
 from protocol import CloseCode, ErrorCode, FrameType
-from relay import serve_relay
-from tests.daemon.daemon_support import HttpResponse, eventually, http_request
-from tests.relay.link_support import (
+from tests.support.clients import HttpResponse, http_request
+from tests.support.links import (
     Frame,
     RawLink,
-    RunningStack,
-    ScriptedHttp,
-    StackFactory,
     encode_frame,
-    hold_stream,
-    identity_handler,
     link_headers,
     link_refusal,
     open_frame,
     open_link_websocket,
     open_raw_link,
-    start_stand_in,
 )
-from tests.relay.relay_support import RelayHandle, start_daemon_with_connector, start_relay
+from tests.support.relays import RelayRunner, RunningStack, StackFactory, start_relay
+from tests.support.scripted import ScriptedHttp
+from tests.support.stack import start_connected_daemon
+from tests.support.stand_in import hold_stream, identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 #: How soon the relay must close a link that broke the protocol.
 PROMPT = 1.0
@@ -47,16 +43,16 @@ STREAM_LIMIT = 4
 
 async def relay_with_key(stacks: StackFactory, **settings: object) -> tuple[RunningStack, str]:
     stack = await stacks(**settings)
-    _record, key = stack.relay.new_scope()
+    _record, key = await stack.relay.new_scope()
     return stack, key
 
 
 async def still_serving(stack: RunningStack, daemon_id: str = "witness") -> None:
     """A daemon connected after the trouble is reached by a browser: the relay is fine."""
-    record, key = stack.relay.new_scope("witness")
+    record, key = await stack.relay.new_scope("witness")
     await start_stand_in(stack.links, stack.relay.address, key, daemon_id, identity_handler("ok"))
     response = await http_request(
-        stack.relay.address, "GET", "/peers", headers=[stack.relay.session_cookie(record)]
+        stack.relay.address, "GET", "/peers", headers=[await stack.relay.session_cookie(record)]
     )
     assert response.status == 200
     assert response.json()["daemon"] == "ok"
@@ -73,7 +69,7 @@ async def test_a_request_during_the_links_handshake_waits_for_the_link(
     link once it has the connector's. A request in between waits for the link, not a 503."""
     with trio.fail_after(20):
         stack = await stacks()
-        record, key = stack.relay.new_scope("early")
+        record, key = await stack.relay.new_scope("early")
         await start_stand_in(
             stack.links,
             stack.relay.address,
@@ -86,7 +82,7 @@ async def test_a_request_during_the_links_handshake_waits_for_the_link(
         assert links.get(record.scope_id, "laptop") is None  # still in its handshake
         assert links.is_arriving(record.scope_id, "laptop")
         response = await http_request(
-            stack.relay.address, "GET", path, headers=[stack.relay.session_cookie(record)]
+            stack.relay.address, "GET", path, headers=[await stack.relay.session_cookie(record)]
         )
         assert response.status == 200
         assert response.json()["daemon"] == "laptop"
@@ -116,9 +112,9 @@ async def test_a_revoked_key_is_closed_with_4401(stacks: StackFactory) -> None:
     with trio.fail_after(15):
         stack, key = await relay_with_key(stacks)
         store = stack.relay.running.relay.store
-        record = store.verify_key(key, now=time.time())
+        record = await store.verify_key(key, now=time.time())
         assert record is not None
-        store.revoke_key(record.key_id, now=time.time())
+        await store.revoke_key(record.key_id, now=time.time())
         reason = await link_refusal(stack.relay.address, link_headers(key, "laptop"))
         assert reason.code == CloseCode.INVALID_KEY
 
@@ -267,8 +263,8 @@ async def test_the_same_daemon_id_twice_replaces_the_first_link_and_keeps_the_se
     with trio.fail_after(15):
         caplog.set_level(logging.INFO, logger="repowire.relay")
         stack = await stacks()
-        record, key = stack.relay.new_scope()
-        cookie = stack.relay.session_cookie(record)
+        record, key = await stack.relay.new_scope()
+        cookie = await stack.relay.session_cookie(record)
         first = await start_stand_in(
             stack.links, stack.relay.address, key, "laptop", identity_handler("first")
         )
@@ -295,8 +291,8 @@ async def test_a_replaced_real_connector_backs_off_instead_of_fighting(
         stack, key = await relay_with_key(stacks)
         dashboard = tmp_path / "dashboard"
         dashboard.mkdir()
-        old = await start_daemon_with_connector(stack.links, stack.relay, key, "laptop", dashboard)
-        new = await start_daemon_with_connector(stack.links, stack.relay, key, "laptop", dashboard)
+        old = await start_connected_daemon(stack.links, stack.relay, key, "laptop", dashboard)
+        new = await start_connected_daemon(stack.links, stack.relay, key, "laptop", dashboard)
         await old.connector.wait_state(LinkState.DOWN)
         # Give a fighting connector time to come back (its backoff base is 50 ms).
         await trio.sleep(0.5)
@@ -319,8 +315,8 @@ async def test_a_link_of_another_scope_with_the_same_daemon_id_replaces_nothing(
 ) -> None:
     with trio.fail_after(15):
         stack = await stacks()
-        mine, my_key = stack.relay.new_scope()
-        _, their_key = stack.relay.new_scope()
+        mine, my_key = await stack.relay.new_scope()
+        _, their_key = await stack.relay.new_scope()
         first = await start_stand_in(
             stack.links, stack.relay.address, my_key, "laptop", identity_handler("mine")
         )
@@ -329,7 +325,7 @@ async def test_a_link_of_another_scope_with_the_same_daemon_id_replaces_nothing(
         )
         await trio.testing.wait_all_tasks_blocked(0.05)
         assert not first.session.ended and not theirs.session.ended
-        cookie = stack.relay.session_cookie(mine)
+        cookie = await stack.relay.session_cookie(mine)
         response = await http_request(stack.relay.address, "GET", "/d/laptop/x", headers=[cookie])
         assert response.json()["daemon"] == "mine"
 
@@ -354,8 +350,8 @@ async def test_shutdown_sends_go_away_lets_in_flight_requests_finish_and_closes_
 
         async with trio.open_nursery() as nursery:
             relay = await start_relay(nursery, tmp_path / "relay")
-            record, key = relay.new_scope()
-            cookie = relay.session_cookie(record)
+            record, key = await relay.new_scope()
+            cookie = await relay.session_cookie(record)
             stand_in = await start_stand_in(nursery, relay.address, key, "laptop", slow)
             in_flight: list[HttpResponse] = []
 
@@ -394,32 +390,20 @@ async def test_a_real_connector_comes_back_to_a_restarted_relay_on_the_same_port
         dashboard = tmp_path / "dashboard"
         dashboard.mkdir()
         async with trio.open_nursery() as links:
-            first_stopped = trio.Event()
-
-            async def first_relay(*, task_status: trio.TaskStatus[RelayHandle]) -> None:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        task_status.started(await start_relay(nursery, data_dir))
-                finally:
-                    first_stopped.set()
-
-            first: RelayHandle = await links.start(first_relay)
-            record, key = first.new_scope()
-            daemon = await start_daemon_with_connector(links, first, key, "laptop", dashboard)
-            first.running.shutdown()
-            await first_stopped.wait()
+            runner = RelayRunner(links, data_dir)
+            first = await runner.start()
+            record, key = await first.new_scope()
+            daemon = await start_connected_daemon(links, first, key, "laptop", dashboard)
+            await runner.stop(graceful=True)
             # The connector was told why (4503: come back soon), whatever it has tried since.
             await eventually(lambda: "4503" in caplog.text)
-            async with trio.open_nursery() as second_nursery:
-                # start_relay always binds port 0: reuse the first relay's settings instead.
-                settings = attrs.evolve(first.running.relay.settings, port=first.running.port)
-                second = RelayHandle(running=await second_nursery.start(serve_relay, settings))
-                await daemon.connector.wait_state(LinkState.CONNECTED)
-                cookie = second.session_cookie(record)
-                health = await http_request(
-                    second.address, "GET", "/d/laptop/health", headers=[cookie]
-                )
-                assert health.status == 200
-                assert health.json()["relay"]["state"] == "connected"
-                second.running.shutdown()
+            # Same port, same settings, same data directory.
+            second = await runner.start()
+            assert second.port == first.port
+            await daemon.connector.wait_state(LinkState.CONNECTED)
+            cookie = await second.session_cookie(record)
+            health = await http_request(second.address, "GET", "/d/laptop/health", headers=[cookie])
+            assert health.status == 200
+            assert health.json()["relay"]["state"] == "connected"
+            await runner.stop(graceful=True)
             links.cancel_scope.cancel()

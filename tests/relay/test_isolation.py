@@ -19,16 +19,11 @@ from trio_websocket import ConnectionRejected
 
 from connector import MESH_FROM_HEADER
 from relay import KeyRecord
-from tests.daemon.daemon_support import eventually, http_request, open_http_stream
-from tests.relay.link_support import (
-    RunningStack,
-    SeenRequest,
-    StackFactory,
-    identity_handler,
-    open_browser_websocket,
-    start_stand_in,
-)
-from tests.relay.relay_support import DaemonHandle, start_daemon_with_connector
+from tests.support.clients import http_request, open_browser_websocket, open_http_stream
+from tests.support.relays import RunningStack, StackFactory
+from tests.support.stack import ConnectedDaemon, start_connected_daemon
+from tests.support.stand_in import SeenRequest, identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 #: Requests tried on each plain path, to show the choice of daemon never varies.
 REPEATS = 5
@@ -69,8 +64,8 @@ async def test_a_session_never_reaches_another_scopes_daemon_on_any_route(
     with trio.fail_after(20):
         stack = await stacks()
         relay = stack.relay
-        record_a, key_a = relay.new_scope("alice")
-        _record_b, key_b = relay.new_scope("bob")
+        record_a, key_a = await relay.new_scope("alice")
+        _record_b, key_b = await relay.new_scope("bob")
         seen_a: list[SeenRequest] = []
         seen_b: list[SeenRequest] = []
         await start_stand_in(
@@ -79,7 +74,7 @@ async def test_a_session_never_reaches_another_scopes_daemon_on_any_route(
         b_daemon = await start_stand_in(
             stack.links, relay.address, key_b, "bobs", identity_handler("B", seen_b)
         )
-        cookie_a = relay.session_cookie(record_a)
+        cookie_a = await relay.session_cookie(record_a)
         for method, path in ROUTES:
             body = None if method == "GET" else b"{}"
             response = await http_request(
@@ -112,12 +107,12 @@ async def test_the_same_daemon_id_in_two_scopes_stays_two_daemons(stacks: StackF
     with trio.fail_after(15):
         stack = await stacks()
         relay = stack.relay
-        record_a, key_a = relay.new_scope("alice")
-        record_b, key_b = relay.new_scope("bob")
+        record_a, key_a = await relay.new_scope("alice")
+        record_b, key_b = await relay.new_scope("bob")
         await start_stand_in(stack.links, relay.address, key_a, "laptop", identity_handler("A"))
         await start_stand_in(stack.links, relay.address, key_b, "laptop", identity_handler("B"))
         for record, expected in ((record_a, "A"), (record_b, "B")):
-            cookie = relay.session_cookie(record)
+            cookie = await relay.session_cookie(record)
             for path in ("/peers", "/d/laptop/peers"):
                 response = await http_request(relay.address, "GET", path, headers=[cookie])
                 assert response.json()["daemon"] == expected, (expected, path)
@@ -131,14 +126,17 @@ async def test_keys_of_one_scope_share_its_daemons(stacks: StackFactory) -> None
     with trio.fail_after(15):
         stack = await stacks()
         relay = stack.relay
-        record, key = relay.new_scope("alice")
+        record, key = await relay.new_scope("alice")
         store = relay.running.relay.store
-        second_record, _second_key = store.create_key(
+        second_record, _second_key = await store.create_key(
             record.scope_id, label="phone", now=time.time()
         )
         await start_stand_in(stack.links, relay.address, key, "laptop", identity_handler("A"))
         response = await http_request(
-            relay.address, "GET", "/d/laptop/peers", headers=[relay.session_cookie(second_record)]
+            relay.address,
+            "GET",
+            "/d/laptop/peers",
+            headers=[await relay.session_cookie(second_record)],
         )
         assert response.status == 200
         assert response.json()["daemon"] == "A"
@@ -153,7 +151,7 @@ async def test_no_valid_session_reaches_no_daemon(stacks: StackFactory, cookie: 
     with trio.fail_after(15):
         stack = await stacks()
         relay = stack.relay
-        _record, key = relay.new_scope()
+        _record, key = await relay.new_scope()
         daemon = await start_stand_in(
             stack.links, relay.address, key, "laptop", identity_handler("A")
         )
@@ -174,8 +172,8 @@ async def test_plain_paths_reach_the_longest_connected_daemon_and_d_paths_the_na
     with trio.fail_after(20):
         stack = await stacks()
         relay = stack.relay
-        record, key = relay.new_scope()
-        cookie = relay.session_cookie(record)
+        record, key = await relay.new_scope()
+        cookie = await relay.session_cookie(record)
 
         async def who(path: str) -> str:
             response = await http_request(relay.address, "GET", path, headers=[cookie])
@@ -214,23 +212,27 @@ class Pair:
     record: KeyRecord
     key: str
     cookie: tuple[str, str]
-    alpha: DaemonHandle
-    beta: DaemonHandle
+    alpha: ConnectedDaemon
+    beta: ConnectedDaemon
 
 
 async def start_pair(stack: RunningStack, tmp_path: Path) -> Pair:
     """Daemons alpha and beta (with peer bob) in a new scope."""
-    record, key = stack.relay.new_scope("team")
+    record, key = await stack.relay.new_scope("team")
     dashboard = dashboard_dir(tmp_path)
-    alpha = await start_daemon_with_connector(stack.links, stack.relay, key, "alpha", dashboard)
-    beta = await start_daemon_with_connector(stack.links, stack.relay, key, "beta", dashboard)
+    alpha = await start_connected_daemon(stack.links, stack.relay, key, "alpha", dashboard)
+    beta = await start_connected_daemon(stack.links, stack.relay, key, "beta", dashboard)
     beta.state.add_peer("bob")
     return Pair(
-        record=record, key=key, cookie=stack.relay.session_cookie(record), alpha=alpha, beta=beta
+        record=record,
+        key=key,
+        cookie=await stack.relay.session_cookie(record),
+        alpha=alpha,
+        beta=beta,
     )
 
 
-def messages(daemon: DaemonHandle) -> list[dict[str, object]]:
+def messages(daemon: ConnectedDaemon) -> list[dict[str, object]]:
     return [dict(e.data) for e in daemon.state.events_after(0, 100) if e.type == "message"]
 
 
@@ -278,7 +280,7 @@ async def test_mesh_targets_that_cannot_be_reached_get_precise_errors(
             stack.links, relay.address, pair.key, "gamma", identity_handler("g")
         )
         await gamma.close()
-        _other_record, other_key = relay.new_scope("strangers")
+        _other_record, other_key = await relay.new_scope("strangers")
         delta = await start_stand_in(
             stack.links, relay.address, other_key, "delta", identity_handler("d")
         )

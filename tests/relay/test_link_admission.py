@@ -27,21 +27,13 @@ from relay import RelaySettings, serve_relay_main
 from relay._daemon_link import BUSY_REASON, TRY_AGAIN_LATER
 from relay._links import HandshakeLimiter, LinkRegistry
 from relay._server import GC_THRESHOLDS, HTTP_STOP_TIMEOUT, hypercorn_config
-from tests.daemon.daemon_support import Address, HttpResponse, eventually, http_request
-from tests.relay.link_support import (
-    LINK_PATH,
-    RawLink,
-    RunningStack,
-    ScriptedHttp,
-    StackFactory,
-    hold_stream,
-    identity_handler,
-    link_headers,
-    link_refusal,
-    open_link_websocket,
-    start_stand_in,
-)
-from tests.relay.relay_support import RelayHandle, start_daemon_with_connector, start_relay
+from tests.support.clients import Address, HttpResponse, http_request
+from tests.support.links import LINK_PATH, RawLink, link_headers, link_refusal, open_link_websocket
+from tests.support.relays import RelayRunner, RunningStack, StackFactory
+from tests.support.scripted import ScriptedHttp
+from tests.support.stack import start_connected_daemon
+from tests.support.stand_in import hold_stream, identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 #: "At once": how soon a refusal or an idle link's close must come.
 PROMPT = 1.0
@@ -90,7 +82,7 @@ async def test_links_past_the_handshake_limit_are_turned_away_at_once_and_admitt
     with trio.fail_after(20):
         stack = await stacks(link_handshake_limit=2)
         relay = stack.relay
-        keys = [relay.new_scope(f"scope-{n}") for n in range(3)]
+        keys = [await relay.new_scope(f"scope-{n}") for n in range(3)]
         address = relay.address
         async with (
             open_link_websocket(address, link_headers(keys[0][1], "first")) as first,
@@ -107,7 +99,7 @@ async def test_links_past_the_handshake_limit_are_turned_away_at_once_and_admitt
             assert busy_refusals(stack) == 1
             # The refused link was never registered, recorded or counted as connected.
             assert relay.running.relay.links.get(keys[2][0].scope_id, "third") is None
-            assert relay.running.relay.store.known_daemons(keys[2][0].scope_id) == []
+            assert await relay.running.relay.store.known_daemons(keys[2][0].scope_id) == []
             assert in_progress(stack) == 2
 
             # The first handshake completes: its slot is free, and the third link gets in.
@@ -132,7 +124,7 @@ async def test_links_failing_the_cheap_checks_are_refused_as_before_and_hold_no_
     with trio.fail_after(20):
         stack = await stacks(link_handshake_limit=1)
         relay = stack.relay
-        _record, key = relay.new_scope()
+        _record, key = await relay.new_scope()
         async with open_link_websocket(relay.address, link_headers(key, "holder")):
             await eventually(lambda: in_progress(stack) == 1)
             wrong_key = await link_refusal(relay.address, link_headers("rw_" + "A" * 43, "x"))
@@ -151,13 +143,13 @@ async def test_a_real_connector_told_the_relay_is_busy_backs_off_and_comes_in_la
     with trio.fail_after(30):
         stack = await stacks(link_handshake_limit=1)
         relay = stack.relay
-        _holder_record, holder_key = relay.new_scope("holder")
-        _record, key = relay.new_scope("laptop")
+        _holder_record, holder_key = await relay.new_scope("holder")
+        _record, key = await relay.new_scope("laptop")
         dashboard = tmp_path / "dashboard"
         dashboard.mkdir()
         async with open_link_websocket(relay.address, link_headers(holder_key, "holder")):
             await eventually(lambda: in_progress(stack) == 1)
-            daemon = await start_daemon_with_connector(
+            daemon = await start_connected_daemon(
                 stack.links, relay, key, "laptop", dashboard, wait=False
             )
             connector = daemon.connector
@@ -194,21 +186,11 @@ async def test_shutdown_closes_idle_links_at_once_and_busy_ones_when_their_strea
             await release.wait()
             await exchange.respond_json(200, {"finished": True})
 
-        relay_stopped = trio.Event()
         async with trio.open_nursery() as nursery:
-
-            async def run_relay(*, task_status: trio.TaskStatus[RelayHandle]) -> None:
-                try:
-                    async with trio.open_nursery() as inner:
-                        task_status.started(
-                            await start_relay(inner, tmp_path / "relay", shutdown_grace=grace)
-                        )
-                finally:
-                    relay_stopped.set()
-
-            relay: RelayHandle = await nursery.start(run_relay)
-            busy_record, busy_key = relay.new_scope("busy")
-            _idle_record, idle_key = relay.new_scope("idle")
+            runner = RelayRunner(nursery, tmp_path / "relay", shutdown_grace=grace)
+            relay = await runner.start()
+            busy_record, busy_key = await relay.new_scope("busy")
+            _idle_record, idle_key = await relay.new_scope("idle")
             busy = await start_stand_in(nursery, relay.address, busy_key, "busy", slow)
             idles = [
                 await start_stand_in(nursery, relay.address, idle_key, f"idle-{n}", hold_stream)
@@ -219,7 +201,7 @@ async def test_shutdown_closes_idle_links_at_once_and_busy_ones_when_their_strea
             in_flight: list[HttpResponse] = []
 
             async def browser() -> None:
-                cookie = relay.session_cookie(busy_record)
+                cookie = await relay.session_cookie(busy_record)
                 in_flight.append(await http_request(relay.address, "GET", "/x", headers=[cookie]))
 
             nursery.start_soon(browser)
@@ -240,7 +222,7 @@ async def test_shutdown_closes_idle_links_at_once_and_busy_ones_when_their_strea
             # The silent link never answers its close: it holds the relay up only for
             # HTTP_STOP_TIMEOUT, not for another grace.
             with trio.fail_after(HTTP_STOP_TIMEOUT + PROMPT):
-                await relay_stopped.wait()
+                await runner.wait_stopped()
             await silent.aclose()
             await eventually(lambda: bool(in_flight))
         assert in_flight[0].status == 200

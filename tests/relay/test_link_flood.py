@@ -20,16 +20,11 @@ import trio
 
 from protocol import HEADER_SIZE, FrameType, SessionConfig
 from relay import DaemonLink
-from tests.daemon.daemon_support import eventually, http_request
-from tests.relay.link_support import (
-    RawLink,
-    RunningStack,
-    encode_frame,
-    identity_handler,
-    open_raw_link,
-    running_relay,
-    start_stand_in,
-)
+from tests.support.clients import http_request
+from tests.support.links import RawLink, encode_frame, open_raw_link
+from tests.support.relays import RunningStack, running_relay
+from tests.support.stand_in import identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 #: Pings per WebSocket message: as many as may be unanswered at once, so each message alone
 #: is within the rules; it is not reading the answers that breaks them.
@@ -55,10 +50,10 @@ async def test_a_ping_flood_that_never_reads_is_cut_off_and_others_stay_fast(
 ) -> None:
     relay = stack.relay
     links = relay.running.relay.links
-    witness_record, witness_key = relay.new_scope("witness")
+    witness_record, witness_key = await relay.new_scope("witness")
     await start_stand_in(stack.links, relay.address, witness_key, "witness", identity_handler("ok"))
-    cookie = relay.session_cookie(witness_record)
-    flood_record, flood_key = relay.new_scope("flood")
+    cookie = await relay.session_cookie(witness_record)
+    flood_record, flood_key = await relay.new_scope("flood")
     # Four pongs and the GOAWAY that ends the link, at most.
     bound = SessionConfig().max_pending_pongs * (HEADER_SIZE + 8) + HEADER_SIZE + 8 + 1024
     largest_queue = 0

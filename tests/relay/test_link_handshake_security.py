@@ -24,15 +24,12 @@ import wsproto.events as ws_events
 
 from mux import MuxStream
 from relay import RelaySettings, _server
-from tests.connector.connector_support import ChildProcess, Cli, start_child
-from tests.daemon.daemon_support import Address
-from tests.relay.link_support import (
-    LINK_PATH,
-    ScriptedWebSocket,
-    StackFactory,
-    link_headers,
-    start_stand_in,
-)
+from tests.support.clients import Address
+from tests.support.links import LINK_PATH, link_headers
+from tests.support.processes import Cli, RelayProcess
+from tests.support.relays import StackFactory
+from tests.support.scripted import ScriptedWebSocket
+from tests.support.stand_in import start_stand_in
 
 #: Offered by browsers (and by the attacker): what the relay must not accept.
 DEFLATE_OFFER = b"permessage-deflate; client_max_window_bits"
@@ -158,7 +155,7 @@ def close_code(frames: bytes) -> int | None:
 async def test_the_daemon_endpoint_never_negotiates_compression(stacks: StackFactory) -> None:
     with trio.fail_after(15):
         stack = await stacks()
-        _, key = stack.relay.new_scope()
+        _, key = await stack.relay.new_scope()
         for headers in (link_headers(key, "laptop"), link_headers("rw_" + "x" * 43, "laptop")):
             stream, status, answer, _ = await raw_upgrade(stack.relay.address, LINK_PATH, headers)
             async with stream:
@@ -171,7 +168,7 @@ async def test_a_compressed_frame_on_a_link_is_a_protocol_error_not_inflated(
 ) -> None:
     with trio.fail_after(15):
         stack = await stacks()
-        _, key = stack.relay.new_scope()
+        _, key = await stack.relay.new_scope()
         stream, status, _, rest = await raw_upgrade(
             stack.relay.address, LINK_PATH, link_headers(key, "laptop")
         )
@@ -188,8 +185,8 @@ async def test_a_compressed_frame_on_a_link_is_a_protocol_error_not_inflated(
 async def test_a_tunneled_websocket_never_negotiates_compression(stacks: StackFactory) -> None:
     with trio.fail_after(15):
         stack = await stacks()
-        record, key = stack.relay.new_scope()
-        name, value = stack.relay.session_cookie(record)
+        record, key = await stack.relay.new_scope()
+        name, value = await stack.relay.session_cookie(record)
         offered: list[list[str]] = []
 
         async def handler(stream: MuxStream) -> None:
@@ -262,42 +259,30 @@ async def test_compressed_bombs_do_not_grow_a_relay_process(tmp_path: Path) -> N
     cli = Cli(home, work)
     data_dir = tmp_path / "relay-data"
     bomb()  # built before the clock starts
-    relay: ChildProcess = await start_child(
-        cli,
-        "relay",
-        "relay",
-        "start",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--metrics-listen",
-        "off",
-    )
+    relay = RelayProcess(cli, data_dir)
     try:
         with trio.fail_after(PROCESS_TEST_TIMEOUT):
-            line = await relay.wait_for_line("repowire relay listening on http://")
-            address = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
-            created = await cli.run("relay", "keys", "create", "--data-dir", str(data_dir))
-            assert created.returncode == 0, created.stderr
-            match = re.search(r"rw_[A-Za-z0-9_-]{43,}", created.stdout)
-            assert match is not None
+            await relay.start()
+            assert relay.child is not None
+            child = relay.child
+            address = relay.address
+            issued = await relay.create_key()
             # Warm up (imports, first connections) without a bomb, then measure.
-            for key in ("rw_" + "w" * 43, match.group(0)):
+            for key in ("rw_" + "w" * 43, issued):
                 stream, status, _, _ = await raw_upgrade(
                     address, LINK_PATH, link_headers(key, "warm")
                 )
                 async with stream:
                     assert status == 101
-            before = resident_bytes(relay.process.pid)
+            before = resident_bytes(child.process.pid)
             async with trio.open_nursery() as nursery:
                 for i in range(BOMBERS):
                     stranger = link_headers("rw_" + f"{i:02d}" * 22, f"d{i}")
                     nursery.start_soon(send_bomb, address, stranger)
                     # A key holder is a stranger too (registration is open).
-                    nursery.start_soon(send_bomb, address, link_headers(match.group(0), f"k{i}"))
+                    nursery.start_soon(send_bomb, address, link_headers(issued, f"k{i}"))
             # The peak, not the end: memory inflated and freed again counts too.
-            after = resident_bytes(relay.process.pid, "VmHWM")
+            after = resident_bytes(child.process.pid, "VmHWM")
             growth = after - before
             print(
                 f"\nrelay RSS {before / 2**20:.1f} MiB before, peak {after / 2**20:.1f} MiB over "
@@ -305,7 +290,8 @@ async def test_compressed_bombs_do_not_grow_a_relay_process(tmp_path: Path) -> N
                 f"({BOMB_INFLATED // 2**20} MiB inflated): {growth / 2**20:+.1f} MiB"
             )
             assert growth < RSS_GROWTH_BOUND
-            assert relay.process.poll() is None
+            assert child.process.poll() is None
     finally:
         with trio.CancelScope(shield=True):
-            await relay.terminate()
+            if relay.child is not None:
+                await relay.terminate()

@@ -17,16 +17,11 @@ import trio.testing
 from connector import LinkState
 from mux import MuxConfig, MuxStream, StreamResetError
 from protocol import CloseCode, ErrorCode, SessionConfig
-from tests.daemon.daemon_support import eventually
-from tests.relay.link_support import (
-    StackFactory,
-    StandIn,
-    identity_handler,
-    link_headers,
-    link_refusal,
-    start_stand_in,
-)
-from tests.relay.relay_support import start_daemon_with_connector
+from tests.support.links import link_headers, link_refusal
+from tests.support.relays import StackFactory
+from tests.support.stack import start_connected_daemon
+from tests.support.stand_in import StandIn, identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 #: The quota of links these tests run with.
 LINKS = 3
@@ -58,7 +53,7 @@ async def test_a_link_beyond_the_scope_quota_is_refused_with_4429(stacks: StackF
     with trio.fail_after(20):
         stack = await stacks(max_links_per_scope=LINKS)
         relay = stack.relay
-        _, key = relay.new_scope()
+        _, key = await relay.new_scope()
         links = [
             await start_stand_in(stack.links, relay.address, key, f"d{i}", identity_handler("x"))
             for i in range(LINKS)
@@ -68,7 +63,7 @@ async def test_a_link_beyond_the_scope_quota_is_refused_with_4429(stacks: StackF
         assert refusal.reason is not None and str(LINKS) in refusal.reason
         assert "quota" in refusal.reason
         # Another key's scope is not affected.
-        _, other_key = relay.new_scope()
+        _, other_key = await relay.new_scope()
         other = await start_stand_in(
             stack.links, relay.address, other_key, "d0", identity_handler("o")
         )
@@ -87,7 +82,7 @@ async def test_a_replacing_link_is_not_refused_for_the_quota_and_the_count_stays
     with trio.fail_after(20):
         stack = await stacks(max_links_per_scope=LINKS)
         relay = stack.relay
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         counter = relay.running.relay.scope_links
         first: list[StandIn] = [
             await start_stand_in(stack.links, relay.address, key, f"d{i}", identity_handler("x"))
@@ -113,11 +108,11 @@ async def test_a_connector_refused_for_the_quota_backs_off_and_says_why(
 ) -> None:
     with trio.fail_after(20):
         stack = await stacks(max_links_per_scope=1)
-        _, key = stack.relay.new_scope()
+        _, key = await stack.relay.new_scope()
         await start_stand_in(stack.links, stack.relay.address, key, "first", identity_handler("x"))
         dashboard = tmp_path / "dashboard"
         dashboard.mkdir()
-        daemon = await start_daemon_with_connector(
+        daemon = await start_connected_daemon(
             stack.links, stack.relay, key, "second", dashboard, wait=False
         )
         await daemon.connector.wait_state(LinkState.DOWN)
@@ -137,7 +132,7 @@ async def test_mesh_streams_count_against_the_scope_stream_quota(stacks: StackFa
     with trio.fail_after(20):
         stack = await stacks(max_streams_per_scope=2)
         relay = stack.relay
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         alpha = await start_stand_in(stack.links, relay.address, key, "alpha", hold)
         beta = await start_stand_in(stack.links, relay.address, key, "beta", hold)
         held = [await alpha.session.open_stream({"kind": "mesh", "target": "beta"}) for _ in "ab"]
@@ -164,7 +159,7 @@ async def test_a_mesh_stream_waits_for_its_target_at_most_the_stream_open_timeou
         timeout = 0.5
         stack = await stacks(stream_open_timeout=timeout)
         relay = stack.relay
-        record, key = relay.new_scope()
+        record, key = await relay.new_scope()
         alpha = await start_stand_in(stack.links, relay.address, key, "alpha", hold)
         # beta takes one stream at a time: the second waits for a slot that never frees.
         beta = await start_stand_in(

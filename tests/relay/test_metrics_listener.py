@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
-from relay import RelaySettings, serve_relay
-from tests.connector.connector_support import Cli
-from tests.daemon.daemon_support import http_request
-from tests.relay.link_support import StackFactory, identity_handler, start_stand_in
+from tests.support.clients import http_request
+from tests.support.processes import Cli
+from tests.support.relays import StackFactory, start_relay
+from tests.support.stand_in import identity_handler, start_stand_in
 
 
 async def test_metrics_are_served_on_their_own_listener_only(stacks: StackFactory) -> None:
@@ -24,7 +24,7 @@ async def test_metrics_are_served_on_their_own_listener_only(stacks: StackFactor
         parts = urlsplit(running.metrics_url)
         assert parts.hostname == "127.0.0.1" and parts.path == "/metrics"
         assert parts.port is not None and parts.port != running.port
-        _, key = stack.relay.new_scope()
+        _, key = await stack.relay.new_scope()
         await start_stand_in(stack.links, stack.relay.address, key, "laptop", identity_handler("x"))
         metrics_address = ("127.0.0.1", parts.port)
         answer = await http_request(metrics_address, "GET", "/metrics")
@@ -53,10 +53,9 @@ async def test_a_metrics_address_in_use_fails_the_start_with_one_line(tmp_path: 
         address = f"127.0.0.1:{taken.getsockname()[1]}"
 
         # In process: a ListenError naming the address, before the relay reports anything.
-        settings = RelaySettings(data_dir=tmp_path / "data", port=0, metrics_listen=address)
         with pytest.RaisesGroup(pytest.RaisesExc(OSError, match=address), flatten_subgroups=True):
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_relay, settings)
+                await start_relay(nursery, tmp_path / "data", metrics_listen=address)
 
         # And `repowire relay start` says so in one line, without a traceback.
         work = tmp_path / "work"

@@ -16,14 +16,9 @@ import trio
 
 from protocol import CloseCode
 from relay import Relay
-from tests.daemon.daemon_support import http_request
-from tests.relay.link_support import (
-    RunningStack,
-    StandIn,
-    hold_stream,
-    running_relay,
-    start_stand_in,
-)
+from tests.support.clients import http_request
+from tests.support.relays import RunningStack, running_relay
+from tests.support.stand_in import StandIn, hold_stream, start_stand_in
 
 #: Seconds the stand-in holds its HELLO back: the relay is in the handshake that long.
 HELLO_DELAY = 3.0
@@ -36,7 +31,7 @@ TEST_LIMIT = 30
 async def _arriving_link(stack: RunningStack, daemon_id: str) -> tuple[Relay, str, str, StandIn]:
     """A scope and a stand-in link of it, still in its handshake on the relay's side."""
     relay = stack.relay.running.relay
-    record, key = stack.relay.new_scope(daemon_id)
+    record, key = await stack.relay.new_scope(daemon_id)
     stand_in = await start_stand_in(
         stack.links, stack.relay.address, key, daemon_id, hold_stream, hello_delay=HELLO_DELAY
     )
@@ -62,7 +57,7 @@ async def test_a_key_revoked_by_the_store_during_a_link_handshake_ends_that_link
     with trio.fail_after(TEST_LIMIT):
         async with running_relay(tmp_path / "relay") as stack:
             relay, key_id, _, stand_in = await _arriving_link(stack, "revoked")
-            relay.store.revoke_key(key_id, now=time.time())  # the watcher takes it from here
+            await relay.store.revoke_key(key_id, now=time.time())  # the watcher takes it from here
             await _assert_revoked_and_never_registered(relay, key_id, stand_in)
 
 
@@ -103,7 +98,7 @@ async def test_a_link_whose_key_went_unseen_during_its_handshake_is_refused_at_r
                 await trio.lowlevel.checkpoint()
 
             monkeypatch.setattr(relay, "end_key_access", watcher_missed_it)
-            relay.store.revoke_key(key_id, now=time.time())
+            await relay.store.revoke_key(key_id, now=time.time())
             with trio.fail_after(HELLO_DELAY + PROMPT):
                 await stand_in.finished.wait()
             assert stand_in.close_code == CloseCode.KEY_REVOKED

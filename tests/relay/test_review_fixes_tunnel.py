@@ -21,15 +21,11 @@ from trio_websocket import ConnectionRejected
 import relay._tunnel
 from mux import MuxStream
 from relay._asgi_guard import AsgiGuard, ResponseSequenceError
-from tests.daemon.daemon_support import eventually, http_request, open_http_stream
-from tests.relay.link_support import (
-    RunningStack,
-    ScriptedHttp,
-    ScriptedWebSocket,
-    open_browser_websocket,
-    running_relay,
-    start_stand_in,
-)
+from tests.support.clients import http_request, open_browser_websocket, open_http_stream
+from tests.support.relays import RunningStack, running_relay
+from tests.support.scripted import ScriptedHttp, ScriptedWebSocket
+from tests.support.stand_in import start_stand_in
+from tests.support.waiting import eventually
 
 #: Hard stop for one test, the relay's teardown included.
 TEST_TIMEOUT = 60
@@ -103,9 +99,9 @@ async def test_a_websocket_flooded_after_its_app_stopped_reading_is_still_closed
         await sock.close(1000, "bye")
         await trio.sleep_forever()
 
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     await start_stand_in(stack.links, stack.relay.address, key, "d1", slow_daemon)
-    browser = await raw_upgrade(stack, stack.relay.session_cookie(record))
+    browser = await raw_upgrade(stack, await stack.relay.session_cookie(record))
     async with browser:
         assert b" 101 " in await browser.receive_some(4096)
         frame = masked_frame(os.urandom(FLOOD_FRAME))
@@ -218,9 +214,9 @@ async def test_a_browser_leaving_during_the_upgrade_gives_its_stream_back(
     stack: RunningStack,
 ) -> None:
     relay = stack.relay.running.relay
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     stand_in = await start_stand_in(stack.links, stack.relay.address, key, "d1", silent_daemon)
-    browser = await raw_upgrade(stack, stack.relay.session_cookie(record))
+    browser = await raw_upgrade(stack, await stack.relay.session_cookie(record))
     await eventually(lambda: len(stand_in.accepted) == 1)
     assert relay.scope_streams.held(record.scope_id) == 1
     await browser.aclose()
@@ -236,9 +232,9 @@ async def test_a_daemon_that_never_answers_the_upgrade_gets_504(
 ) -> None:
     monkeypatch.setattr(relay._tunnel, "UPGRADE_ANSWER_TIMEOUT", SHORT_DEADLINE)
     relay_state = stack.relay.running.relay
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     await start_stand_in(stack.links, stack.relay.address, key, "d1", silent_daemon)
-    cookie = stack.relay.session_cookie(record)
+    cookie = await stack.relay.session_cookie(record)
     with trio.fail_after(5), pytest.raises(ConnectionRejected) as rejected:
         async with open_browser_websocket(stack.relay.address, "/ws", [cookie, origin_of(stack)]):
             pass
@@ -272,7 +268,7 @@ async def upgrade_with_body(stack: RunningStack, cookie: tuple[str, str] | None)
 
 async def test_an_upgrade_with_a_body_opens_no_stream(stack: RunningStack) -> None:
     relay_state = stack.relay.running.relay
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
 
     async def accepting_daemon(stream: MuxStream) -> None:
         await ScriptedWebSocket(stream).accept()
@@ -280,7 +276,7 @@ async def test_an_upgrade_with_a_body_opens_no_stream(stack: RunningStack) -> No
 
     stand_in = await start_stand_in(stack.links, stack.relay.address, key, "d1", accepting_daemon)
     with trio.fail_after(5):
-        answer = await upgrade_with_body(stack, stack.relay.session_cookie(record))
+        answer = await upgrade_with_body(stack, await stack.relay.session_cookie(record))
         assert answer.startswith(b"HTTP/1.1 400 ")  # hypercorn's own
         # No bridge waits on the browser: nothing reached the daemon, the scope holds nothing.
         await trio.sleep(SHORT_DEADLINE)
@@ -317,11 +313,11 @@ async def test_a_daemon_that_never_starts_its_answer_gets_504(
         except trio.BrokenResourceError:
             reset.set()
 
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     await start_stand_in(stack.links, stack.relay.address, key, "d1", mute_daemon)
     with trio.fail_after(5):
         answer = await http_request(
-            stack.relay.address, "GET", "/slow", headers=[stack.relay.session_cookie(record)]
+            stack.relay.address, "GET", "/slow", headers=[await stack.relay.session_cookie(record)]
         )
         assert answer.status == 504
         assert json.loads(answer.body)["error"] == "daemon_timeout"
@@ -342,11 +338,14 @@ async def test_the_head_deadline_does_not_limit_a_slow_body(
             await http.send_data(part)
         await http.finish()
 
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     await start_stand_in(stack.links, stack.relay.address, key, "d1", trickling_daemon)
     with trio.fail_after(10):
         answer = await http_request(
-            stack.relay.address, "GET", "/events", headers=[stack.relay.session_cookie(record)]
+            stack.relay.address,
+            "GET",
+            "/events",
+            headers=[await stack.relay.session_cookie(record)],
         )
     assert answer.status == 200
     assert answer.body == b"data: 1\n\ndata: 2\n\n"
@@ -359,7 +358,7 @@ async def test_access_revoked_while_waiting_for_the_link_never_reaches_the_daemo
     stack: RunningStack,
 ) -> None:
     relay = stack.relay.running.relay
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     seen: list[MuxStream] = []
 
     async def recording(stream: MuxStream) -> None:
@@ -369,7 +368,7 @@ async def test_access_revoked_while_waiting_for_the_link_never_reaches_the_daemo
     # The stand-in holds its HELLO back: the relay has the link in its handshake, and a
     # request for it waits (LINK_ARRIVAL_WAIT) rather than answering 503 at once.
     await start_stand_in(stack.links, stack.relay.address, key, "d1", recording, hello_delay=1.5)
-    cookie = stack.relay.session_cookie(record)
+    cookie = await stack.relay.session_cookie(record)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             statuses: list[int] = []
@@ -405,11 +404,11 @@ async def test_a_daemon_answer_with_length_and_chunked_arrives_whole(stack: Runn
         )
         await trio.sleep_forever()
 
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     await start_stand_in(stack.links, stack.relay.address, key, "d1", contradictory_daemon)
     with trio.fail_after(5):
         answer = await http_request(
-            stack.relay.address, "GET", "/x", headers=[stack.relay.session_cookie(record)]
+            stack.relay.address, "GET", "/x", headers=[await stack.relay.session_cookie(record)]
         )
     assert answer.status == 200
     assert answer.body == b"hello"

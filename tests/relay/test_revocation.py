@@ -21,17 +21,11 @@ from trio_websocket import ConnectionClosed
 from mux import MuxStream
 from protocol import CloseCode
 from relay import KeyRecord
-from tests.connector.connector_support import Cli
-from tests.daemon.daemon_support import http_request, open_http_stream
-from tests.relay.link_support import (
-    RunningStack,
-    ScriptedHttp,
-    ScriptedWebSocket,
-    StackFactory,
-    StandIn,
-    open_browser_websocket,
-    start_stand_in,
-)
+from tests.support.clients import http_request, open_browser_websocket, open_http_stream
+from tests.support.processes import Cli
+from tests.support.relays import RunningStack, StackFactory
+from tests.support.scripted import ScriptedHttp, ScriptedWebSocket
+from tests.support.stand_in import StandIn, start_stand_in
 
 #: What the brief promises: access ends this soon after the revocation, rotation or sign-out.
 PROMPT = 1.0
@@ -128,7 +122,7 @@ class Scene:
 
 
 async def scene(stack: RunningStack) -> Scene:
-    record, key = stack.relay.new_scope()
+    record, key = await stack.relay.new_scope()
     address = stack.relay.address
     events = await start_stand_in(stack.links, address, key, "events", event_stream)
     sockets = await start_stand_in(stack.links, address, key, "sockets", websocket)
@@ -171,7 +165,7 @@ async def test_a_key_revoked_by_the_cli_ends_its_links_and_streams_within_a_seco
     with trio.fail_after(30):
         stack = await stacks()
         seen = await scene(stack)
-        cookie = stack.relay.session_cookie(seen.record)
+        cookie = await stack.relay.session_cookie(seen.record)
         async with trio.open_nursery() as nursery:
             watched = await open_streams(nursery, stack, cookie)
             revoked_at = await cli_revoke(stack, tmp_path, seen.record.key_id)
@@ -196,8 +190,10 @@ async def test_a_browser_key_revoked_by_the_cli_ends_its_sessions_streams_not_th
         # The browser signed in with a second key of the scope: revoking it ends the browser's
         # access, while the daemons (linked with the first key) stay up.
         store = stack.relay.running.relay.store
-        browser_record, _ = store.create_key(seen.record.scope_id, label="phone", now=time.time())
-        cookie = stack.relay.session_cookie(browser_record)
+        browser_record, _ = await store.create_key(
+            seen.record.scope_id, label="phone", now=time.time()
+        )
+        cookie = await stack.relay.session_cookie(browser_record)
         # Cached now: a cached session must not outlive the revocation either.
         listed = await http_request(stack.relay.address, "GET", "/api/v1/daemons", headers=[cookie])
         assert listed.status == 200
@@ -225,7 +221,7 @@ async def test_rotation_through_the_api_ends_the_old_keys_links_and_streams(
     with trio.fail_after(30):
         stack = await stacks()
         seen = await scene(stack)
-        cookie = stack.relay.session_cookie(seen.record)
+        cookie = await stack.relay.session_cookie(seen.record)
         async with trio.open_nursery() as nursery:
             watched = await open_streams(nursery, stack, cookie)
             rotated_at = time.monotonic()
@@ -247,8 +243,8 @@ async def test_signing_out_ends_that_sessions_streams_and_no_other(stacks: Stack
     with trio.fail_after(30):
         stack = await stacks()
         seen = await scene(stack)
-        leaving = stack.relay.session_cookie(seen.record)
-        staying = stack.relay.session_cookie(seen.record)
+        leaving = await stack.relay.session_cookie(seen.record)
+        staying = await stack.relay.session_cookie(seen.record)
         origin = ("Origin", f"http://127.0.0.1:{stack.relay.address[1]}")
         async with trio.open_nursery() as nursery:
             gone = await open_streams(nursery, stack, leaving)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import trio
 
-from tests.daemon.daemon_support import http_request
-from tests.relay.relay_support import start_daemon_with_connector, start_relay
+from tests.support.clients import http_request
+from tests.support.relays import start_relay
+from tests.support.stack import start_connected_daemon
 
 
 async def test_request_reaches_the_daemon_through_the_relay(
@@ -18,9 +19,9 @@ async def test_request_reaches_the_daemon_through_the_relay(
     (dashboard / "index.html").write_text("<!doctype html><title>d</title>")
     with trio.fail_after(15):
         relay = await start_relay(nursery, tmp_path / "relay")
-        record, key = relay.new_scope()
-        await start_daemon_with_connector(nursery, relay, key, "laptop", dashboard)
-        cookie = relay.session_cookie(record)
+        record, key = await relay.new_scope()
+        await start_connected_daemon(nursery, relay, key, "laptop", dashboard)
+        cookie = await relay.session_cookie(record)
         created = await http_request(
             relay.address,
             "POST",

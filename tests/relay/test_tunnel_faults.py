@@ -22,15 +22,11 @@ import relay._app
 import relay._tunnel
 from mux import MuxStream
 from protocol import ErrorCode
-from tests.daemon.daemon_support import Address, eventually, http_request, open_http_stream
-from tests.relay.link_support import (
-    ScriptedHttp,
-    StackFactory,
-    StreamHandler,
-    identity_handler,
-    scoped_relay,
-    start_stand_in,
-)
+from tests.support.clients import Address, http_request, open_http_stream
+from tests.support.relays import StackFactory, scoped_relay
+from tests.support.scripted import ScriptedHttp
+from tests.support.stand_in import StreamHandler, identity_handler, start_stand_in
+from tests.support.waiting import eventually
 
 KIB = 1024
 MIB = 1024 * KIB

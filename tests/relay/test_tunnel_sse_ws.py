@@ -1,7 +1,7 @@
 """Server-Sent Events and WebSockets through the relay's tunnel (real hypercorn on loopback).
 
-Scripted daemons (``link_support``) pin down timing and close codes exactly; the real daemon
-behind a real connector shows the same paths work end to end.
+Scripted daemons (``tests.support.stand_in``) pin down timing and close codes exactly; the
+real daemon behind a real connector shows the same paths work end to end.
 """
 
 from __future__ import annotations
@@ -19,18 +19,12 @@ import wsproto.events as ws_events
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from mux import MuxStream
-from tests.daemon.daemon_support import SseReader, eventually, http_request, open_http_stream
-from tests.relay.link_support import (
-    RunningStack,
-    ScriptedHttp,
-    ScriptedWebSocket,
-    StackFactory,
-    StreamHandler,
-    open_browser_websocket,
-    scoped_relay,
-    start_stand_in,
-)
-from tests.relay.relay_support import DaemonHandle, start_daemon_with_connector
+from tests.support.clients import SseReader, http_request, open_browser_websocket, open_http_stream
+from tests.support.relays import RunningStack, StackFactory, scoped_relay
+from tests.support.scripted import ScriptedHttp, ScriptedWebSocket
+from tests.support.stack import ConnectedDaemon, start_connected_daemon
+from tests.support.stand_in import StreamHandler, start_stand_in
+from tests.support.waiting import eventually
 
 #: Events sent in the SSE tests.
 EVENTS = 20
@@ -112,7 +106,7 @@ async def test_daemon_event_stream_through_a_real_connector_is_live_and_ends_wit
 ) -> None:
     with trio.fail_after(20):
         stack, key, cookie = await scoped_relay(stacks)
-        daemon = await start_daemon_with_connector(
+        daemon = await start_connected_daemon(
             stack.links, stack.relay, key, "laptop", dashboard_dir(tmp_path)
         )
         # The same feed read from the daemon directly, for comparison.
@@ -137,7 +131,7 @@ async def test_daemon_event_stream_through_a_real_connector_is_live_and_ends_wit
         assert released_after < PROMPT
 
 
-async def sse_latencies(daemon: DaemonHandle, reader: SseReader) -> list[float]:
+async def sse_latencies(daemon: ConnectedDaemon, reader: SseReader) -> list[float]:
     """Publish EVENTS events one at a time, each once the previous one has been read from
     ``reader``; return how long each took to arrive."""
     await eventually(lambda: daemon.state.subscriber_count == 1)
@@ -322,7 +316,7 @@ async def test_real_daemon_websocket_through_a_real_connector(
 ) -> None:
     with trio.fail_after(15):
         stack, key, cookie = await scoped_relay(stacks)
-        daemon = await start_daemon_with_connector(
+        daemon = await start_connected_daemon(
             stack.links, stack.relay, key, "laptop", dashboard_dir(tmp_path)
         )
         async with open_browser_websocket(
@@ -451,8 +445,8 @@ async def test_revoking_the_key_ends_an_open_sse_stream_and_websocket_within_a_s
     with trio.fail_after(20):
         stack = await stacks()
         relay = stack.relay
-        record, key = relay.new_scope()
-        cookie = relay.session_cookie(record)
+        record, key = await relay.new_scope()
+        cookie = await relay.session_cookie(record)
         streams_reset: list[BaseException] = []
 
         async def handler(stream: MuxStream) -> None:

@@ -35,9 +35,9 @@ from relay._web import (
     PAGE_CSP,
     create_web_app,
 )
-from tests.daemon.daemon_support import http_request
-from tests.relay.link_support import running_relay
-from tests.relay.relay_support import start_daemon_with_connector
+from tests.support.clients import http_request
+from tests.support.relays import running_relay
+from tests.support.stack import start_connected_daemon
 
 START = 1_700_000_000.0
 ORIGIN = "http://localhost"  # the test client sends Host: localhost
@@ -618,7 +618,7 @@ async def test_a_served_relay_without_dashboard_dir_says_so_and_signs_in(tmp_pat
         async with running_relay(tmp_path / "relay", dashboard_dir=None) as stack:
             relay = stack.relay
             _, key = relay.new_scope()
-            await start_daemon_with_connector(stack.links, relay, key, "laptop", daemon_files)
+            await start_connected_daemon(stack.links, relay, key, "laptop", daemon_files)
             origin = f"http://127.0.0.1:{relay.address[1]}"
             signed_in = await http_request(
                 relay.address,

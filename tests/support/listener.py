@@ -1,8 +1,9 @@
-"""A loopback TCP server base for tests: each accepted connection goes to one handler."""
+"""Loopback servers for tests: :class:`LoopbackUrls`, where a server on 127.0.0.1 is reached,
+and :class:`LoopbackServer`, a TCP server base whose connections each go to one handler."""
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Protocol, Self
 
 import trio
 
@@ -11,7 +12,29 @@ Address = tuple[str, int]
 LOOPBACK = "127.0.0.1"
 
 
-class LoopbackServer:
+class _Listening(Protocol):
+    @property
+    def port(self) -> int: ...
+
+
+class LoopbackUrls:
+    """``address``, ``url`` and ``ws_url`` of a server listening on 127.0.0.1 at ``port``
+    (an attribute or a property of the class this is mixed into)."""
+
+    @property
+    def address(self: _Listening) -> Address:
+        return (LOOPBACK, self.port)
+
+    @property
+    def url(self: _Listening) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ws_url(self: _Listening) -> str:
+        return f"ws://{LOOPBACK}:{self.port}"
+
+
+class LoopbackServer(LoopbackUrls):
     """Listens on 127.0.0.1 at a port the system picks and runs :meth:`_handle` for every
     accepted connection, each in its own task.
 
@@ -22,10 +45,6 @@ class LoopbackServer:
 
     def __init__(self) -> None:
         self.port = 0
-
-    @property
-    def address(self) -> Address:
-        return (LOOPBACK, self.port)
 
     async def serve(self, *, task_status: trio.TaskStatus[Self] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)

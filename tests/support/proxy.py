@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from .listener import LOOPBACK, Address, LoopbackServer
+from .listener import Address, LoopbackServer
 
 #: Bytes the proxy reads from a socket at a time.
 PROXY_READ_SIZE = 64 * 1024
@@ -45,10 +45,6 @@ class TcpProxy(LoopbackServer):
         self.accepted = 0
         self._blackholed = False
         self._connections: set[_ProxiedConnection] = set()
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}"
 
     def blackhole(self) -> None:
         self._blackholed = True
@@ -110,6 +106,23 @@ class TcpProxy(LoopbackServer):
             # The other end must not learn of this close: hold its socket open.
             await trio.sleep_forever()
         nursery.cancel_scope.cancel()
+
+
+class SilentProxy(TcpProxy):
+    """A loopback TCP proxy whose path can go silent, as a dead network path does.
+
+    After :meth:`silence` nothing is forwarded in either direction and nothing is closed on
+    one side because the other side closed (a dead path carries no FIN either): each end keeps
+    an open socket whose peer never answers, and must find that out by itself. Connections
+    accepted meanwhile are read and dropped, never connected upstream. Run :meth:`serve` with
+    ``nursery.start``; everything ends with that nursery.
+    """
+
+    def __init__(self, target: Address) -> None:
+        super().__init__(target, hide_closes=True)
+
+    def silence(self) -> None:
+        self.blackhole()
 
 
 async def start_proxy(nursery: trio.Nursery, target: Address) -> TcpProxy:
