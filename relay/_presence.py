@@ -1,0 +1,671 @@
+"""Presence: which relay replica holds the link of each daemon, in Redis (through coredis).
+
+A replica that registers a daemon link *claims* it: the claim takes a new **link epoch** from a
+counter, writes a presence entry naming the replica, and announces ``link_claimed`` on a
+pub/sub channel. The replica then *refreshes* the entries of every link it holds every
+``ttl / 3`` seconds (:meth:`Presence.run_refresher`), and *releases* an entry when its link
+ends. The newest epoch wins: a refresh or release that carries an epoch which is no longer the
+entry's changes nothing, and a replica that hears of a newer claim for a daemon it holds closes
+its own link (the relay's handler, :meth:`Presence.watch`). An entry whose replica died is
+refreshed by nobody and expires within ``ttl``.
+
+Layout, every name under the namespace prefix ``P`` (the key store's, default ``repowire:``)::
+
+    P presence:<scope_id>:<daemon_id>   hash    replica, epoch, url, since; Redis expiry: ttl
+    P presence-scope:<scope_id>         zset    daemon ids by the expiry of their entry (ms,
+                                                Redis clock); pruned when read; Redis expiry:
+                                                the latest of its members'
+    P presence-epoch                    string  counter: the last epoch handed out
+    P presence-events                   pub/sub channel: JSON {"kind": "link_claimed",
+                                                "scope", "daemon", "epoch", "replica"}
+
+Epochs come from one counter for every (scope, daemon): an epoch is then never reused, even
+when the daemon's own history in Redis has expired, so an old link can never come back looking
+newer. After a Redis restart without persistence the counter starts again from 0; every
+refresh lifts it to at least the epochs the refreshing replica holds, so epochs order claims
+again within ``ttl / 3``.
+
+Expiry is measured on the Redis server's clock (``PEXPIRE``, ``TIME`` in the scripts), so the
+replicas' clocks do not matter. Every write is one Lua script, atomic: an epoch is compared
+and the entry written in one step. Bytes never go through Redis: only these few keys do.
+
+Errors: :class:`~relay._store_api.StoreUnavailable` when Redis cannot be reached (connection
+refused or lost, a timeout), :class:`~relay._store_api.StoreError` for any other Redis
+failure; ValueError for a malformed id or URL. No message contains a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, TypeVar
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+from coredis.commands.script import Script
+from coredis.response.types import PubSubMessage
+
+from common import is_daemon_id
+
+from ._store_api import DEFAULT_NAMESPACE, StoreError, StoreUnavailable, check_namespace
+
+log = logging.getLogger("repowire.relay.presence")
+
+T = TypeVar("T")
+
+#: Seconds a presence entry lives without a refresh: a replica that dies stops being named
+#: within this. Refreshed every third of it, so two refreshes may be lost before it lapses.
+DEFAULT_PRESENCE_TTL: Final = 6.0
+#: Entries per refresh script run; the runs of one refresh go out in one pipeline. Bounds how
+#: long one script keeps Redis busy (a script runs alone).
+REFRESH_BATCH: Final = 256
+#: Events read from Redis but not yet handled; past it the watcher stops reading.
+EVENT_QUEUE_SIZE: Final = 1000
+#: Bounds of the watcher's pause between attempts while Redis is unreachable (doubling).
+WATCH_RETRY_MIN: Final = 0.1
+WATCH_RETRY_MAX: Final = 5.0
+#: Seconds without traffic on the event subscription before it is checked with a PING.
+WATCH_KEEPALIVE: Final = 5.0
+#: The one event kind published on the channel.
+LINK_CLAIMED: Final = "link_claimed"
+#: Longest advertised URL accepted.
+MAX_URL_LENGTH: Final = 512
+
+#: Scope and replica ids: what fits in a Redis key between the separators (no ``:``).
+_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_URL = re.compile(r"(?:https?|wss?)://[\x21-\x7e]+")
+
+# Errors that mean "Redis cannot be reached now", as opposed to "Redis refused this" (the key
+# store's split, relay._redis_store).
+_UNAVAILABLE: Final = (
+    coredis.exceptions.ConnectionError,
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.ClusterDownError,
+    TimeoutError,
+    OSError,
+)
+_REDIS_ERRORS: Final = (coredis.exceptions.RedisError, *_UNAVAILABLE)
+
+
+@attrs.frozen(kw_only=True)
+class PresenceEntry:
+    """Where a daemon's link is: the replica holding it, the link's epoch, the URL other
+    replicas dial to reach that replica, and when the link connected (epoch seconds)."""
+
+    replica_id: str
+    epoch: int
+    advertise_url: str
+    connected_at: float
+
+
+@attrs.frozen(kw_only=True)
+class HeldLink:
+    """A link this replica holds, as :meth:`Presence.refresh` keeps it announced."""
+
+    scope_id: str
+    daemon_id: str
+    epoch: int
+    replica_id: str
+    advertise_url: str
+    connected_at: float
+
+
+@attrs.frozen(kw_only=True)
+class PresentDaemon:
+    """One daemon of a scope with a live link somewhere in the cluster
+    (:meth:`Presence.daemons_of`)."""
+
+    daemon_id: str
+    replica_id: str
+    epoch: int
+    connected_at: float
+
+
+@attrs.frozen(kw_only=True)
+class LinkClaimed:
+    """A ``link_claimed`` event: ``replica_id`` now holds ``daemon_id``'s link with ``epoch``.
+    A replica holding an older epoch for the same (scope, daemon) closes its link."""
+
+    scope_id: str
+    daemon_id: str
+    epoch: int
+    replica_id: str
+
+
+#: Called by :meth:`Presence.watch` for each event, one at a time, in the watcher's task.
+ClaimHandler = Callable[[LinkClaimed], Awaitable[None]]
+#: Called by :meth:`Presence.run_refresher` with the held links another replica has taken over.
+SupersededHandler = Callable[[list[HeldLink]], Awaitable[None]]
+
+# -- scripts --------------------------------------------------------------------------------
+# ARGV[1] is the namespace prefix; ``now`` is the Redis server's clock in milliseconds.
+
+_PRELUDE = """
+local p = ARGV[1]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function entry_key(scope, daemon)
+  return p .. 'presence:' .. scope .. ':' .. daemon
+end
+local function list_add(scope, daemon, ttl)
+  local index = p .. 'presence-scope:' .. scope
+  redis.call('ZADD', index, now + ttl, daemon)
+  if redis.call('PTTL', index) < ttl then redis.call('PEXPIRE', index, ttl) end
+end
+"""
+
+# ARGV: p, scope, daemon, replica, url, since ('' for the Redis clock), ttl ms. Returns the
+# new epoch.
+_CLAIM = """
+local ttl = tonumber(ARGV[7])
+local since = ARGV[6]
+if since == '' then since = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2])) end
+local epoch = redis.call('INCR', p .. 'presence-epoch')
+local key = entry_key(ARGV[2], ARGV[3])
+redis.call('HSET', key, 'replica', ARGV[4], 'epoch', epoch, 'url', ARGV[5], 'since', since)
+redis.call('PEXPIRE', key, ttl)
+list_add(ARGV[2], ARGV[3], ttl)
+redis.call('PUBLISH', p .. 'presence-events', cjson.encode({
+  kind = 'link_claimed', scope = ARGV[2], daemon = ARGV[3], epoch = epoch, replica = ARGV[4]}))
+return epoch
+"""
+
+# ARGV: p, ttl ms, then 6 per link: scope, daemon, epoch, replica, url, since. An entry with
+# the link's epoch gets a new expiry; a missing one (expired during an outage, or Redis lost
+# its data) is written again; one with another epoch is left alone and the link's position
+# (1-based) returned: another replica has claimed the daemon since.
+_REFRESH = """
+local ttl = tonumber(ARGV[2])
+local superseded = {}
+local top = 0
+local position = 0
+for i = 3, #ARGV, 6 do
+  position = position + 1
+  local scope, daemon, epoch = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key = entry_key(scope, daemon)
+  local current = redis.call('HGET', key, 'epoch')
+  if current == epoch or not current then
+    if not current then
+      redis.call('HSET', key, 'replica', ARGV[i + 3], 'epoch', epoch, 'url', ARGV[i + 4],
+        'since', ARGV[i + 5])
+    end
+    redis.call('PEXPIRE', key, ttl)
+    list_add(scope, daemon, ttl)
+  else
+    superseded[#superseded + 1] = position
+  end
+  if tonumber(epoch) > top then top = tonumber(epoch) end
+end
+local counter = p .. 'presence-epoch'
+if tonumber(redis.call('GET', counter) or '0') < top then
+  redis.call('SET', counter, string.format('%d', top))
+end
+return superseded
+"""
+
+# ARGV: p, scope, daemon, epoch. 1 if the entry was this epoch's and is gone, else 0.
+_RELEASE = """
+local key = entry_key(ARGV[2], ARGV[3])
+if redis.call('HGET', key, 'epoch') ~= ARGV[4] then return 0 end
+redis.call('DEL', key)
+redis.call('ZREM', p .. 'presence-scope:' .. ARGV[2], ARGV[3])
+return 1
+"""
+
+# ARGV: p, scope. Drops index members whose entry expired; returns the live ones as
+# {daemon, replica, epoch, since}.
+_DAEMONS_OF = """
+local index = p .. 'presence-scope:' .. ARGV[2]
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+local out = {}
+for _, daemon in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+  local f = redis.call('HMGET', entry_key(ARGV[2], daemon), 'replica', 'epoch', 'since')
+  if f[1] and f[2] then
+    out[#out + 1] = {daemon, f[1], f[2], f[3] or '0'}
+  else
+    redis.call('ZREM', index, daemon)
+  end
+end
+return out
+"""
+
+
+class Presence:
+    """Presence entries over a coredis client (entered already, ``decode_responses=False``;
+    not closed by this object), under ``namespace`` (the key store's prefix: every replica
+    of one cluster uses the same). ``ttl`` is the life of an entry without refresh, in
+    seconds. ValueError for a bad namespace or ttl.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        ttl: float = DEFAULT_PRESENCE_TTL,
+    ) -> None:
+        check_namespace(namespace)
+        if not (math.isfinite(ttl) and ttl >= 0.01):
+            raise ValueError(f"presence ttl must be at least 0.01 s, not {ttl!r}")
+        self._client = client
+        self._prefix = namespace
+        self._channel = namespace + "presence-events"
+        self.ttl = ttl
+        self._ttl_ms = str(max(1, math.ceil(ttl * 1000)))
+        register = client.register_script
+        self._claim = register(_PRELUDE + _CLAIM)
+        self._refresh = register(_PRELUDE + _REFRESH)
+        self._release = register(_PRELUDE + _RELEASE)
+        self._daemons_of = register(_PRELUDE + _DAEMONS_OF)
+
+    @property
+    def namespace(self) -> str:
+        return self._prefix
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        scope_id: str,
+        daemon_id: str,
+        replica_id: str,
+        advertise_url: str,
+        *,
+        connected_at: float | None = None,
+    ) -> int:
+        """Claim ``daemon_id``'s link for ``replica_id``: return a new epoch, greater than any
+        handed out before (for any daemon), write the entry (replacing whatever replica held
+        it) with a life of ``ttl``, and publish ``link_claimed``. ``connected_at`` (epoch
+        seconds) orders the scope's daemons (:meth:`daemons_of`); None takes the Redis clock.
+        Not retried after a lost connection: it may have been applied."""
+        _check_ids(scope_id, daemon_id, replica_id)
+        _check_url(advertise_url)
+        since = "" if connected_at is None else _time(connected_at)
+        reply = await self._script(
+            "claiming a daemon link",
+            self._claim,
+            scope_id,
+            daemon_id,
+            replica_id,
+            advertise_url,
+            since,
+            self._ttl_ms,
+        )
+        if not isinstance(reply, int) or isinstance(reply, bool) or reply < 1:
+            raise _unexpected("claiming a daemon link")
+        return reply
+
+    async def refresh(self, links: Sequence[HeldLink]) -> list[HeldLink]:
+        """Give every entry of ``links`` a fresh ``ttl`` (one pipeline of scripts, each for up
+        to :data:`REFRESH_BATCH` links), writing back any that expired meanwhile. Returns the
+        links whose entry now carries another epoch: another replica claimed the daemon since
+        (those entries are left as they are). An empty ``links`` costs nothing."""
+        for link in links:
+            _check_ids(link.scope_id, link.daemon_id, link.replica_id)
+            _check_url(link.advertise_url)
+        if not links:
+            await trio.lowlevel.checkpoint()
+            return []
+        batches = [links[i : i + REFRESH_BATCH] for i in range(0, len(links), REFRESH_BATCH)]
+
+        async def run() -> list[object]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pending: list[Awaitable[object]] = [
+                    self._refresh(keys=[], args=self._refresh_args(batch), client=pipe)
+                    for batch in batches
+                ]
+            return [await reply for reply in pending]
+
+        replies = await self._call("refreshing presence", run, idempotent=True)
+        superseded: list[HeldLink] = []
+        for batch, reply in zip(batches, replies, strict=True):
+            for position in _items(reply, "refreshing presence"):
+                if not isinstance(position, int) or not 1 <= position <= len(batch):
+                    raise _unexpected("refreshing presence")
+                superseded.append(batch[position - 1])
+        return superseded
+
+    def _refresh_args(self, batch: Sequence[HeldLink]) -> list[str]:
+        args = [self._prefix, self._ttl_ms]
+        for link in batch:
+            args += [
+                link.scope_id,
+                link.daemon_id,
+                str(link.epoch),
+                link.replica_id,
+                link.advertise_url,
+                _time(link.connected_at),
+            ]
+        return args
+
+    async def release(self, scope_id: str, daemon_id: str, epoch: int) -> bool:
+        """Delete ``daemon_id``'s entry if it still carries ``epoch`` (the link ended); True if
+        it did. An entry written by a newer claim is left alone."""
+        _check_ids(scope_id, daemon_id)
+        reply = await self._script(
+            "releasing a daemon link",
+            self._release,
+            scope_id,
+            daemon_id,
+            str(epoch),
+            idempotent=True,
+        )
+        return reply == 1
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def where(self, scope_id: str, daemon_id: str) -> PresenceEntry | None:
+        """The live entry of ``daemon_id`` in ``scope_id``, or None (no replica holds its link,
+        or the one that did stopped refreshing it for ``ttl``)."""
+        _check_ids(scope_id, daemon_id)
+        key = f"{self._prefix}presence:{scope_id}:{daemon_id}"
+        fields = await self._call(
+            "looking up a daemon link",
+            lambda: self._client.hmget(key, ["replica", "epoch", "url", "since"]),
+            idempotent=True,
+        )
+        replica, epoch, url, since = (list(fields) + [None] * 4)[:4]
+        if replica is None or epoch is None or url is None:
+            return None
+        return PresenceEntry(
+            replica_id=_text(replica),
+            epoch=_integer(epoch),
+            advertise_url=_text(url),
+            connected_at=_number(since) if since is not None else 0.0,
+        )
+
+    async def daemons_of(self, scope_id: str) -> list[PresentDaemon]:
+        """The daemons of ``scope_id`` whose link some replica holds now, the longest connected
+        first (ties by daemon id): the first is the scope's default daemon, cluster-wide.
+        Entries that expired are dropped from the scope's index on the way."""
+        _check_ids(scope_id)
+        reply = await self._script(
+            "listing a scope's daemon links", self._daemons_of, scope_id, idempotent=True
+        )
+        daemons: list[PresentDaemon] = []
+        for row in _items(reply, "listing a scope's daemon links"):
+            fields = _items(row, "listing a scope's daemon links")
+            if len(fields) != 4:
+                raise _unexpected("listing a scope's daemon links")
+            daemon, replica, epoch, since = fields
+            daemons.append(
+                PresentDaemon(
+                    daemon_id=_text(daemon),
+                    replica_id=_text(replica),
+                    epoch=_integer(epoch),
+                    connected_at=_number(since),
+                )
+            )
+        daemons.sort(key=lambda daemon: (daemon.connected_at, daemon.daemon_id))
+        return daemons
+
+    # -- background work ------------------------------------------------------------------
+
+    async def run_refresher(
+        self,
+        held: Callable[[], Iterable[HeldLink]],
+        on_superseded: SupersededHandler | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled, every ``ttl / 3`` seconds: :meth:`refresh` the links ``held()``
+        lists, and pass those another replica has claimed since to ``on_superseded`` (how a
+        replica learns of a claim whose event it missed). ``nursery.start`` returns after the
+        first attempt. Never raises for Redis: an outage is logged once and retried at the next
+        tick (entries lapse if it lasts ``ttl``, and are written back when Redis answers). An
+        exception from ``held`` or ``on_superseded`` propagates."""
+        interval = self.ttl / 3
+        failing = False
+        started = False
+        next_run = trio.current_time()
+        while True:
+            next_run += interval
+            try:
+                superseded = await self.refresh(list(held()))
+            except StoreError as exc:
+                superseded = []
+                if not failing:
+                    failing = True
+                    # The text only: a record holding the error would keep its traceback alive.
+                    log.warning("presence refresher: %s; retrying", str(exc))
+            else:
+                if failing:
+                    failing = False
+                    log.info("presence refresher: Redis is reachable again")
+            if not started:
+                started = True
+                task_status.started()
+            if superseded and on_superseded is not None:
+                await on_superseded(superseded)
+            # A refresh that took longer than the interval is followed by the next at once.
+            next_run = max(next_run, trio.current_time())
+            await trio.sleep_until(next_run)
+
+    async def watch(
+        self,
+        handler: ClaimHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Until cancelled, call ``handler`` with each ``link_claimed`` event published after
+        the subscription started (this replica's own claims included), one at a time.
+
+        ``await nursery.start(presence.watch, handler)`` returns once subscribed, or after the
+        first attempt failed (Redis down): then it keeps retrying with backoff. Events
+        published while the subscription is down are not replayed: :meth:`run_refresher`
+        reports the links they would have ended within ``ttl / 3``. Never raises for a failing
+        Redis; an exception from ``handler`` ends the watch and propagates as it is.
+        """
+        send, receive = trio.open_memory_channel[LinkClaimed](EVENT_QUEUE_SIZE)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._listen, send)
+            task_status.started()
+            async with receive:
+                async for event in receive:
+                    try:
+                        await handler(event)
+                    except Exception as exc:
+                        # Raised below, outside the nursery, as the handler raised it.
+                        failure = exc
+                        break
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _listen(
+        self,
+        send: trio.MemorySendChannel[LinkClaimed],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        started = False
+        failing = False
+        delay = WATCH_RETRY_MIN
+        async with send:
+            while True:
+                try:
+                    async with self._client.pubsub(
+                        channels=[self._channel],
+                        ignore_subscribe_messages=True,
+                        retry_policy=None,
+                        max_idle_seconds=WATCH_KEEPALIVE,
+                    ) as subscription:
+                        if failing:
+                            failing = False
+                            log.info("presence watcher: Redis is reachable again")
+                        delay = WATCH_RETRY_MIN
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for message in subscription:
+                            event = _parse_event(message)
+                            if event is not None:
+                                await send.send(event)
+                except* _REDIS_ERRORS as group:
+                    if not failing:
+                        failing = True
+                        log.warning(
+                            "presence watcher: cannot reach Redis (%s); retrying",
+                            _describe(_leaves(group)[0]),
+                        )
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(delay)
+                delay = min(delay * 2, WATCH_RETRY_MAX)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _script(
+        self, action: str, script: Script[bytes], *args: str, idempotent: bool = False
+    ) -> object:
+        arguments = [self._prefix, *args]
+        return await self._call(
+            action, lambda: script(keys=[], args=arguments), idempotent=idempotent
+        )
+
+    async def _call(
+        self, action: str, command: Callable[[], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run ``command``, turning Redis failures into StoreUnavailable or StoreError. An
+        idempotent call is tried once more after a lost connection (a pooled connection may
+        have died with a Redis restart); a timeout is never retried."""
+        for attempt in (1, 2):
+            try:
+                return await command()
+            except (*_REDIS_ERRORS, ExceptionGroup) as exc:
+                error = _translate(exc, action)
+                if error is None:
+                    raise
+                if (
+                    idempotent
+                    and attempt == 1
+                    and isinstance(error, StoreUnavailable)
+                    and not isinstance(exc, TimeoutError)
+                ):
+                    continue
+                raise error from exc
+        raise AssertionError("unreachable")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _check_ids(scope_id: str, daemon_id: str | None = None, replica_id: str | None = None) -> None:
+    if not isinstance(scope_id, str) or _ID.fullmatch(scope_id) is None:
+        raise ValueError("scope id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
+    if daemon_id is not None and not is_daemon_id(daemon_id):
+        raise ValueError("daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
+    if replica_id is not None and (
+        not isinstance(replica_id, str) or _ID.fullmatch(replica_id) is None
+    ):
+        raise ValueError("replica id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or _URL.fullmatch(url) is None:
+        raise ValueError(
+            f"advertised URL must be an http(s):// or ws(s):// URL of at most {MAX_URL_LENGTH} "
+            "characters without spaces"
+        )
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming ``error``: its type and first line (Redis never sees a secret here)."""
+    lines = str(error).strip().splitlines()
+    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+def _translate(error: BaseException, action: str) -> StoreError | None:
+    """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
+    leaves = _leaves(error)
+    if not leaves or not all(isinstance(leaf, _REDIS_ERRORS) for leaf in leaves):
+        return None
+    if all(isinstance(leaf, _UNAVAILABLE) for leaf in leaves):
+        return StoreUnavailable(
+            f"presence (Redis) cannot be reached while {action}: {_describe(leaves[0])}"
+        )
+    first = next(leaf for leaf in leaves if not isinstance(leaf, _UNAVAILABLE))
+    return StoreError(f"presence failure (Redis) while {action}: {_describe(first)}")
+
+
+def _unexpected(action: str) -> StoreError:
+    return StoreError(f"presence failure (Redis) while {action}: unexpected reply")
+
+
+def _items(reply: object, action: str) -> list[object]:
+    if not isinstance(reply, list):
+        raise _unexpected(action)
+    return reply
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    raise _unexpected("reading presence")
+
+
+def _integer(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(_text(value))
+    except ValueError:
+        raise _unexpected("reading presence") from None
+
+
+def _number(value: object) -> float:
+    try:
+        return float(_text(value))
+    except ValueError:
+        raise _unexpected("reading presence") from None
+
+
+def _time(value: float) -> str:
+    if not math.isfinite(value):
+        raise ValueError(f"time must be a finite number of seconds, not {value!r}")
+    # repr round-trips a float exactly.
+    return repr(float(value))
+
+
+def _parse_event(message: PubSubMessage) -> LinkClaimed | None:
+    """The event a published message announces, or None for anything else (logged)."""
+    if message.get("type") != "message":
+        return None
+    data = message.get("data")
+    try:
+        body = json.loads(data) if isinstance(data, bytes | str) else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("kind") == LINK_CLAIMED:
+        scope, daemon, epoch, replica = (
+            body.get(k) for k in ("scope", "daemon", "epoch", "replica")
+        )
+        if (
+            isinstance(scope, str)
+            and _ID.fullmatch(scope)
+            and is_daemon_id(daemon)
+            and isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and isinstance(replica, str)
+            and _ID.fullmatch(replica)
+        ):
+            assert isinstance(daemon, str)
+            return LinkClaimed(scope_id=scope, daemon_id=daemon, epoch=epoch, replica_id=replica)
+    log.warning("presence watcher: ignored a malformed event")
+    return None
