@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
 
-from tests.e2e.fault_support import open_lab
 from tests.support.hostile import (
     DEFAULT_SEED,
     MIB,
@@ -34,6 +33,7 @@ from tests.support.hostile import (
     FuzzReport,
     fuzz_relay_process,
 )
+from tests.support.lab import open_lab
 
 #: The pass criteria of the CI test (tests/e2e/test_hostile_connector.py).
 MAX_RSS_GROWTH = 120 * MIB

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import ssl
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from common import generate_key
-from tests.support.system import skip_missing
-
-from .cli_support import FakeHttpServer, SelfSigned, serve_fake
+from tests.support.fake_http import (
+    FakeHttpServer,
+    SelfSigned,
+    make_self_signed,
+    serve_fake,
+    tls_server_context,
+)
+from tests.support.processes import free_port
 
 _ENV_NAMES = (
     "REPOWIRE_HOME",
@@ -54,52 +55,17 @@ async def http_server() -> AsyncIterator[FakeHttpServer]:
 @pytest.fixture(scope="session")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
     """A self-signed certificate for 127.0.0.1 (it is its own CA), made with openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        skip_missing("openssl, to make a test certificate", "apt-get install openssl")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return SelfSigned(cert=cert, key=key)
+    return make_self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
 async def tls_server(self_signed: SelfSigned) -> AsyncIterator[FakeHttpServer]:
     """The scripted server behind TLS with the self-signed certificate."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(self_signed.cert, self_signed.key)
-    async with serve_fake(FakeHttpServer(tls=context)) as server:
+    async with serve_fake(FakeHttpServer(tls=tls_server_context(self_signed))) as server:
         yield server
 
 
 @pytest.fixture
-def closed_port() -> Iterator[int]:
+def closed_port() -> int:
     """A loopback port with nothing listening (bound then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    yield port
+    return free_port()

@@ -22,16 +22,10 @@ from repowire import cli
 from repowire.cli import main
 from repowire.config import Settings, load_settings
 from repowire.dashboard import STATIC_DIR
+from tests.support.fake_http import FakeHttpServer
+from tests.support.leaks import assert_no_full_key
 
-from .cli_support import (
-    NETWORK_TEST_TIMEOUT,
-    FakeHttpServer,
-    assert_no_full_key,
-    one_line,
-    read_config,
-    run_cli,
-    write_config,
-)
+from .cli_support import NETWORK_TEST_TIMEOUT, one_line, read_config, run_cli, write_config
 
 # -- help, version, usage errors --------------------------------------------------------------
 

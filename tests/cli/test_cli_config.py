@@ -26,8 +26,9 @@ from repowire.config import (
     repowire_home,
     update_config,
 )
+from tests.support.leaks import assert_no_full_key
 
-from .cli_support import assert_no_full_key, one_line, write_config
+from .cli_support import one_line, write_config
 
 COMMENTED = """\
 # Top comment: my settings

@@ -24,18 +24,12 @@ from repowire import config
 from repowire.cli import build_parser, completion_script, main
 from repowire.config import _load as config_load
 from repowire.config import dashboard_url, load_settings
-from tests.connector.connector_support import ChildProcess, Cli, start_child
+from tests.support.fake_http import FakeHttpServer
+from tests.support.leaks import assert_no_full_key
+from tests.support.processes import ChildProcess, Cli, start_child
 from tests.support.system import skip_missing
 
-from .cli_support import (
-    NETWORK_TEST_TIMEOUT,
-    FakeHttpServer,
-    assert_no_full_key,
-    one_line,
-    read_config,
-    run_cli,
-    write_config,
-)
+from .cli_support import NETWORK_TEST_TIMEOUT, one_line, read_config, run_cli, write_config
 
 # -- item 11: reading must not write ---------------------------------------------------------
 

@@ -9,8 +9,9 @@ import pytest
 import trio
 
 from repowire._httpclient import MAX_RESPONSE_BYTES, HttpError, request_json, safe_url
+from tests.support.fake_http import FakeHttpServer, Reply, SelfSigned
 
-from .cli_support import NETWORK_TEST_TIMEOUT, FakeHttpServer, Reply, SelfSigned
+from .cli_support import NETWORK_TEST_TIMEOUT
 
 
 async def call(

@@ -12,18 +12,10 @@ import trio
 from common import generate_key, mask_key
 from repowire.cli import main
 from repowire.config import load_settings
+from tests.support.fake_http import FakeHttpServer, Reply, SelfSigned
+from tests.support.leaks import assert_no_full_key
 
-from .cli_support import (
-    NETWORK_TEST_TIMEOUT,
-    FakeHttpServer,
-    Reply,
-    SelfSigned,
-    assert_no_full_key,
-    one_line,
-    read_config,
-    run_cli,
-    write_config,
-)
+from .cli_support import NETWORK_TEST_TIMEOUT, one_line, read_config, run_cli, write_config
 
 
 def main_setup(extra: list[str]) -> int:

@@ -13,16 +13,10 @@ import trio
 
 from common import generate_key, mask_key
 from repowire.cli import _status, format_time, main
+from tests.support.fake_http import FakeHttpServer, Reply
+from tests.support.leaks import assert_no_full_key
 
-from .cli_support import (
-    NETWORK_TEST_TIMEOUT,
-    FakeHttpServer,
-    Reply,
-    assert_no_full_key,
-    one_line,
-    run_cli,
-    write_config,
-)
+from .cli_support import NETWORK_TEST_TIMEOUT, one_line, run_cli, write_config
 
 
 def point_at(home: Path, server_port: int, extra: str = "") -> None:

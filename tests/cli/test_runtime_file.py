@@ -34,16 +34,11 @@ from repowire._runtime import (
     read_runtime,
 )
 from repowire.cli import DAEMON_REQUEST_TIMEOUT, EXIT_ALREADY_RUNNING, main
-from tests.connector.connector_support import LOOPBACK, ChildProcess, Cli, free_port, start_child
+from tests.support.fake_http import FakeHttpServer
+from tests.support.leaks import assert_no_full_key
+from tests.support.processes import LOOPBACK, ChildProcess, Cli, free_port, start_child
 
-from .cli_support import (
-    NETWORK_TEST_TIMEOUT,
-    FakeHttpServer,
-    assert_no_full_key,
-    one_line,
-    run_cli,
-    write_config,
-)
+from .cli_support import NETWORK_TEST_TIMEOUT, one_line, run_cli, write_config
 
 #: Seconds a whole process test may take (each `python -m repowire` start costs about one).
 PROCESS_TEST_TIMEOUT = 60
