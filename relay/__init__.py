@@ -1,7 +1,8 @@
 """The relay: daemon links over ``/ws/relay``, the browser auth and dashboard, and the tunnel.
 
-The server parts (hypercorn, Quart, the tunnel) load on first use, so tools that only need the
-key helpers or the store (the CLI's ``status``, ``relay keys``) start quickly.
+The server parts (hypercorn, Quart, the tunnel) and the Redis store (coredis) load on first use,
+so tools that only need the key helpers or the SQLite store (the CLI's ``status``, ``relay
+keys``) start quickly.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ if TYPE_CHECKING:
     from ._context import Relay as Relay
     from ._links import DaemonLink as DaemonLink
     from ._links import LinkRegistry as LinkRegistry
+    from ._migrate import MigrationConflict as MigrationConflict
+    from ._migrate import MigrationReport as MigrationReport
+    from ._migrate import migrate_to_redis as migrate_to_redis
+    from ._redis_store import RedisStore as RedisStore
     from ._server import ListenError as ListenError
     from ._server import RunningRelay as RunningRelay
     from ._server import serve_relay as serve_relay
     from ._server import serve_relay_main as serve_relay_main
+    from ._sqlite_store import SqliteStore as SqliteStore
+    from ._store_api import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
+    from ._store_api import Store as Store
+    from ._store_api import StoreUnavailable as StoreUnavailable
 
 _LAZY = {
     "RelayApp": "._app",
@@ -39,10 +48,18 @@ _LAZY = {
     "Relay": "._context",
     "DaemonLink": "._links",
     "LinkRegistry": "._links",
+    "MigrationConflict": "._migrate",
+    "MigrationReport": "._migrate",
+    "migrate_to_redis": "._migrate",
+    "RedisStore": "._redis_store",
     "ListenError": "._server",
     "RunningRelay": "._server",
     "serve_relay": "._server",
     "serve_relay_main": "._server",
+    "SqliteStore": "._sqlite_store",
+    "DEFAULT_NAMESPACE": "._store_api",
+    "Store": "._store_api",
+    "StoreUnavailable": "._store_api",
 }
 
 

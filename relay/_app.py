@@ -24,6 +24,7 @@ from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._daemon_link import handle_daemon_link
 from ._links import DaemonLink
+from ._store_api import StoreError
 from ._tunnel import (
     deny_websocket,
     has_request_body,
@@ -32,7 +33,7 @@ from ._tunnel import (
     tunnel_http,
     tunnel_websocket,
 )
-from ._web import create_web_app
+from ._web import STORE_UNAVAILABLE_MESSAGE, create_web_app
 
 _DAEMON_PREFIX = re.compile(rf"^/d/({DAEMON_ID_PATTERN.pattern})(/.*)?$")
 # /metrics stays the relay's own path (404 here: it is served on its own listener), never tunneled.
@@ -162,7 +163,14 @@ class RelayApp:
         websocket = scope["type"] == "websocket"
         headers = scope["headers"]
         session_id = relay.session_id_from(headers)
-        session = relay.browser_session(headers)
+        try:
+            session = await relay.browser_session(headers)
+        except StoreError as exc:
+            # A session this relay holds rides out an outage (the store caches it); this
+            # one is not among them, and nothing can be checked now.
+            relay.store_failed(exc)
+            await reject(scope, receive, send, 503, "store_unavailable", STORE_UNAVAILABLE_MESSAGE)
+            return
         if session is None or session_id is None:
             await reject(scope, receive, send, 401, "unauthorized", "Sign in on the relay first.")
             return
@@ -189,7 +197,7 @@ class RelayApp:
                 if live.ended_by is not None:
                     pass  # answered below (the guard shields sends: none may go out here)
                 elif link is None:
-                    missing = self._offline_detail(session.scope_id, daemon_id)
+                    missing = await self._offline_detail(session.scope_id, daemon_id)
                     await reject(scope, receive, send, 503, "daemon_offline", missing)
                 elif websocket:
                     await tunnel_websocket(
@@ -223,11 +231,15 @@ class RelayApp:
         links = self.relay.links
         return links.default_for(scope_id) if daemon_id is None else links.get(scope_id, daemon_id)
 
-    def _offline_detail(self, scope_id: str, daemon_id: str | None) -> str:
+    async def _offline_detail(self, scope_id: str, daemon_id: str | None) -> str:
         """Why nothing answers, in one sentence, naming only this scope's own daemons."""
         if daemon_id is None:
             return "No daemon is connected with this key."
-        known = {known_id for known_id, _, _ in self.relay.store.known_daemons(scope_id)}
+        try:
+            known = {known_id for known_id, _, _ in await self.relay.store.known_daemons(scope_id)}
+        except StoreError:
+            # Offline and unknown cannot be told apart now; either way it is not here.
+            return f"Daemon {daemon_id} is not connected."
         if daemon_id in known:
             return f"Daemon {daemon_id} is offline."
         return f"No daemon {daemon_id} has connected with this key."

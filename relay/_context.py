@@ -1,4 +1,10 @@
-"""What every part of a running relay shares: settings, store, links, limits, metrics."""
+"""What every part of a running relay shares: settings, store, links, limits, metrics.
+
+The key store is a :class:`relay._store_api.Store` (SQLite alone, Redis in a cluster); every
+call to it is awaited and may raise :class:`~relay._store_api.StoreError`, which a request
+answers with 503 ``store_unavailable``. (The Redis store caches the sessions this relay serves,
+so that they keep working through a Redis outage: see :mod:`relay._redis_store`.)
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,15 @@ from protocol import CloseCode
 
 from ._links import HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
-from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR, LoginLinks
+from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR
 from ._metrics import RelayMetrics
 from ._quota import QuotaExceeded, ScopeCounter
-from ._ratelimit import RateLimiter
+from ._ratelimit import limiter_for
 from ._settings import RelaySettings, stream_cost
-from ._store import KeyStore, SessionRecord
+from ._sqlite_store import SqliteStore
+from ._store import KeyRecord, KeyStore, SessionRecord
+from ._store_api import ChangeKind, Store, StoreChange, StoreError, StoreUnavailable
+from ._store_health import StoreHealth
 
 log = logging.getLogger("repowire.relay")
 
@@ -46,19 +55,23 @@ class Relay:
     def __init__(
         self,
         settings: RelaySettings,
-        store: KeyStore,
+        store: Store | KeyStore,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``store``: the key store, which the relay uses but does not close (a
+        :class:`KeyStore` is used through a :class:`SqliteStore` around it)."""
         self.settings = settings
-        self.store = store
+        self.store: Store = SqliteStore(store) if isinstance(store, KeyStore) else store
         self.clock = clock
+        self.metrics = RelayMetrics()
+        #: Whether the store answers, as last seen (``/health``, the store gauge).
+        self.store_health = StoreHealth(lambda up: self.metrics.store_up.set(1 if up else 0))
         self.links = LinkRegistry()
         #: Daemon-link handshakes in progress, bounded by ``settings.link_handshake_limit``.
         self.link_handshakes = HandshakeLimiter(
             settings.link_handshake_limit, settings.link_handshake_limit_per_key
         )
-        self.metrics = RelayMetrics()
         #: Streams each scope holds open (tunneled requests, WebSockets, mesh streams).
         self.scope_streams = ScopeCounter("open streams", settings.max_streams_per_scope)
         #: Bytes those streams may make the relay hold (``_settings.stream_cost`` each).
@@ -67,15 +80,22 @@ class Relay:
         self.live_access = LiveAccess()
         #: Daemon links each scope holds (registered or in their handshake).
         self.scope_links = ScopeCounter("daemon links", settings.max_links_per_scope)
-        self.auth_limiter = RateLimiter(settings.auth_rate_per_minute / 60.0, settings.auth_burst)
-        self.register_limiter = RateLimiter(
-            settings.register_rate_per_hour / 3600.0, settings.register_burst
+        # Rate limits: in process for a relay alone, shared by every replica in Redis.
+        #: Failed attempts per client address: /auth, bad keys on /ws/relay and the API.
+        self.auth_limiter = limiter_for(
+            self.store, "auth", settings.auth_rate_per_minute / 60.0, settings.auth_burst
         )
-        #: The one-time sign-in links this relay issued (in memory: they live minutes); here,
-        #: not on the web routes, so that ending a key's access drops its tokens.
-        self.login_links = LoginLinks()
+        #: Registrations per client address.
+        self.register_limiter = limiter_for(
+            self.store,
+            "register",
+            settings.register_rate_per_hour / 3600.0,
+            settings.register_burst,
+        )
         #: Sign-in links issued, per key id.
-        self.login_link_limiter = RateLimiter(ISSUE_RATE_PER_HOUR / 3600.0, ISSUE_BURST)
+        self.login_link_limiter = limiter_for(
+            self.store, "login_link", ISSUE_RATE_PER_HOUR / 3600.0, ISSUE_BURST
+        )
         self.shutting_down = False
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
@@ -107,11 +127,10 @@ class Relay:
         """A key was revoked or rotated (``why`` says which, for the close reason and the
         log): forget its cached sessions, cancel its browser requests in flight (tunneled
         requests, SSE streams, WebSockets) and close its daemon links, those still in their
-        handshake included, with :data:`CloseCode.KEY_REVOKED`; drop its unused sign-in
-        links. Returns once the links are closed; never raises for a link that is gone
-        already."""
+        handshake included, with :data:`CloseCode.KEY_REVOKED`. (Its unused sign-in links
+        are dropped by the store.) Returns once the links are closed; never raises for a link
+        that is gone already."""
         self.store.forget_sessions_of(key_id)
-        self.login_links.drop_key(key_id)
         requests = self.live_access.end_key(key_id, why)
         links = self.links.for_key(key_id)
         if requests or links:
@@ -128,12 +147,28 @@ class Relay:
             for link in links:
                 nursery.start_soon(link.session.aclose, CloseCode.KEY_REVOKED, f"key {why}")
 
-    def end_session_access(self, session_id: str) -> None:
-        """A browser session ended (sign-out): cancel its requests in flight. ``session_id``
-        is the raw id from the cookie; the live requests are indexed by its digest."""
-        ended = self.live_access.end_session(hash_secret(session_id), "signed_out")
+    def end_session_access(self, session_digest: str) -> None:
+        """A browser session ended (sign-out, here or on another replica): cancel its
+        requests in flight. ``session_digest`` is :func:`common.hash_secret` of the session
+        id (the live requests are indexed by it; the raw id is never kept)."""
+        ended = self.live_access.end_session(session_digest, "signed_out")
         if ended:
             self.metrics.access_revoked.labels("request").inc(ended)
+
+    async def on_store_change(self, change: StoreChange) -> None:
+        """The store's change feed (:meth:`Store.watch`): a key revoked or rotated, or a
+        session ended, through any store object on the same data (this relay, another
+        replica, ``repowire relay keys``), ends its access here too."""
+        if change.kind in (ChangeKind.KEY_REVOKED, ChangeKind.KEY_ROTATED):
+            if change.key_id is not None:
+                await self.end_key_access(change.key_id, change.kind.value)
+        elif change.kind is ChangeKind.SESSION_ENDED and change.session_digest is not None:
+            self.end_session_access(change.session_digest)
+
+    def store_failed(self, error: StoreError) -> None:
+        """A request met a store failure (it answers 503): note an outage."""
+        if isinstance(error, StoreUnavailable):
+            self.store_health.failed(error)
 
     # ------------------------------------------------------------------ who is asking
 
@@ -231,11 +266,31 @@ class Relay:
         morsel = jar.get(SESSION_COOKIE)
         return morsel.value if morsel is not None else None
 
-    def browser_session(self, headers: Headers) -> SessionRecord | None:
+    async def browser_session(self, headers: Headers) -> SessionRecord | None:
+        """The live session of the request's cookie, or None. Raises :class:`StoreError`
+        when the store fails (a session the Redis store holds in its cache rides out an
+        outage instead)."""
         session_id = self.session_id_from(headers)
         if session_id is None:
             return None
-        return self.store.lookup_session(session_id, now=self.clock())
+        try:
+            return await self.store.lookup_session(session_id, now=self.clock())
+        except StoreError as exc:
+            self.store_failed(exc)
+            raise
+
+    async def open_session(self, record: KeyRecord, now: float) -> str:
+        """A new browser session for the key of ``record``, for ``settings.session_ttl``;
+        returns its raw id (for the cookie). Raises UnknownRecordError if the key is no
+        longer live, :class:`StoreError` if the store fails."""
+        return await self.store.create_session(record, now=now, ttl=self.settings.session_ttl)
+
+    async def close_session(self, session_id: str) -> None:
+        """End a browser session (sign-out) in the store, and its access here at once (other
+        replicas hear of it through the store's change feed). Raises :class:`StoreError` if
+        the store fails: the session then still works, so the sign-out must be retried."""
+        await self.store.end_session(session_id)
+        self.end_session_access(hash_secret(session_id))
 
     def cookie_header(self, session_id: str, *, secure: bool) -> str:
         attributes = f"Path=/; HttpOnly; SameSite=Lax; Max-Age={int(self.settings.session_ttl)}"

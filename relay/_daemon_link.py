@@ -25,6 +25,9 @@ log = logging.getLogger("repowire.relay")
 TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER
 #: The close reason sent with :data:`TRY_AGAIN_LATER`.
 BUSY_REASON = "relay busy: too many daemons connecting at once; try again later"
+#: The close reason sent with :data:`TRY_AGAIN_LATER` when the key store cannot be reached to
+#: check the key: the connector backs off and comes back, as for a busy relay.
+STORE_UNAVAILABLE_REASON = "relay's key store unavailable: cannot check the key; try again later"
 
 
 #: Daemons seen before but offline now that a ``directory`` answer lists at most.
@@ -39,9 +42,10 @@ async def handle_daemon_link(
     """Serve one daemon link from the WebSocket handshake to its end.
 
     Everything the handshake's headers decide is checked before the WebSocket is accepted:
-    shutting down (4503), the protocol version (4426), the key (4401), the daemon id (4400),
-    the scope's quota of links (4429, see :func:`_take_link_slot`) and the relay's handshake
-    limit (:data:`TRY_AGAIN_LATER`, 1013). Until the accept hypercorn reads nothing of the
+    shutting down (4503), the protocol version (4426), the key (4401; when the key store cannot
+    be reached to check it, :data:`TRY_AGAIN_LATER`, 1013), the daemon id (4400), the scope's
+    quota of links (4429, see :func:`_take_link_slot`) and the relay's handshake limit
+    (:data:`TRY_AGAIN_LATER`, 1013). Until the accept hypercorn reads nothing of the
     WebSocket (data sent early fails the upgrade), so a stranger gets nothing buffered or
     parsed. A refused link is then accepted and closed at once with its code, so that the
     connector can act on it (see ``protocol.CloseCode``), and the handler returns, which makes
@@ -71,13 +75,23 @@ async def handle_daemon_link(
     now = relay.clock()
     authorization = (header(headers, b"authorization") or b"").decode("latin-1")
     scheme, _, key = authorization.partition(" ")
-    record = relay.store.verify_key(key.strip(), now=now) if scheme.lower() == "bearer" else None
-    if record is None:
+    try:
+        record = (
+            await relay.store.verify_key(key.strip(), now=now)
+            if scheme.lower() == "bearer"
+            else None
+        )
         # Only wrong keys meet the limiter: a right key always links, whatever others sharing
         # the address have tried.
+        limited = record is None and await relay.auth_limiter.take(address, now) > 0
+    except StoreError as exc:
+        relay.store_failed(exc)
+        await _refuse(send, TRY_AGAIN_LATER, STORE_UNAVAILABLE_REASON)
+        return
+    if record is None:
         relay.metrics.auth_failures.labels("link").inc()
         log.info("daemon link refused from %s: invalid key", address)
-        if not relay.auth_limiter.allow(address, now):
+        if limited:
             relay.metrics.rate_limited.labels("link").inc()
             await _refuse(send, CloseCode.INVALID_KEY, "invalid API key; too many attempts")
             return
@@ -208,7 +222,7 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
         # sent to the others, so tell it now.
         await session.aclose(CloseCode.SHUTTING_DOWN, "relay shutting down")
         return
-    if not _key_still_live(relay, link):
+    if not await _key_still_live(relay, link):
         # Revoked or rotated since the link's headers were checked (the HELLOs take a while):
         # the revocation watcher may have looked already, and would never look at it again.
         relay.metrics.access_revoked.labels("link").inc()
@@ -236,17 +250,15 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
     link.registered = True
     relay.links.end_handshake(link)
     relay.links.settle(link.scope_id, link.daemon_id)
-    try:
-        relay.store.record_daemon(link.scope_id, link.daemon_id, now=link.connected_at)
-    except StoreError as exc:
-        # A last-seen record is bookkeeping: the link works without it.
-        log.warning("daemon %s: not recorded in the key store: %s", link.daemon_id, exc)
     relay.metrics.daemons_connected.set(len(relay.links))
     log.info("daemon %s connected from %s", link.daemon_id, link.remote_address)
     if replaced is not None:
         await replaced.session.aclose(CloseCode.REPLACED, "replaced by a newer connection")
     try:
-        await _serve_mesh(relay, link)
+        async with trio.open_nursery() as nursery:
+            # Beside the mesh streams: a slow store must not hold them up.
+            nursery.start_soon(_record_daemon, relay, link)
+            await _serve_mesh(relay, link)
     finally:
         relay.links.remove(link)
         relay.metrics.daemons_connected.set(len(relay.links))
@@ -260,14 +272,26 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
             log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
 
 
-def _key_still_live(relay: Relay, link: DaemonLink) -> bool:
+async def _key_still_live(relay: Relay, link: DaemonLink) -> bool:
     """Whether the key ``link`` was opened with is still live. A key store that cannot be read
-    counts as live: the key was verified moments ago, and the revocation watcher retries."""
+    counts as live: the key was verified moments ago, and the store's change feed catches up
+    on revocations once it is back."""
     try:
-        return relay.store.is_key_live(link.key_id)
+        return await relay.store.is_key_live(link.key_id)
     except StoreError as exc:
-        log.warning("daemon %s: cannot recheck its key: %s", link.daemon_id, exc)
+        relay.store_failed(exc)
+        log.warning("daemon %s: cannot recheck its key: %s", link.daemon_id, str(exc))
         return True
+
+
+async def _record_daemon(relay: Relay, link: DaemonLink) -> None:
+    """Note the daemon's connection in the store (its last-seen record). A failure is logged
+    and the link works on: the record is bookkeeping."""
+    try:
+        await relay.store.record_daemon(link.scope_id, link.daemon_id, now=link.connected_at)
+    except StoreError as exc:
+        relay.store_failed(exc)
+        log.warning("daemon %s: not recorded in the key store: %s", link.daemon_id, str(exc))
 
 
 async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:
@@ -293,9 +317,9 @@ async def _answer_directory(relay: Relay, source: DaemonLink, stream: MuxStream)
         ]
     }
     try:
-        known = relay.store.known_daemons(source.scope_id)
+        known = await relay.store.known_daemons(source.scope_id)
     except StoreError as exc:
-        log.warning("daemon %s: offline daemons not listed: %s", source.daemon_id, exc)
+        log.warning("daemon %s: offline daemons not listed: %s", source.daemon_id, str(exc))
     else:
         online_ids = {link.daemon_id for link in online}
         offline = sorted(
@@ -326,7 +350,8 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
     target = relay.links.get(source.scope_id, target_id)
     if target is None:
         try:
-            known = target_id in {d for d, _, _ in relay.store.known_daemons(source.scope_id)}
+            daemons = await relay.store.known_daemons(source.scope_id)
+            known = target_id in {d for d, _, _ in daemons}
         except StoreError:
             known = True  # offline and unknown cannot be told apart now: say offline
         stream.reset(ErrorCode.TARGET_OFFLINE if known else ErrorCode.UNKNOWN_TARGET)

@@ -2,19 +2,20 @@
 session, so a phone can sign in by opening a URL (a QR code) instead of typing the API key.
 
 A token is 32 random bytes, url-safe base64 encoded; only its digest
-(:func:`common.hash_secret`) is kept, in memory, with the key and scope that asked for it.
-It works once and for :data:`LOGIN_LINK_TTL` seconds. The table is bounded: at most
-:data:`MAX_LINKS_PER_SCOPE` live tokens per scope (issuing another drops that scope's oldest:
-a tenant only ever displaces its own links, whatever number of keys it rotates through) and
-:data:`MAX_LINKS_TOTAL` in all; when the table is full of live tokens, issuing is refused
-(:class:`LoginLinksFull`) rather than dropping another tenant's. Issuing is also rate-limited
-per key by the caller (:data:`ISSUE_RATE_PER_HOUR`, :data:`ISSUE_BURST`). A relay restart
-forgets every token (they are minutes-long by design).
+(:func:`common.hash_secret`) is kept, by the key store (:meth:`relay._store_api.Store.
+create_login_link`), with the key and scope that asked for it: in memory for the SQLite store
+(one relay per file; a restart forgets every token, they are minutes-long by design), in Redis
+for a cluster (a link issued by one replica works on any other). It works once and for
+:data:`LOGIN_LINK_TTL` seconds. The table is bounded: at most :data:`MAX_LINKS_PER_SCOPE` live
+tokens per scope (issuing another drops that scope's oldest: a tenant only ever displaces its
+own links, whatever number of keys it rotates through) and :data:`MAX_LINKS_TOTAL` in all; when
+the table is full of live tokens, issuing is refused (:class:`LoginLinksFull`) rather than
+dropping another tenant's. Issuing is also rate-limited per key by the relay
+(:data:`ISSUE_RATE_PER_HOUR`, :data:`ISSUE_BURST`).
 
-Whoever redeems a token must still check the key against the store before opening a session:
-:meth:`LoginLinks.drop_key` is called when a key's access ends (revocation, rotation), and the
-store check closes the race with a revocation in flight. Time is an argument; nothing here
-reads a clock.
+A token of a key that is no longer live (revoked, rotated) never signs in: the stores drop a
+key's tokens when it is revoked and check the key when a token is taken. Time is an argument;
+nothing here reads a clock.
 """
 
 from __future__ import annotations
@@ -73,30 +74,50 @@ class LoginLink:
     expires_at: float
 
 
+def new_token() -> str:
+    """A fresh random token (:data:`TOKEN_BYTES` bytes, url-safe base64, no padding)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
 class LoginLinks:
-    """The live sign-in tokens of one relay, by digest. Not thread-safe (the event loop's)."""
+    """The live sign-in tokens of one process, by digest (the SQLite store's table). Not
+    thread-safe (the event loop's).
+
+    ``max_per_scope`` and ``max_total`` default to :data:`MAX_LINKS_PER_SCOPE` and
+    :data:`MAX_LINKS_TOTAL` as they are at each call (as the Redis store reads them).
+    """
 
     def __init__(
         self,
         *,
         ttl: float = LOGIN_LINK_TTL,
-        max_per_scope: int = MAX_LINKS_PER_SCOPE,
-        max_total: int = MAX_LINKS_TOTAL,
+        max_per_scope: int | None = None,
+        max_total: int | None = None,
     ) -> None:
-        """Raises ValueError unless ``ttl > 0`` and both bounds are at least 1."""
+        """Raises ValueError unless ``ttl > 0`` and both bounds, when given, are at least 1."""
         if not ttl > 0:
             raise ValueError(f"ttl must be a positive number of seconds, not {ttl}")
-        if max_per_scope < 1 or max_total < 1:
+        if (max_per_scope is not None and max_per_scope < 1) or (
+            max_total is not None and max_total < 1
+        ):
             raise ValueError("max_per_scope and max_total must be at least 1")
         self.ttl = ttl
-        self.max_per_scope = max_per_scope
-        self.max_total = max_total
+        self._max_per_scope = max_per_scope
+        self._max_total = max_total
         # Oldest first: the ttl is the same for all, so this is also expiry order.
         self._links: collections.OrderedDict[str, LoginLink] = collections.OrderedDict()
         # key id -> that key's digests, oldest first.
         self._by_key: dict[str, collections.OrderedDict[str, None]] = {}
         # scope id -> that scope's digests, oldest first.
         self._by_scope: dict[str, collections.OrderedDict[str, None]] = {}
+
+    @property
+    def max_per_scope(self) -> int:
+        return MAX_LINKS_PER_SCOPE if self._max_per_scope is None else self._max_per_scope
+
+    @property
+    def max_total(self) -> int:
+        return MAX_LINKS_TOTAL if self._max_total is None else self._max_total
 
     def __len__(self) -> int:
         """How many tokens are held (expired ones not yet swept included)."""
@@ -116,7 +137,7 @@ class LoginLinks:
             self._drop(next(iter(ours)))
         if len(self._links) >= self.max_total:
             raise LoginLinksFull(f"{len(self._links)} sign-in links are live")
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token()
         digest = hash_secret(token)
         link = LoginLink(
             key_id=key_id, scope_id=scope_id, daemon_id=daemon_id, expires_at=now + self.ttl

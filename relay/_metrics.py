@@ -57,6 +57,11 @@ class RelayMetrics:
             ["kind"],
             registry=r,
         )
+        self.store_up = Gauge(
+            "repowire_relay_store_up",
+            "Whether the key store (SQLite, or Redis for a cluster) answers: 1 or 0",
+            registry=r,
+        )
         self.access_revoked = Counter(
             "repowire_relay_access_revoked",
             "Daemon links and browser requests ended by a revocation, rotation or sign-out",

@@ -1,12 +1,17 @@
-"""A token-bucket rate limiter per key (a client address), with bounded memory.
+"""Token-bucket rate limits per key (a client address, a key id).
 
-Time is an argument: nothing here reads a clock, so behaviour is exact and testable.
+:class:`RateLimiter` keeps its buckets in process, with bounded memory: the relay's limits when
+it runs alone. A relay cluster shares its limits through Redis instead
+(:class:`SharedLimiter`), so that a client spreading its attempts over the replicas gets no
+more than from one. The relay uses either through :class:`Limiter` (:func:`limiter_for`
+picks). Time is an argument: nothing here reads a clock, so behaviour is exact and testable.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from typing import Protocol, runtime_checkable
 
 #: When the table is full, at least this fraction of ``max_keys`` is freed at once, so that the
 #: linear scan that chooses what to drop runs once per that many new keys, not on every one.
@@ -103,3 +108,76 @@ class RateLimiter:
         rest = ((when, key) for key, when in full_at.items() if when > now)
         for _, key in heapq.nsmallest(target - len(idle), rest):
             del self._buckets[key]
+
+
+class Limiter(Protocol):
+    """A rate limit the relay consults: ``rate`` events per second per key on average,
+    bursts of ``burst``."""
+
+    rate: float
+    burst: int
+
+    async def take(self, key: str, now: float) -> float:
+        """Take one token from ``key``'s bucket: 0.0 if taken, else the seconds until one
+        will be (nothing taken). May raise :class:`relay._store_api.StoreError` (shared
+        limits, when the store fails)."""
+        ...
+
+
+class LocalLimiter:
+    """:class:`Limiter` over an in-process :class:`RateLimiter`. Its check and charge are one
+    step, with no await in between."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        """Raises ValueError as :class:`RateLimiter` does."""
+        self.buckets = RateLimiter(rate, burst, max_keys)
+        self.rate = rate
+        self.burst = burst
+
+    async def take(self, key: str, now: float) -> float:
+        buckets = self.buckets
+        if buckets.allow(key, now):
+            return 0.0
+        # A refusal always names a wait: at least a moment, even where rounding says 0.
+        return max(buckets.retry_after(key, now), 1e-3)
+
+
+@runtime_checkable
+class RateTokenStore(Protocol):
+    """A store that keeps shared rate limits (:meth:`relay._redis_store.RedisStore.
+    take_rate_token`)."""
+
+    async def take_rate_token(
+        self, name: str, key: str, *, rate: float, burst: int, now: float
+    ) -> float: ...
+
+
+class SharedLimiter:
+    """:class:`Limiter` whose buckets are in a shared store (Redis): one limit for every
+    relay replica. The store takes a token atomically, so concurrent attempts on any replica
+    cannot slip past it. Raises the store's errors (StoreUnavailable when Redis is down)."""
+
+    def __init__(self, store: RateTokenStore, name: str, rate: float, burst: int) -> None:
+        """``name`` keeps this limit's buckets apart from the others' (``[a-z_]{1,32}``).
+        Raises ValueError unless ``rate > 0`` (finite) and ``burst >= 1``."""
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a positive number of events per second, not {rate}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, not {burst}")
+        self._store = store
+        self.name = name
+        self.rate = rate
+        self.burst = burst
+
+    async def take(self, key: str, now: float) -> float:
+        return await self._store.take_rate_token(
+            self.name, key, rate=self.rate, burst=self.burst, now=now
+        )
+
+
+def limiter_for(store: object, name: str, rate: float, burst: int) -> Limiter:
+    """The limit ``name`` for a relay on ``store``: shared (:class:`SharedLimiter`) if the
+    store keeps shared limits, else in process (:class:`LocalLimiter`)."""
+    if isinstance(store, RateTokenStore):
+        return SharedLimiter(store, name, rate, burst)
+    return LocalLimiter(rate, burst)

@@ -22,6 +22,13 @@ Layout, every name under the namespace prefix ``P`` (default ``repowire:``)::
     P session-expiry            zset   every session digest by expires_at (purge_expired)
     P daemons:<scope_id>        zset   daemon ids by last_seen (at most MAX_DAEMONS_PER_SCOPE)
     P daemons-first:<scope_id>  hash   daemon id -> first_seen
+    P login-link:<token digest> hash   key_id, scope_id, daemon_id ('' for none), expires_at;
+                                       Redis expiry at the link's ttl
+    P login-links:<scope_id>    zset   the scope's link digests, by creation order
+    P login-links               zset   every link digest by expires_at (the total bound)
+    P login-link-seq            string counter: creation order of links
+    P rate:<name>:<digest>      string a rate limit's bucket (the time it is full again, see
+                                       :meth:`RedisStore.take_rate_token`); Redis expiry then
     P changes                   pub/sub channel: JSON {"kind", "key_id" | "session"}
 
 Times are stored as Python's ``repr`` of the float, so they come back exactly; Lua only
@@ -39,6 +46,16 @@ scripts reach keys computed at run time, which a cluster can only route within o
 A failure to reach Redis (connection refused or lost, a timeout, a replica that became
 read-only during a failover) raises :class:`StoreUnavailable` with a one-line message; other
 Redis errors raise :class:`StoreError`. Neither ever contains a secret.
+
+Session lookups go through a cache in this object (one per relay replica), as the SQLite
+store's do: a session confirmed by Redis is trusted for ``session_cache_ttl`` seconds (5 by
+default) without asking again, at most ``session_cache_size`` of them. A revocation, rotation
+or sign-out made through this object drops its entries at once; one made through another
+object (another replica, the CLI) as soon as the change feed announces it, before the
+announcement reaches the handler (:meth:`RedisStore.watch`). With an ``outage_grace``, while
+Redis cannot be reached, a cached session stays usable that long since Redis last confirmed
+it, so the browsers a replica already serves keep working through an outage; a lookup that
+must ask Redis then fails with StoreUnavailable as any other call.
 """
 
 from __future__ import annotations
@@ -48,10 +65,9 @@ import json
 import logging
 import math
 import re
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Final, Literal, Self, TypeVar, cast
 
 import coredis
 import coredis.exceptions
@@ -70,9 +86,13 @@ from common import (
     looks_like_session_id,
 )
 
-from . import _store
+from . import _login_links, _store
+from ._login_links import LOGIN_LINK_TTL, LoginLink, LoginLinksFull, looks_like_token
+from ._session_cache import SessionCache
 from ._store import (
     _PUBLIC_ID,
+    SESSION_CACHE_SIZE,
+    SESSION_CACHE_TTL,
     KeyRecord,
     SessionRecord,
     StoreError,
@@ -81,19 +101,29 @@ from ._store import (
     _check_time,
     _shown,
 )
-from ._store_api import ChangeHandler, ChangeKind, StoreChange, StoreUnavailable
+from ._store_api import (
+    DEFAULT_NAMESPACE,
+    REDIS_URL_SCHEMES,
+    ChangeHandler,
+    ChangeKind,
+    StoreChange,
+    StoreUnavailable,
+    check_namespace,
+    check_redis_url,
+)
 
 log = logging.getLogger("repowire.relay.store")
 
 T = TypeVar("T")
 
-#: Prefix of every Redis key and of the change channel, unless another is given.
-DEFAULT_NAMESPACE: Final = "repowire:"
+#: What copying one record in did (see :meth:`RedisStore.import_key`).
+ImportVerdict = Literal["copied", "same", "conflict"]
+
 #: Seconds to connect, to wait for a reply, or for a free pooled connection, before the call
 #: fails with StoreUnavailable.
 DEFAULT_TIMEOUT: Final = 2.0
 #: URL schemes :meth:`RedisStore.open` accepts.
-URL_SCHEMES: Final = ("redis", "rediss", "unix")
+URL_SCHEMES: Final = REDIS_URL_SCHEMES
 #: Name the relay's connections carry in Redis's CLIENT LIST.
 CLIENT_NAME: Final = "repowire-relay"
 #: Expired sessions deleted per script run by :meth:`RedisStore.purge_expired` (it loops), so
@@ -108,7 +138,6 @@ WATCH_RETRY_MAX: Final = 5.0
 #: that a silently dead connection is noticed and replaced.
 WATCH_KEEPALIVE: Final = 5.0
 
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 _DAEMON_ID_ERROR = "daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
 
 # Errors that mean "Redis cannot be reached now", as opposed to "Redis refused this".
@@ -147,6 +176,18 @@ local function end_sessions(key_id)
   end
   redis.call('DEL', index)
 end
+local function drop_login_link(scope_id, digest)
+  redis.call('DEL', p .. 'login-link:' .. digest)
+  redis.call('ZREM', p .. 'login-links:' .. scope_id, digest)
+  redis.call('ZREM', p .. 'login-links', digest)
+end
+local function end_login_links(key_id, scope_id)
+  -- A scope holds a handful of links: look at each.
+  for _, digest in ipairs(redis.call('ZRANGE', p .. 'login-links:' .. scope_id, 0, -1)) do
+    local owner = redis.call('HGET', p .. 'login-link:' .. digest, 'key_id')
+    if owner == key_id then drop_login_link(scope_id, digest) end
+  end
+end
 local function revoke(key_id, now, event)
   local digest = redis.call('GET', p .. 'key-id:' .. key_id)
   if not digest then return false end
@@ -157,8 +198,16 @@ local function revoke(key_id, now, event)
   redis.call('HSET', record, 'revoked_at', now)
   redis.call('SADD', p .. 'revoked', key_id)
   end_sessions(key_id)
+  end_login_links(key_id, redis.call('HGET', record, 'scope_id'))
   redis.call('PUBLISH', p .. 'changes', event)
   return true
+end
+local function live_key_scope(key_id)
+  local digest = redis.call('GET', p .. 'key-id:' .. key_id)
+  if not digest then return false end
+  local key = redis.call('HMGET', p .. 'key:' .. digest, 'scope_id', 'revoked_at')
+  if not key[1] or key[2] then return false end
+  return key[1]
 end
 """
 
@@ -295,6 +344,72 @@ end
 return {deleted, #due}
 """
 
+# ARGV: p, key_id, token digest, daemon_id ('' for none), now, expires_at, ttl in ms, most
+# links per scope, most links in all.
+_CREATE_LOGIN_LINK = """
+local scope_id = live_key_scope(ARGV[2])
+if not scope_id then return {'unknown'} end
+local ours = p .. 'login-links:' .. scope_id
+local all = p .. 'login-links'
+local now = tonumber(ARGV[5])
+-- Only live links count: forget the expired (and the taken, whose record is gone).
+redis.call('ZREMRANGEBYSCORE', all, '-inf', ARGV[5])
+for _, digest in ipairs(redis.call('ZRANGE', ours, 0, -1)) do
+  local expires_at = redis.call('HGET', p .. 'login-link:' .. digest, 'expires_at')
+  if not expires_at or tonumber(expires_at) <= now then drop_login_link(scope_id, digest) end
+end
+local per_scope = tonumber(ARGV[8])
+while per_scope >= 1 and redis.call('ZCARD', ours) >= per_scope do
+  drop_login_link(scope_id, redis.call('ZRANGE', ours, 0, 0)[1])
+end
+if redis.call('ZCARD', all) >= tonumber(ARGV[9]) then return {'full'} end
+local link = p .. 'login-link:' .. ARGV[3]
+if redis.call('EXISTS', link) == 1 then return {'collision'} end
+redis.call('HSET', link, 'key_id', ARGV[2], 'scope_id', scope_id, 'daemon_id', ARGV[4],
+  'expires_at', ARGV[6])
+redis.call('PEXPIRE', link, ARGV[7])
+redis.call('ZADD', ours, redis.call('INCR', p .. 'login-link-seq'), ARGV[3])
+-- The scope's index goes with its newest link.
+redis.call('PEXPIRE', ours, ARGV[7])
+redis.call('ZADD', all, ARGV[6], ARGV[3])
+return {'ok', scope_id}
+"""
+
+# ARGV: p, token digest, now. The link is gone whatever the answer.
+_TAKE_LOGIN_LINK = """
+local f = redis.call('HMGET', p .. 'login-link:' .. ARGV[2],
+  'key_id', 'scope_id', 'daemon_id', 'expires_at')
+if not f[1] or not f[2] or not f[4] then
+  redis.call('ZREM', p .. 'login-links', ARGV[2])
+  return false
+end
+drop_login_link(f[2], ARGV[2])
+if tonumber(f[4]) <= tonumber(ARGV[3]) then return false end
+if live_key_scope(f[1]) ~= f[2] then return false end
+return f
+"""
+
+# ARGV: p, bucket name, now, seconds per token, burst. A token bucket kept as one number, the
+# time at which the bucket is full again ("theoretical arrival time"): it holds
+# burst - (full_at - now) / interval tokens. Returns 0 if a token was taken, else the seconds
+# to wait (as a string: Lua numbers become integers on the way out).
+_TAKE_RATE_TOKEN = """
+local key = p .. ARGV[2]
+local now = tonumber(ARGV[3])
+local interval = tonumber(ARGV[4])
+local burst = tonumber(ARGV[5])
+local full_at = tonumber(redis.call('GET', key) or ARGV[3])
+if full_at < now then full_at = now end
+-- The slack absorbs rounding (epoch seconds carry ~2e-7 s): waiting exactly the seconds
+-- returned must be enough.
+local wait = full_at - now - (burst - 1) * interval
+if wait > 1e-6 then return tostring(wait) end
+full_at = full_at + interval
+redis.call('SET', key, string.format('%.17g', full_at), 'PX',
+  math.max(1, math.ceil((full_at - now) * 1000)))
+return '0'
+"""
+
 # ARGV: p, scope_id, daemon_id, now, most daemons kept. Keeps the most recently seen; among
 # equally recent ones, the smallest ids (the SQLite store's order).
 _RECORD_DAEMON = """
@@ -329,14 +444,103 @@ end
 return out
 """
 
+# -- copying records in (repowire relay migrate-store) ----------------------------------------
+# Each returns 'copied', 'same' (present already, identical: nothing done) or 'conflict'
+# (another record with the same id or digest: nothing done). ARGV[2] is '1' for a dry run,
+# which writes nothing and answers what a real run would (but 'copied' for a record whose
+# scope or key a real run would copy first).
+
+# ARGV: p, dry, scope_id, label, created_at
+_IMPORT_SCOPE = """
+local scope = p .. 'scope:' .. ARGV[3]
+local f = redis.call('HMGET', scope, 'label', 'created_at')
+if f[1] or f[2] then
+  if f[1] == ARGV[4] and f[2] == ARGV[5] then return 'same' end
+  return 'conflict'
+end
+if ARGV[2] == '1' then return 'copied' end
+redis.call('HSET', scope, 'label', ARGV[4], 'created_at', ARGV[5])
+return 'copied'
+"""
+
+# ARGV: p, dry, key_id, key digest, scope_id, label, created_at, revoked_at ('' for none)
+_IMPORT_KEY = """
+local by_id = redis.call('GET', p .. 'key-id:' .. ARGV[3])
+if by_id then
+  if by_id ~= ARGV[4] then return 'conflict' end
+  local f = redis.call('HMGET', p .. 'key:' .. by_id,
+    'key_id', 'scope_id', 'label', 'created_at', 'revoked_at')
+  if f[1] == ARGV[3] and f[2] == ARGV[5] and f[3] == ARGV[6] and f[4] == ARGV[7]
+    and (f[5] or '') == ARGV[8] then
+    return 'same'
+  end
+  return 'conflict'
+end
+if redis.call('EXISTS', p .. 'key:' .. ARGV[4]) == 1 then return 'conflict' end
+if ARGV[2] == '1' then return 'copied' end
+if redis.call('EXISTS', p .. 'scope:' .. ARGV[5]) == 0 then return 'conflict' end
+insert_key(ARGV[5], ARGV[3], ARGV[4], ARGV[6], ARGV[7])
+if ARGV[8] ~= '' then
+  redis.call('HSET', p .. 'key:' .. ARGV[4], 'revoked_at', ARGV[8])
+  redis.call('SADD', p .. 'revoked', ARGV[3])
+end
+return 'copied'
+"""
+
+# ARGV: p, dry, session digest, scope_id, key_id, created_at, expires_at, ttl in ms
+_IMPORT_SESSION = """
+local session = p .. 'session:' .. ARGV[3]
+local f = redis.call('HMGET', session, 'scope_id', 'key_id', 'created_at', 'expires_at')
+if f[1] or f[2] or f[3] or f[4] then
+  if f[1] == ARGV[4] and f[2] == ARGV[5] and f[3] == ARGV[6] and f[4] == ARGV[7] then
+    return 'same'
+  end
+  return 'conflict'
+end
+if ARGV[2] == '1' then return 'copied' end
+if live_key_scope(ARGV[5]) ~= ARGV[4] then return 'conflict' end
+redis.call('HSET', session, 'scope_id', ARGV[4], 'key_id', ARGV[5],
+  'created_at', ARGV[6], 'expires_at', ARGV[7])
+redis.call('PEXPIRE', session, ARGV[8])
+redis.call('ZADD', p .. 'key-sessions:' .. ARGV[5], ARGV[7], ARGV[3])
+redis.call('ZADD', p .. 'session-expiry', ARGV[7], ARGV[3])
+return 'copied'
+"""
+
+# ARGV: p, dry, scope_id, daemon_id, first_seen, last_seen, most daemons kept. Merged with
+# what Redis holds (the earliest first sighting, the latest last one): never a conflict.
+_IMPORT_DAEMON = """
+local seen = p .. 'daemons:' .. ARGV[3]
+local first = p .. 'daemons-first:' .. ARGV[3]
+local last = redis.call('ZSCORE', seen, ARGV[4])
+local known_first = redis.call('HGET', first, ARGV[4])
+local changes = (not last or tonumber(last) < tonumber(ARGV[6]))
+  or (not known_first or tonumber(known_first) > tonumber(ARGV[5]))
+if not changes then return 'same' end
+if ARGV[2] == '1' then return 'copied' end
+if redis.call('EXISTS', p .. 'scope:' .. ARGV[3]) == 0 then return 'conflict' end
+redis.call('ZADD', seen, 'GT', ARGV[6], ARGV[4])
+if not known_first or tonumber(known_first) > tonumber(ARGV[5]) then
+  redis.call('HSET', first, ARGV[4], ARGV[5])
+end
+local excess = redis.call('ZCARD', seen) - tonumber(ARGV[7])
+if excess > 0 then
+  for _, daemon_id in ipairs(redis.call('ZRANGE', seen, 0, excess - 1)) do
+    redis.call('ZREM', seen, daemon_id)
+    redis.call('HDEL', first, daemon_id)
+  end
+end
+return 'copied'
+"""
+
 
 class RedisStore:
     """:class:`relay._store_api.Store` in Redis. Open with ``async with RedisStore.open(url)
     as store:``, or wrap a coredis client you entered yourself (Sentinel, custom TLS).
 
-    Keeps no cache: every lookup asks Redis (one round trip), so a change made by any replica
-    applies everywhere at once. ``max_daemons_per_scope`` defaults to the SQLite store's
-    :data:`relay._store.MAX_DAEMONS_PER_SCOPE`.
+    Every lookup but session lookups asks Redis (one round trip); sessions go through a
+    cache (see the module docstring). ``max_daemons_per_scope`` defaults to the SQLite
+    store's :data:`relay._store.MAX_DAEMONS_PER_SCOPE`.
     """
 
     def __init__(
@@ -345,13 +549,29 @@ class RedisStore:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         max_daemons_per_scope: int | None = None,
+        session_cache_size: int = SESSION_CACHE_SIZE,
+        session_cache_ttl: float = SESSION_CACHE_TTL,
+        outage_grace: float = 0.0,
     ) -> None:
         """Use ``client`` (entered already, with ``decode_responses=False``; this object does
-        not close it). ValueError for a namespace outside ``[A-Za-z0-9_.:{}-]{1,64}`` or a
-        cap below 1."""
-        _check_namespace(namespace)
+        not close it). ValueError for a namespace outside ``[A-Za-z0-9_.:{}-]{1,64}``, a cap
+        below 1, a negative cache size, or a cache ttl or grace that is not a finite number
+        of seconds >= 0."""
+        check_namespace(namespace)
         if max_daemons_per_scope is not None and max_daemons_per_scope < 1:
             raise ValueError(f"max_daemons_per_scope must be >= 1, not {max_daemons_per_scope}")
+        for name, value in (
+            ("session_cache_ttl", session_cache_ttl),
+            ("outage_grace", outage_grace),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
+        self._sessions = SessionCache(session_cache_size)
+        self._session_ttl = session_cache_ttl
+        self._outage_grace = outage_grace
+        # Whether the last call found Redis unreachable: cached sessions are then served
+        # (within the grace) without waiting on Redis again.
+        self._unreachable = False
         self._client = client
         self._prefix = namespace
         self._channel = namespace + "changes"
@@ -370,6 +590,15 @@ class RedisStore:
         self._purge_expired = register(_PRELUDE + _PURGE_EXPIRED)
         self._record_daemon = register(_PRELUDE + _RECORD_DAEMON)
         self._known_daemons = register(_PRELUDE + _KNOWN_DAEMONS)
+        self._create_login_link = register(_PRELUDE + _CREATE_LOGIN_LINK)
+        self._take_login_link = register(_PRELUDE + _TAKE_LOGIN_LINK)
+        self._take_rate_token = register(_PRELUDE + _TAKE_RATE_TOKEN)
+        self._imports = {
+            "scope": register(_PRELUDE + _IMPORT_SCOPE),
+            "key": register(_PRELUDE + _IMPORT_KEY),
+            "session": register(_PRELUDE + _IMPORT_SESSION),
+            "daemon": register(_PRELUDE + _IMPORT_DAEMON),
+        }
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -380,6 +609,9 @@ class RedisStore:
         namespace: str = DEFAULT_NAMESPACE,
         io_timeout: float = DEFAULT_TIMEOUT,
         max_connections: int | None = None,
+        session_cache_size: int = SESSION_CACHE_SIZE,
+        session_cache_ttl: float = SESSION_CACHE_TTL,
+        outage_grace: float = 0.0,
     ) -> AsyncIterator[RedisStore]:
         """A store on the Redis server at ``url`` (``redis://[user:password@]host[:port][/db]``,
         ``rediss://...`` for TLS, ``unix://[user:password@]/path/redis.sock[?db=N]``), closed
@@ -390,18 +622,26 @@ class RedisStore:
         :class:`StoreUnavailable` until Redis is back. ``io_timeout`` bounds each connection
         attempt, each reply and each wait for a pooled connection. coredis runs a task group
         for its connections, so an exception leaving the ``async with`` body comes out inside
-        an ExceptionGroup.
+        an ExceptionGroup. The session cache's settings are :class:`RedisStore`'s.
 
         ValueError for a URL of another scheme or that cannot be parsed (the message never
-        repeats the URL: it may hold a password), a bad namespace or ``io_timeout``.
+        repeats the URL: it may hold a password), a bad namespace, ``io_timeout`` or cache
+        setting.
         """
         # Checked before coredis's task group starts, which would wrap any error it sees.
-        _check_namespace(namespace)
+        check_namespace(namespace)
         if not (math.isfinite(io_timeout) and io_timeout > 0):
             raise ValueError(f"io_timeout must be a positive number of seconds, not {io_timeout}")
         client = _client_from_url(url, timeout=io_timeout, max_connections=max_connections)
+        # Built before the client's task group starts, so that a bad setting is a plain error.
+        store = cls(
+            client,
+            namespace=namespace,
+            session_cache_size=session_cache_size,
+            session_cache_ttl=session_cache_ttl,
+            outage_grace=outage_grace,
+        )
         async with client:
-            store = cls(client, namespace=namespace)
             try:
                 yield store
             finally:
@@ -496,6 +736,8 @@ class RedisStore:
             raise UnknownRecordError(f"no key {_shown(key_id)}")
         new_id = generate_public_id("key")
         key = generate_key()
+        # Dropped whatever happens: a lost reply may hide a rotation that took place.
+        self._sessions.forget_key(key_id)
         reply = _items(
             await self._script(
                 "rotating a key",
@@ -529,6 +771,7 @@ class RedisStore:
         self._require_open()
         if not _is_public_id(key_id):
             return False
+        self._sessions.forget_key(key_id)
         reply = await self._script(
             "revoking a key",
             self._revoke_key,
@@ -593,37 +836,63 @@ class RedisStore:
         if status == b"unknown":
             raise UnknownRecordError(f"key {_shown(key.key_id)} is unknown or revoked")
         _expect_ok(status)
+        if len(reply) == 2:
+            record = SessionRecord(
+                scope_id=_text(reply[1]), key_id=key.key_id, created_at=now, expires_at=expires_at
+            )
+            self._sessions.remember(hash_secret(session_id), record, now=now)
         return session_id
 
     async def lookup_session(self, session_id: str, *, now: float) -> SessionRecord | None:
+        """See :meth:`relay._store_api.Store.lookup_session`; through the session cache (see
+        the module docstring)."""
         self._require_open()
         if not looks_like_session_id(session_id):
             return None
-        reply = await self._script(
-            "looking up a session",
-            self._lookup_session,
-            hash_secret(session_id),
-            _time(now),
-            idempotent=True,
-        )
+        digest = hash_secret(session_id)
+        cache = self._sessions
+        trusted_for = self._session_ttl
+        if self._unreachable:
+            # Redis was unreachable at the last call: do not wait on it for what is known.
+            trusted_for = max(trusted_for, self._outage_grace)
+        cached = cache.get(digest, now=now, trusted_for=trusted_for)
+        if cached is not None:
+            return cached
+        try:
+            reply = await self._script(
+                "looking up a session",
+                self._lookup_session,
+                digest,
+                _time(now),
+                idempotent=True,
+            )
+        except StoreUnavailable:
+            cached = cache.get(digest, now=now, trusted_for=self._outage_grace)
+            if cached is not None:
+                return cached
+            raise
         if reply is None:
+            cache.forget(digest)
             return None
         fields = _items(reply)
         if len(fields) != 4:
             raise _unexpected("looking up a session")
         scope_id, key_id, created_at, expires_at = fields
-        return SessionRecord(
+        record = SessionRecord(
             scope_id=_text(scope_id),
             key_id=_text(key_id),
             created_at=_number(created_at),
             expires_at=_number(expires_at),
         )
+        cache.remember(digest, record, now=now)
+        return record
 
     async def end_session(self, session_id: str) -> None:
         self._require_open()
         if not looks_like_session_id(session_id):
             return
         digest = hash_secret(session_id)
+        self._sessions.forget(digest)
         await self._script(
             "ending a session",
             self._end_session,
@@ -646,10 +915,184 @@ class RedisStore:
                 raise _unexpected("purging sessions")
             deleted += batch_deleted
             if looked_at < PURGE_BATCH:
+                self._sessions.drop_expired(now)
                 return deleted
 
     def forget_sessions_of(self, key_id: str) -> None:
-        """Nothing to forget: this store keeps no session cache."""
+        self._sessions.forget_key(key_id)
+
+    # -- one-time sign-in links -------------------------------------------------------------
+
+    async def create_login_link(
+        self, key_id: str, *, daemon_id: str | None, now: float
+    ) -> tuple[str, LoginLink]:
+        if daemon_id is not None and not is_daemon_id(daemon_id):
+            raise ValueError(_DAEMON_ID_ERROR)
+        _check_time(now)
+        self._require_open()
+        if not _is_public_id(key_id):
+            raise UnknownRecordError(f"key {_shown(key_id)} is unknown or revoked")
+        token = _login_links.new_token()
+        expires_at = now + LOGIN_LINK_TTL
+        reply = _items(
+            await self._script(
+                "issuing a sign-in link",
+                self._create_login_link,
+                key_id,
+                hash_secret(token),
+                daemon_id or "",
+                _time(now),
+                _time(expires_at),
+                str(max(1, math.ceil(LOGIN_LINK_TTL * 1000))),
+                # Read at each call, like LoginLinks does.
+                str(_login_links.MAX_LINKS_PER_SCOPE),
+                str(_login_links.MAX_LINKS_TOTAL),
+            )
+        )
+        status = reply[0] if reply else None
+        if status == b"unknown":
+            raise UnknownRecordError(f"key {_shown(key_id)} is unknown or revoked")
+        if status == b"full":
+            raise LoginLinksFull(f"{_login_links.MAX_LINKS_TOTAL} sign-in links are live")
+        _expect_ok(status)
+        if len(reply) != 2:
+            raise _unexpected("issuing a sign-in link")
+        link = LoginLink(
+            key_id=key_id, scope_id=_text(reply[1]), daemon_id=daemon_id, expires_at=expires_at
+        )
+        return token, link
+
+    async def take_login_link(self, token: str, *, now: float) -> LoginLink | None:
+        self._require_open()
+        if not looks_like_token(token) or not math.isfinite(now):
+            return None
+        reply = await self._script(
+            "taking a sign-in link", self._take_login_link, hash_secret(token), _time(now)
+        )
+        if reply is None:
+            return None
+        fields = _items(reply)
+        if len(fields) != 4:
+            raise _unexpected("taking a sign-in link")
+        key_id, scope_id, daemon_id, expires_at = fields
+        return LoginLink(
+            key_id=_text(key_id),
+            scope_id=_text(scope_id),
+            daemon_id=_text(daemon_id) or None,
+            expires_at=_number(expires_at),
+        )
+
+    # -- shared rate limits -------------------------------------------------------------------
+
+    async def take_rate_token(
+        self, name: str, key: str, *, rate: float, burst: int, now: float
+    ) -> float:
+        """Take one token from the bucket of ``key`` in the rate limit ``name``, shared by
+        every store object on this Redis: a token bucket of ``burst`` tokens refilled at
+        ``rate`` a second (the semantics of :class:`relay._ratelimit.RateLimiter`), a new
+        bucket full. Returns 0.0 if a token was taken, else the seconds until one will be
+        (nothing taken). ``key`` (a client address, a key id) reaches Redis only as a digest;
+        a bucket is forgotten by Redis once it is full again. ValueError for a bad rate,
+        burst or time, or a ``name`` outside ``[a-z_]{1,32}``."""
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a positive number of events per second, not {rate}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be at least 1, not {burst}")
+        if re.fullmatch(r"[a-z_]{1,32}", name) is None:
+            raise ValueError("a rate limit's name must be 1 to 32 characters from a-z _")
+        _check_time(now)
+        self._require_open()
+        bucket = f"rate:{name}:{hash_secret(key)[:32]}"
+        reply = await self._script(
+            "checking a rate limit",
+            self._take_rate_token,
+            bucket,
+            _time(now),
+            _time(1.0 / rate),
+            str(burst),
+        )
+        wait = _number(reply)
+        return wait if wait > 0 else 0.0
+
+    # -- copying records in ---------------------------------------------------------------------
+
+    async def import_scope(
+        self, scope_id: str, label: str, created_at: float, *, dry_run: bool
+    ) -> ImportVerdict:
+        """Copy one scope as it is (see :meth:`import_key`)."""
+        return await self._import("scope", dry_run, scope_id, label, _time(created_at))
+
+    async def import_key(
+        self,
+        key_id: str,
+        digest: str,
+        scope_id: str,
+        label: str,
+        created_at: float,
+        revoked_at: float | None,
+        *,
+        dry_run: bool,
+    ) -> ImportVerdict:
+        """Copy one key record as it is, its digest included (its scope first). Returns
+        ``"copied"``, ``"same"`` (held already, identical: nothing written) or
+        ``"conflict"`` (another record holds the id or the digest, or the scope is missing:
+        nothing written). ``dry_run`` writes nothing and answers as a real run would, but
+        ``"copied"`` where the record's scope is still to be copied."""
+        revoked = "" if revoked_at is None else _time(revoked_at)
+        return await self._import(
+            "key", dry_run, key_id, digest, scope_id, label, _time(created_at), revoked
+        )
+
+    async def import_session(
+        self,
+        digest: str,
+        scope_id: str,
+        key_id: str,
+        created_at: float,
+        expires_at: float,
+        *,
+        now: float,
+        dry_run: bool,
+    ) -> ImportVerdict:
+        """Copy one live session (its key, live, first), with a Redis expiry at
+        ``expires_at - now``; see :meth:`import_key` for the answers."""
+        ttl_ms = str(max(1, math.ceil((expires_at - now) * 1000)))
+        return await self._import(
+            "session",
+            dry_run,
+            digest,
+            scope_id,
+            key_id,
+            _time(created_at),
+            _time(expires_at),
+            ttl_ms,
+        )
+
+    async def import_daemon(
+        self, scope_id: str, daemon_id: str, first_seen: float, last_seen: float, *, dry_run: bool
+    ) -> ImportVerdict:
+        """Merge one daemon sighting (the earliest first, the latest last): ``"same"`` if
+        Redis knew as much already, ``"copied"`` otherwise (``"conflict"`` only for a
+        missing scope)."""
+        cap = self._max_daemons if self._max_daemons is not None else _store.MAX_DAEMONS_PER_SCOPE
+        return await self._import(
+            "daemon",
+            dry_run,
+            scope_id,
+            daemon_id,
+            _time(first_seen),
+            _time(last_seen),
+            str(cap),
+        )
+
+    async def _import(self, kind: str, dry_run: bool, *args: str) -> ImportVerdict:
+        reply = await self._script(
+            f"copying a {kind}", self._imports[kind], "1" if dry_run else "0", *args
+        )
+        verdict = _text(reply) if isinstance(reply, bytes) else ""
+        if verdict not in ("copied", "same", "conflict"):
+            raise _unexpected(f"copying a {kind}")
+        return cast(ImportVerdict, verdict)
 
     # -- daemons ------------------------------------------------------------------------------
 
@@ -706,6 +1149,11 @@ class RedisStore:
             task_status.started()
             async with receive:
                 async for change in receive:
+                    # Announced means applied: this object answers nothing stale from here.
+                    if change.key_id is not None:
+                        self._sessions.forget_key(change.key_id)
+                    if change.session_digest is not None:
+                        self._sessions.forget(change.session_digest)
                     try:
                         await handler(change)
                     except Exception as exc:
@@ -789,6 +1237,7 @@ class RedisStore:
         """Mark the store closed (later calls raise StoreError). The client is closed by
         :meth:`open`'s context, or by whoever passed it in; cancel watchers first."""
         self._closed = True
+        self._sessions.clear()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -814,11 +1263,12 @@ class RedisStore:
         applied before the connection was lost."""
         for attempt in (1, 2):
             try:
-                return await command()
+                result = await command()
             except (*_REDIS_ERRORS, ExceptionGroup) as exc:
                 error = _translate(exc, action)
                 if error is None:
                     raise
+                self._unreachable = isinstance(error, StoreUnavailable)
                 if (
                     idempotent
                     and attempt == 1
@@ -827,6 +1277,8 @@ class RedisStore:
                 ):
                     continue
                 raise error from exc
+            self._unreachable = False
+            return result
         raise AssertionError("unreachable")
 
 
@@ -836,15 +1288,7 @@ class RedisStore:
 def _client_from_url(
     url: str, *, timeout: float, max_connections: int | None
 ) -> coredis.Redis[bytes]:
-    try:
-        scheme = urllib.parse.urlsplit(url).scheme if isinstance(url, str) else ""
-    except ValueError:
-        scheme = ""
-    if scheme not in URL_SCHEMES:
-        raise ValueError(
-            "the Redis URL must start with redis://, rediss:// or unix:// "
-            "(the URL given is not shown: it may hold a password)"
-        )
+    check_redis_url(url)
     try:
         return coredis.Redis.from_url(
             url,
@@ -862,11 +1306,6 @@ def _client_from_url(
         raise ValueError(
             "the Redis URL cannot be parsed (not shown: it may hold a password)"
         ) from None
-
-
-def _check_namespace(namespace: str) -> None:
-    if not isinstance(namespace, str) or _NAMESPACE.fullmatch(namespace) is None:
-        raise ValueError("namespace must be 1 to 64 characters from A-Z a-z 0-9 _ . : { } -")
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

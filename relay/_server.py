@@ -8,8 +8,8 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any
 
@@ -29,7 +29,9 @@ from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._links import DaemonLink
 from ._settings import APP_QUEUE_SIZE, RelaySettings
-from ._store import KeyStore, StoreError
+from ._sqlite_store import SqliteStore
+from ._store import StoreError
+from ._store_api import Store
 
 log = logging.getLogger("repowire.relay")
 
@@ -41,11 +43,8 @@ STORE_FILE = "relay.sqlite3"
 #: stops reading holds its connection's task, and the relay's shutdown, for as long as it
 #: likes. Far above the links' keepalive timeout, so a slow but live peer is never cut.
 STALLED_PEER_TIMEOUT = 60.0
-#: Seconds between two looks for keys revoked by another process on the same key store
-#: (``repowire relay keys revoke``): revocation ends access within this plus the time to
-#: close the links. Each look is one ``PRAGMA data_version``; the revoked keys are read only
-#: when it changed.
-REVOCATION_POLL_INTERVAL = 0.25
+#: Seconds between two purges of the expired sessions from the key store.
+PURGE_INTERVAL = 600.0
 #: Limits of the metrics listener (``settings.metrics_listen``): largest request head, and
 #: seconds a client gets to send it (and an idle keep-alive connection is kept).
 METRICS_MAX_HEADER = 4 * 1024
@@ -319,44 +318,55 @@ class MetricsApp:
         )
 
 
-# ---------------------------------------------------------------------- revocation watcher
+# ---------------------------------------------------------------------- the key store
 
 
-async def watch_revocations(
-    relay: Relay,
-    interval: float = REVOCATION_POLL_INTERVAL,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+@asynccontextmanager
+async def open_store(settings: RelaySettings) -> AsyncIterator[Store]:
+    """The relay's key store, closed on exit: Redis at ``settings.redis_url`` (not reached
+    yet: the relay may start while Redis is down; its session cache rides out outages for
+    ``settings.store_outage_grace``), else the SQLite file :data:`STORE_FILE` in
+    ``settings.data_dir``. Raises StoreError if the SQLite file cannot be opened."""
+    if settings.redis_url is not None:
+        # Imported here: coredis is needed only for a cluster.
+        from ._redis_store import RedisStore
+
+        async with RedisStore.open(
+            settings.redis_url,
+            namespace=settings.redis_namespace,
+            outage_grace=settings.store_outage_grace,
+        ) as redis:
+            yield redis
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with SqliteStore.open(settings.data_dir / STORE_FILE) as sqlite:
+        yield sqlite
+
+
+async def watch_store(
+    relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Until cancelled: every ``interval`` seconds, look for keys revoked (or rotated) since
-    the last look, by this process or another one on the same store (the CLI), and end their
-    access (:meth:`Relay.end_key_access`: links closed with 4403, browser requests cancelled,
-    cached sessions dropped). Never raises: a key store failure is logged and retried."""
-    store = relay.store
-    token: tuple[int, int] | None = None
-    known: set[str] = set()
-    failing = False
-    started = False
+    """Until cancelled: end the access of every key revoked or rotated, and of every session
+    ended, through any store object on the relay's data (this relay, another replica, the
+    CLI), as the store's change feed announces them (:meth:`Relay.on_store_change`: links
+    closed with 4403, browser requests cancelled, cached sessions dropped). Started once the
+    feed has first tried the store; never raises for a failing store (the feed retries)."""
+    await relay.store.watch(relay.on_store_change, task_status=task_status)
+
+
+async def purge_sessions(relay: Relay, interval: float = PURGE_INTERVAL) -> None:
+    """Until cancelled: every ``interval`` seconds, delete the expired sessions from the
+    store. A failure is logged and tried again at the next turn."""
     while True:
-        try:
-            current = store.change_token()
-            if current != token:
-                revoked = store.revoked_key_ids()
-                fresh = revoked - known if token is not None else set()
-                token, known = current, revoked
-                for key_id in sorted(fresh):
-                    await relay.end_key_access(key_id, "revoked")
-            if failing:
-                log.info("revocation watcher: the key store is readable again")
-                failing = False
-        except StoreError as exc:
-            if not failing:
-                log.warning("revocation watcher: cannot read the key store: %s", exc)
-                failing = True
-        if not started:
-            started = True
-            task_status.started()
         await trio.sleep(interval)
+        try:
+            purged = await relay.store.purge_expired(now=relay.clock())
+        except StoreError as exc:
+            relay.store_failed(exc)
+            log.warning("expired sessions not purged: %s", str(exc))
+        else:
+            if purged:
+                log.info("purged %d expired browser sessions", purged)
 
 
 async def serve_relay(
@@ -373,61 +383,75 @@ async def serve_relay(
     :data:`HTTP_STOP_TIMEOUT` seconds.
 
     Beside the public listener it runs the metrics listener (``settings.metrics_listen``, if
-    set; its URL is :attr:`RunningRelay.metrics_url`) and :func:`watch_revocations`. Raises
-    :class:`ListenError` (before reporting) if a listener cannot be bound, ValueError for
+    set; its URL is :attr:`RunningRelay.metrics_url`), the store's change feed
+    (:func:`watch_store`), a probe of the store's health and :func:`purge_sessions`. The key
+    store is :func:`open_store`'s. Raises :class:`ListenError` (before reporting) if a
+    listener cannot be bound, StoreError if the SQLite store cannot be opened, ValueError for
     settings hypercorn cannot run with.
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     config = hypercorn_config(settings)
     # Unmasking every byte the connectors send costs a fifth of the relay's CPU in bulk
     # transfers on the pure path; with numpy (the fast extra) it is one vectorised pass.
     install_fast_masking()
-    store = KeyStore.open(settings.data_dir / STORE_FILE)
-    relay = Relay(settings, store)
-    app = RelayApp(relay)
     stop = trio.Event()
+    async with open_store(settings) as store:
+        relay = Relay(settings, store)
+        try:
+            await _serve(relay, config, stop, task_status=task_status)
+        finally:
+            if stop.is_set():
+                log.info("relay stopped")
+
+
+async def _serve(
+    relay: Relay,
+    config: Config,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[RunningRelay],
+) -> None:
+    settings = relay.settings
+    app = RelayApp(relay)
     http_stopped = trio.Event()
-    try:
-        with _listening(config, "the relay", settings.listen_backlog) as sockets:
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    partial(
-                        worker_serve,
-                        wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                        config,
-                        sockets=sockets,
-                        shutdown_trigger=http_stopped.wait,
-                    )
+    with _listening(config, "the relay", settings.listen_backlog) as sockets:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(
+                partial(
+                    worker_serve,
+                    wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                    config,
+                    sockets=sockets,
+                    shutdown_trigger=http_stopped.wait,
                 )
-                metrics_url = None
-                if settings.metrics_listen is not None:
-                    metrics_url = await nursery.start(_serve_metrics, relay, http_stopped)
-                # Its own scope: stopping it must not cancel hypercorn, whose connections get
-                # HTTP_STOP_TIMEOUT once the links are drained.
-                watcher = trio.CancelScope()
+            )
+            metrics_url = None
+            if settings.metrics_listen is not None:
+                metrics_url = await nursery.start(_serve_metrics, relay, http_stopped)
+            # Their own scope: stopping them must not cancel hypercorn, whose connections
+            # get HTTP_STOP_TIMEOUT once the links are drained.
+            watcher = trio.CancelScope()
 
-                async def watch(*, task_status: trio.TaskStatus[None]) -> None:
-                    with watcher:
-                        await watch_revocations(relay, task_status=task_status)
+            async def watch(*, task_status: trio.TaskStatus[None]) -> None:
+                with watcher:
+                    async with trio.open_nursery() as tasks:
+                        await tasks.start(relay.store_health.probe, relay.store)
+                        tasks.start_soon(purge_sessions, relay)
+                        await watch_store(relay, task_status=task_status)
 
-                await nursery.start(watch)
-                task_status.started(RunningRelay(relay, list(binds), stop, metrics_url))
-                try:
-                    await stop.wait()
-                finally:
-                    with trio.CancelScope(shield=True) as scope:
-                        scope.deadline = trio.current_time() + settings.shutdown_grace + 5
-                        try:
-                            await _drain_links(relay)
-                        finally:
-                            # Even past the deadline: without it hypercorn would never stop.
-                            http_stopped.set()
-                    # The watcher's work is done once the links are.
-                    watcher.cancel()
-    finally:
-        store.close()
-        if stop.is_set():
-            log.info("relay stopped")
+            await nursery.start(watch)
+            task_status.started(RunningRelay(relay, list(binds), stop, metrics_url))
+            try:
+                await stop.wait()
+            finally:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + settings.shutdown_grace + 5
+                    try:
+                        await _drain_links(relay)
+                    finally:
+                        # Even past the deadline: without it hypercorn would never stop.
+                        http_stopped.set()
+                # The watcher's work is done once the links are.
+                watcher.cancel()
 
 
 async def _serve_metrics(
@@ -479,6 +503,11 @@ async def serve_relay_main(settings: RelaySettings) -> None:
     It owns its process, so it also sets the process's garbage collector (:data:`GC_THRESHOLDS`).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
+        # coredis notes at INFO, as a "retry due to error", each Lua script it loads into a
+        # Redis that does not have it yet (every start, every Redis restart): noise in a
+        # relay's log. Its warnings stay; -v shows everything.
+        logging.getLogger("coredis").setLevel(logging.WARNING)
     gc.set_threshold(*GC_THRESHOLDS)
     failure: ListenError | None = None
     try:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import secrets
+import socket
+import stat
+import urllib.parse
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import attrs
 
 from mux import MuxConfig
 from protocol import DEFAULT_INITIAL_WINDOW_SIZE
+
+from ._store_api import DEFAULT_NAMESPACE, check_namespace, check_redis_url
 
 MIB = 1024 * 1024
 #: Messages (WebSocket messages, request body pieces) hypercorn queues for one connection's
@@ -27,6 +36,76 @@ MIN_WEBSOCKET_MESSAGE_SIZE = MuxConfig().max_message_size
 #: Most bytes one character of a text message takes, in UTF-8 or in a Python str: hypercorn
 #: counts a browser's text message in characters (see :func:`stream_cost`).
 BYTES_PER_CHARACTER = 4
+
+#: Fewest bytes a cluster secret may have (``--cluster-secret-file``)...
+MIN_CLUSTER_SECRET_BYTES: Final = 32
+#: ...and most: a secret file is small; a larger one is the wrong file.
+MAX_CLUSTER_SECRET_BYTES: Final = 64 * 1024
+#: What a replica id may hold (as a daemon id): it names the replica to the others.
+REPLICA_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def default_replica_id() -> str:
+    """This host's name and six random hex digits (``relay-a-3f9c0a``): unique per process,
+    recognisable in logs and presence records."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40].strip(".-") or "relay"
+    return f"{host}-{secrets.token_hex(3)}"
+
+
+def read_cluster_secret(path: Path) -> bytes:
+    """The cluster secret in the file at ``path``: its bytes, trailing whitespace (a final
+    newline) removed. Raises ValueError with one line, never quoting the content, if the file
+    is missing or unreadable, not a regular file, readable or writable by group or others, or
+    holds fewer than :data:`MIN_CLUSTER_SECRET_BYTES` (or more than
+    :data:`MAX_CLUSTER_SECRET_BYTES`) bytes."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the cluster secret file {path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError(f"the cluster secret file {path} is not a regular file")
+        if status.st_mode & 0o077:
+            raise ValueError(
+                f"the cluster secret file {path} is open to group or others "
+                f"(mode {stat.S_IMODE(status.st_mode):04o}); run: chmod 600 {path}"
+            )
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(MAX_CLUSTER_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the cluster secret file {path}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_CLUSTER_SECRET_BYTES:
+        raise ValueError(
+            f"the cluster secret file {path} holds more than {MAX_CLUSTER_SECRET_BYTES} bytes: "
+            "is it the right file?"
+        )
+    secret = data.rstrip()
+    if len(secret) < MIN_CLUSTER_SECRET_BYTES:
+        raise ValueError(
+            f"the cluster secret file {path} holds {len(secret)} bytes, fewer than "
+            f"{MIN_CLUSTER_SECRET_BYTES} (make one with: openssl rand -hex 32 > {path})"
+        )
+    return secret
+
+
+def _advertise_url_problem(url: str) -> str | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s)://HOST[:PORT] URL"
+    if parts.username is not None or parts.query or parts.fragment:
+        return "must not hold credentials, a query or a fragment"
+    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -123,6 +202,26 @@ class RelaySettings:
     #: Registrations per client address (per hour, burst).
     register_rate_per_hour: float = 5.0
     register_burst: int = 3
+    #: A ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL: the relay keeps keys, sessions,
+    #: sign-in links and rate-limit counters in that Redis, shared with the other replicas of
+    #: a cluster, and SQLite is not used. None: the SQLite store in ``data_dir``. Never shown
+    #: (it may hold a password).
+    redis_url: str | None = attrs.field(default=None, repr=False)
+    #: Prefix of every Redis key of this relay (several relays may share one Redis).
+    redis_namespace: str = DEFAULT_NAMESPACE
+    #: This replica's name in a cluster (``[A-Za-z0-9._-]{1,64}``): the host name and a short
+    #: random suffix unless given.
+    replica_id: str = attrs.field(factory=default_replica_id)
+    #: ``http(s)://HOST:PORT`` (and a path prefix, if a proxy adds one) where the other
+    #: replicas reach this one. With
+    #: ``cluster_secret``, for several replicas; both need ``redis_url``.
+    advertise_url: str | None = None
+    #: The secret the replicas of a cluster share (:func:`read_cluster_secret`, at least
+    #: :data:`MIN_CLUSTER_SECRET_BYTES` bytes). Never shown.
+    cluster_secret: bytes | None = attrs.field(default=None, repr=False)
+    #: Seconds a browser session this relay has cached stays usable, since the store last
+    #: confirmed it, while the store (Redis) is unavailable.
+    store_outage_grace: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         if self.registration not in ("open", "closed"):
@@ -156,6 +255,38 @@ class RelaySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        check_namespace(self.redis_namespace)
+        if REPLICA_ID_PATTERN.fullmatch(self.replica_id) is None:
+            raise ValueError("replica id must be 1 to 64 characters from A-Z a-z 0-9 . _ -")
+        if self.advertise_url is not None:
+            problem = _advertise_url_problem(self.advertise_url)
+            if problem is not None:
+                raise ValueError(f"the advertise URL {problem}")
+        if self.cluster_secret is not None and len(self.cluster_secret) < MIN_CLUSTER_SECRET_BYTES:
+            raise ValueError(
+                f"the cluster secret must hold at least {MIN_CLUSTER_SECRET_BYTES} bytes"
+            )
+        if (self.advertise_url is None) != (self.cluster_secret is None):
+            raise ValueError(
+                "--advertise-url and --cluster-secret-file go together (both for a cluster "
+                "of several replicas, neither for one)"
+            )
+        if self.advertise_url is not None and self.redis_url is None:
+            raise ValueError("a cluster (--advertise-url, --cluster-secret-file) needs --redis-url")
+        if not (math.isfinite(self.store_outage_grace) and self.store_outage_grace >= 0):
+            raise ValueError(
+                f"store_outage_grace must be a finite number >= 0, not {self.store_outage_grace!r}"
+            )
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this relay is one of several replicas (it has a cluster identity)."""
+        return self.advertise_url is not None
 
 
 def stream_cost(settings: RelaySettings, kind: str) -> int:

@@ -13,6 +13,10 @@ announced as :attr:`ChangeKind.KEY_ROTATED`. Sessions ended through this object 
 (for any well-formed id: the file does not say whether it was known); those ended by another
 process are not (one relay per file, and the CLI never ends sessions), and reach lookups
 through this object within :data:`relay._store.SESSION_CACHE_TTL` seconds.
+
+One-time sign-in links are kept in memory (:class:`relay._login_links.LoginLinks`), not in the
+file: one relay uses a file, the links live minutes, and a restart may forget them. Taking a
+link checks its key in the file, so a key revoked by another process never signs in.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import trio
 
 from common import hash_secret, is_daemon_id, looks_like_session_id
 
+from ._login_links import LoginLink, LoginLinks
 from ._store import (
     DEFAULT_BUSY_TIMEOUT,
     SESSION_CACHE_SIZE,
@@ -71,6 +76,8 @@ class SqliteStore:
         # One queue per running watch, for the sessions ended through this object (the file
         # keeps no trace of them), and the event that wakes that watch early.
         self._feeds: dict[int, tuple[list[StoreChange], trio.Event]] = {}
+        #: The live one-time sign-in links (in memory: see the module docstring).
+        self.login_links = LoginLinks()
 
     @classmethod
     def open(
@@ -138,6 +145,7 @@ class SqliteStore:
             raise UnknownRecordError(f"no key {_shown(key_id)}")
         result = self._store.rotate_key(key_id, now=now)
         self._rotated_here.add(key_id)
+        self.login_links.drop_key(key_id)
         return result
 
     async def revoke_key(self, key_id: str, *, now: float) -> bool:
@@ -145,7 +153,10 @@ class SqliteStore:
             _check_time(now)
             self._require_open()
             return False
-        return self._store.revoke_key(key_id, now=now)
+        revoked = self._store.revoke_key(key_id, now=now)
+        # Also when nothing changed here: another process may have revoked it meanwhile.
+        self.login_links.drop_key(key_id)
+        return revoked
 
     async def is_key_live(self, key_id: str) -> bool:
         if not _encodable(key_id):
@@ -188,6 +199,29 @@ class SqliteStore:
 
     def forget_sessions_of(self, key_id: str) -> None:
         self._store.forget_sessions_of(key_id)
+
+    # -- one-time sign-in links -------------------------------------------------------------
+
+    async def create_login_link(
+        self, key_id: str, *, daemon_id: str | None, now: float
+    ) -> tuple[str, LoginLink]:
+        if daemon_id is not None and not is_daemon_id(daemon_id):
+            raise ValueError(_DAEMON_ID_ERROR)
+        _check_time(now)
+        self._require_open()
+        scope_id = self._store.live_key_scope(key_id) if _encodable(key_id) else None
+        if scope_id is None:
+            raise UnknownRecordError(f"key {_shown(key_id)} is unknown or revoked")
+        return self.login_links.issue(
+            key_id=key_id, scope_id=scope_id, daemon_id=daemon_id, now=now
+        )
+
+    async def take_login_link(self, token: str, *, now: float) -> LoginLink | None:
+        self._require_open()
+        link = self.login_links.redeem(token, now=now)
+        if link is None or not self._store.is_key_live(link.key_id):
+            return None
+        return link
 
     # -- daemons ------------------------------------------------------------------------------
 
@@ -252,6 +286,7 @@ class SqliteStore:
                 for key_id in fresh:
                     # Keep the cache honest before anyone acts on the change.
                     self._store.forget_sessions_of(key_id)
+                    self.login_links.drop_key(key_id)
                     kind = ChangeKind.KEY_REVOKED
                     if key_id in self._rotated_here:
                         kind = ChangeKind.KEY_ROTATED

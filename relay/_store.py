@@ -162,6 +162,23 @@ class SessionRecord:
     expires_at: float
 
 
+@attrs.frozen(kw_only=True)
+class StoreSnapshot:
+    """Every record of a key store, as stored (digests, never keys or session ids), read in
+    one transaction: what ``repowire relay migrate-store`` copies.
+
+    Rows: ``scopes`` ``(scope_id, label, created_at)``; ``keys`` ``(key_id, key digest,
+    scope_id, label, created_at, revoked_at)`` oldest first, ties in creation order;
+    ``sessions`` ``(session digest, scope_id, key_id, created_at, expires_at, revoked_at)``;
+    ``daemons`` ``(scope_id, daemon_id, first_seen, last_seen)``.
+    """
+
+    scopes: tuple[tuple[str, str, float], ...]
+    keys: tuple[tuple[str, str, str, str, float, float | None], ...]
+    sessions: tuple[tuple[str, str, str, float, float, float | None], ...]
+    daemons: tuple[tuple[str, str, float, float], ...]
+
+
 class KeyStore:
     """Scopes, keys, sessions and daemons seen, in one SQLite database. Create with :meth:`open`.
 
@@ -459,6 +476,19 @@ class KeyStore:
             )
         return row is not None
 
+    def live_key_scope(self, key_id: str) -> str | None:
+        """The scope of ``key_id`` if it names a live key, else None. Raises
+        :class:`StoreError` if the database cannot be read."""
+        with self._guard("checking a key"):
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT scope_id FROM keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)
+                )
+                .fetchone()
+            )
+        return None if row is None else str(row[0])
+
     def list_keys(self, scope_id: str | None = None) -> list[KeyRecord]:
         """All keys (revoked ones included), or one scope's: oldest first, ties by insertion."""
         query = "SELECT key_id, scope_id, label, created_at, revoked_at FROM keys"
@@ -607,6 +637,41 @@ class KeyStore:
                 .fetchall()
             )
         return [(daemon_id, first, last) for daemon_id, first, last in rows]
+
+    # -- export -------------------------------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        """Every record, read in one transaction (a consistent view while others write).
+        Raises :class:`StoreError` if the database cannot be read."""
+        connection = self._conn()
+        with self._guard("reading every record"):
+            connection.execute("BEGIN")
+            try:
+                scopes = connection.execute(
+                    "SELECT scope_id, label, created_at FROM scopes ORDER BY created_at, rowid"
+                ).fetchall()
+                keys = connection.execute(
+                    "SELECT key_id, key_hash, scope_id, label, created_at, revoked_at FROM keys"
+                    " ORDER BY created_at, rowid"
+                ).fetchall()
+                sessions = connection.execute(
+                    "SELECT session_hash, scope_id, key_id, created_at, expires_at, revoked_at"
+                    " FROM sessions ORDER BY created_at, rowid"
+                ).fetchall()
+                daemons = connection.execute(
+                    "SELECT scope_id, daemon_id, first_seen, last_seen FROM daemons"
+                    " ORDER BY scope_id, daemon_id"
+                ).fetchall()
+            finally:
+                if connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        connection.execute("ROLLBACK")
+        return StoreSnapshot(
+            scopes=tuple(map(tuple, scopes)),
+            keys=tuple(map(tuple, keys)),
+            sessions=tuple(map(tuple, sessions)),
+            daemons=tuple(map(tuple, daemons)),
+        )
 
     # -- internals ----------------------------------------------------------------------------
 

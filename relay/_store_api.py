@@ -10,8 +10,10 @@ test_store_contract.py`` checks against each:
 - Time is an argument (``now``, epoch seconds); a store reads no clock to decide anything.
 - Errors: :class:`StoreError` for anything the store cannot do, :class:`UnknownRecordError`
   (a subclass) for a scope or key that does not exist or is revoked where a live one is needed,
-  :class:`StoreUnavailable` (a subclass) when the backend cannot be reached, ValueError for bad
-  arguments (label, time, ttl, daemon id). No message contains a key or a session id.
+  :class:`StoreUnavailable` (a subclass) when the backend cannot be reached,
+  :class:`LoginLinksFull` when the sign-in links fill their table, ValueError for bad
+  arguments (label, time, ttl, daemon id). No message contains a key, a session id or a
+  sign-in token.
 - A method that raises StoreUnavailable may or may not have taken effect (the reply was lost);
   every write is atomic, so it took effect entirely or not at all.
 
@@ -23,25 +25,62 @@ rotation and ended session.
 from __future__ import annotations
 
 import enum
+import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import attrs
 import trio
 
+from ._login_links import LoginLink, LoginLinksFull
 from ._store import KeyRecord, SessionRecord, StoreError, UnknownRecordError
 
 __all__ = [
+    "DEFAULT_NAMESPACE",
+    "REDIS_URL_SCHEMES",
     "ChangeHandler",
     "ChangeKind",
     "KeyRecord",
+    "LoginLink",
+    "LoginLinksFull",
     "SessionRecord",
     "Store",
     "StoreChange",
     "StoreError",
     "StoreUnavailable",
     "UnknownRecordError",
+    "check_namespace",
+    "check_redis_url",
 ]
+
+#: Prefix of every Redis key (and of the change channel) of a Redis store, unless another is
+#: given.
+DEFAULT_NAMESPACE: Final = "repowire:"
+#: URL schemes a Redis store accepts: TCP, TLS, a Unix socket.
+REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
+
+_NAMESPACE: Final = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
+
+
+def check_namespace(namespace: str) -> None:
+    """Raise ValueError unless ``namespace`` is 1 to 64 characters of ``[A-Za-z0-9_.:{}-]``."""
+    if not isinstance(namespace, str) or _NAMESPACE.fullmatch(namespace) is None:
+        raise ValueError("namespace must be 1 to 64 characters from A-Z a-z 0-9 _ . : { } -")
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a ``redis://``, ``rediss://`` or ``unix://`` URL.
+    The message never repeats the URL: it may hold a password."""
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme if isinstance(url, str) else ""
+    except ValueError:
+        scheme = ""
+    if scheme not in REDIS_URL_SCHEMES:
+        raise ValueError(
+            "the Redis URL must start with redis://, rediss:// or unix:// "
+            "(the URL given is not shown: it may hold a password)"
+        )
 
 
 class StoreUnavailable(StoreError):
@@ -156,6 +195,30 @@ class Store(Protocol):
     def forget_sessions_of(self, key_id: str) -> None:
         """Drop whatever this object caches about ``key_id``'s sessions, so that the next
         lookup of each asks the backend. No I/O; never raises."""
+        ...
+
+    # -- one-time sign-in links -------------------------------------------------------------
+
+    async def create_login_link(
+        self, key_id: str, *, daemon_id: str | None, now: float
+    ) -> tuple[str, LoginLink]:
+        """A one-time sign-in token for the live key ``key_id``, valid for
+        :data:`relay._login_links.LOGIN_LINK_TTL` seconds from ``now``; returns the raw
+        token (only here) and what it grants (the scope is the key's in the store).
+
+        Bounds, read from :mod:`relay._login_links` at each call: when the key's scope holds
+        :data:`~relay._login_links.MAX_LINKS_PER_SCOPE` live tokens its oldest is dropped;
+        when :data:`~relay._login_links.MAX_LINKS_TOTAL` live tokens are held in all,
+        :class:`LoginLinksFull` is raised and nothing changes. The issue rate per key is the
+        caller's to limit. UnknownRecordError if the key is unknown or revoked, ValueError for
+        a bad time or a daemon id outside ``[A-Za-z0-9._-]{1,64}``."""
+        ...
+
+    async def take_login_link(self, token: str, *, now: float) -> LoginLink | None:
+        """Use a token up, atomically: what it grants, or None if it is malformed, unknown,
+        taken already, expired (``now >= expires_at``), or its key is no longer live. Either
+        way it never works again, through any store object. Never raises for any ``token``
+        value (only for a failing store). Revoking or rotating a key drops its tokens."""
         ...
 
     # -- daemons ------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ from werkzeug.exceptions import HTTPException
 from common import http_error_code, is_daemon_id, package_version
 
 from ._context import Relay
-from ._login_links import LoginLink, LoginLinksFull, looks_like_token
+from ._login_links import LOGIN_LINK_TTL, LoginLink, LoginLinksFull, looks_like_token
 from ._store import KeyRecord, StoreError, UnknownRecordError
+from ._store_api import StoreUnavailable
 
 logger = logging.getLogger("repowire.relay.web")
 
@@ -65,6 +66,12 @@ INDEX_FILE: Final = "index.html"
 #: The plain-text answer (404) under ``/dashboard`` of a relay started without
 #: ``RelaySettings.dashboard_dir``; also logged once at startup.
 NO_DASHBOARD_MESSAGE: Final = "this relay was started without dashboard files (dashboard_dir)"
+
+#: Seconds a client is asked to wait (Retry-After) when the key store cannot be reached.
+STORE_RETRY_AFTER: Final = 5
+
+#: What a request that needs the key store is told while it cannot be reached.
+STORE_UNAVAILABLE_MESSAGE: Final = "The relay's key store is unavailable; try again shortly."
 
 #: Shown by the sign-in form when a valid key has no daemon connected.
 NO_DAEMON_MESSAGE: Final = (
@@ -307,7 +314,7 @@ class _Routes:
             return ""
         return credentials.strip()
 
-    def _api_caller(self, *, where: str, cookie_needs_origin: bool) -> _Caller:
+    async def _api_caller(self, *, where: str, cookie_needs_origin: bool) -> _Caller:
         """Authenticate an API request by its Bearer key or, without one, its session cookie.
 
         A Bearer header, when present, is the credential (a bad one is not rescued by a
@@ -316,23 +323,20 @@ class _Routes:
         same address; a wrong one is charged, and answered 429 once the limit is spent. With
         ``cookie_needs_origin`` a cookie only counts on a request that carries an allowed
         Origin header (a state-changing call from a browser always does).
-        Raises :class:`_Refusal` (401, 403 or 429).
+        Raises :class:`_Refusal` (401, 403 or 429), or :class:`StoreError` (503).
         """
         relay = self._relay
         now = relay.clock()
         key = self._bearer()
         if key is not None:
-            # Nothing awaits from the check to the verdict, so concurrent attempts cannot slip
-            # past the limit between its check and its charge.
-            record = relay.store.verify_key(key, now=now)
+            record = await relay.store.verify_key(key, now=now)
             if record is not None:
                 return _Caller(scope_id=record.scope_id, key_id=record.key_id, session_id=None)
-            address = self._address()
             relay.metrics.auth_failures.labels(where).inc()
-            wait = relay.auth_limiter.retry_after(address, now)
-            if wait > 0 or not relay.auth_limiter.allow(address, now):
+            # The limiter checks and charges in one step (atomically, when shared).
+            wait = await relay.auth_limiter.take(self._address(), now)
+            if wait > 0:
                 relay.metrics.rate_limited.labels(where).inc()
-                wait = max(wait, relay.auth_limiter.retry_after(address, now))
                 raise _Refusal(
                     429,
                     "rate_limited",
@@ -341,7 +345,7 @@ class _Routes:
                 )
             raise _unauthorized("The API key is malformed, unknown or revoked.")
         session_id = relay.session_id_from(self._headers)
-        session = relay.browser_session(self._headers)
+        session = await relay.browser_session(self._headers)
         if session is None or session_id is None:
             raise _unauthorized("Sign in on the relay's start page, or send a Bearer key.")
         if cookie_needs_origin and request.headers.get("Origin") is None:
@@ -376,7 +380,7 @@ class _Routes:
         return Response(body, status=status, content_type="text/html", headers=dict(headers or {}))
 
     async def landing(self) -> Response:
-        signed_in = self._relay.browser_session(self._headers) is not None
+        signed_in = await self._relay.browser_session(self._headers) is not None
         return await self._page(title="Repowire relay", signed_in=signed_in)
 
     async def auth(self) -> Response:
@@ -387,18 +391,18 @@ class _Routes:
         key = (form.get("api_key") or "").strip()
         if not key:
             return await self._page(status=400, error="Enter your API key.")
-        # From here to the verdict nothing awaits, so concurrent attempts cannot slip past the
-        # limit between its check and its charge. Only wrong keys are limited (and charged): a
-        # right key is never locked out by someone else's guessing from the same address.
+        # Only wrong keys are limited (and charged): a right key is never locked out by
+        # someone else's guessing from the same address. The limiter checks and charges in
+        # one step, so concurrent attempts cannot slip past it.
         now = relay.clock()
         address = self._address()
-        record = relay.store.verify_key(key, now=now)
+        record = await relay.store.verify_key(key, now=now)
         if record is None:
             relay.metrics.auth_failures.labels("auth").inc()
-            wait = relay.auth_limiter.retry_after(address, now)
-            if wait > 0 or not relay.auth_limiter.allow(address, now):
+            wait = await relay.auth_limiter.take(address, now)
+            if wait > 0:
                 relay.metrics.rate_limited.labels("auth").inc()
-                seconds = _retry_after(max(wait, relay.auth_limiter.retry_after(address, now)))
+                seconds = _retry_after(wait)
                 return await self._page(
                     status=429,
                     error=f"Too many attempts from your address. Try again in {seconds} seconds.",
@@ -410,7 +414,7 @@ class _Routes:
         if not relay.links.for_scope(record.scope_id):
             return await self._page(status=409, error=NO_DAEMON_MESSAGE)
         try:
-            session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
+            session_id = await relay.open_session(record, now)
         except UnknownRecordError:
             # Revoked between the check above and now.
             relay.metrics.auth_failures.labels("auth").inc()
@@ -419,7 +423,7 @@ class _Routes:
             )
         previous = relay.session_id_from(self._headers)
         if previous is not None:
-            relay.store.end_session(previous)
+            await relay.close_session(previous)
         logger.info("browser session opened for key %s", record.key_id)
         response = _redirect("/dashboard/", 303)
         response.headers["Set-Cookie"] = relay.cookie_header(session_id, secure=self._secure())
@@ -431,9 +435,8 @@ class _Routes:
             return await self._forbidden_page()
         session_id = relay.session_id_from(self._headers)
         if session_id is not None:
-            relay.store.end_session(session_id)
             # Its SSE streams, WebSockets and requests in flight end now, not at their end.
-            relay.end_session_access(session_id)
+            await relay.close_session(session_id)
         response = _redirect("/", 303)
         response.headers["Set-Cookie"] = relay.clearing_cookie_header(secure=self._secure())
         return response
@@ -472,7 +475,7 @@ class _Routes:
         if self._dashboard_root is None:
             return self._no_dashboard()
         relay = self._relay
-        session = relay.browser_session(self._headers)
+        session = await relay.browser_session(self._headers)
         if session is None:
             return _redirect("/", 303)
         if self._daemon_id() is None:
@@ -485,7 +488,7 @@ class _Routes:
         if self._dashboard_root is None:
             return self._no_dashboard()
         self._daemon_id()  # refuses a malformed prefix id
-        if self._relay.browser_session(self._headers) is None:
+        if await self._relay.browser_session(self._headers) is None:
             if asset.endswith("/") or asset.rsplit("/", 1)[-1] == INDEX_FILE:
                 return _redirect("/", 303)
             raise _unauthorized("Sign in on the relay's start page first.")
@@ -508,13 +511,18 @@ class _Routes:
     # -- health ---------------------------------------------------------------------------
 
     async def health(self) -> Response:
+        """The relay's state: 200, or 503 while its key store cannot be reached (so that a
+        load balancer sends new sign-ins elsewhere; the links it holds keep serving)."""
         relay = self._relay
+        store_up = relay.store_health.up
         return _json(
             {
                 "status": "shutting_down" if relay.shutting_down else "ok",
                 "version": self._version,
                 "daemons_connected": len(relay.links),
-            }
+                "store": "ok" if store_up else "unavailable",
+            },
+            status=200 if store_up else 503,
         )
 
     # -- API ------------------------------------------------------------------------------
@@ -530,20 +538,18 @@ class _Routes:
         if not self._origin_ok():
             raise _Refusal(403, "forbidden", self._origin_refusal())
         now = relay.clock()
-        address = self._address()
-        if not relay.register_limiter.allow(address, now):
+        wait = await relay.register_limiter.take(self._address(), now)
+        if wait > 0:
             relay.metrics.rate_limited.labels("register").inc()
             raise _Refusal(
                 429,
                 "rate_limited",
                 "Too many registrations from this address; try again later.",
-                headers={
-                    "Retry-After": _retry_after(relay.register_limiter.retry_after(address, now))
-                },
+                headers={"Retry-After": _retry_after(wait)},
             )
         label = await self._registration_label()
         try:
-            record, key = relay.store.create_scope(label=label, now=now)
+            record, key = await relay.store.create_scope(label=label, now=now)
         except ValueError as exc:
             raise _Refusal(400, "bad_request", str(exc)) from None
         relay.metrics.registrations.inc()
@@ -583,7 +589,7 @@ class _Routes:
 
     async def daemons(self) -> Response:
         relay = self._relay
-        caller = self._api_caller(where="api", cookie_needs_origin=False)
+        caller = await self._api_caller(where="api", cookie_needs_origin=False)
         online = relay.links.for_scope(caller.scope_id)
         default = online[0] if online else None
         entries: list[dict[str, object]] = []
@@ -600,7 +606,7 @@ class _Routes:
                 }
             )
         online_ids = {link.daemon_id for link in online}
-        for daemon_id, _first_seen, _last_seen in relay.store.known_daemons(caller.scope_id):
+        for daemon_id, _first_seen, _last_seen in await relay.store.known_daemons(caller.scope_id):
             if daemon_id in online_ids:
                 continue
             entries.append(
@@ -622,10 +628,10 @@ class _Routes:
         relay = self._relay
         if not self._origin_ok():
             raise _Refusal(403, "forbidden", self._origin_refusal())
-        caller = self._api_caller(where="rotate", cookie_needs_origin=True)
+        caller = await self._api_caller(where="rotate", cookie_needs_origin=True)
         now = relay.clock()
         try:
-            record, key = relay.store.rotate_key(caller.key_id, now=now)
+            record, key = await relay.store.rotate_key(caller.key_id, now=now)
         except UnknownRecordError:
             # Revoked or rotated by someone else in the meantime.
             raise _unauthorized("The API key is unknown or revoked.") from None
@@ -637,12 +643,12 @@ class _Routes:
         )
         if caller.session_id is not None:
             # The page that asked keeps working: its old session ended with the old key.
-            response.headers["Set-Cookie"] = self._new_session_cookie(record, now)
+            response.headers["Set-Cookie"] = await self._new_session_cookie(record, now)
         return response
 
-    def _new_session_cookie(self, record: KeyRecord, now: float) -> str:
+    async def _new_session_cookie(self, record: KeyRecord, now: float) -> str:
         relay = self._relay
-        session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
+        session_id = await relay.open_session(record, now)
         return relay.cookie_header(session_id, secure=self._secure())
 
     # -- one-time sign-in links -----------------------------------------------------------
@@ -658,13 +664,13 @@ class _Routes:
         if self._bearer() is None:
             # A browser session must not mint links that outlive it on another device.
             raise _unauthorized("Send the API key as a Bearer header.")
-        caller = self._api_caller(where="login_link", cookie_needs_origin=True)
+        caller = await self._api_caller(where="login_link", cookie_needs_origin=True)
         document = await self._json_object_body('{"daemon_id": "..."}')
         daemon_id = document.get("daemon_id", self._daemon_id())
         if daemon_id is not None:
             known = is_daemon_id(daemon_id) and any(
                 known_id == daemon_id
-                for known_id, _, _ in relay.store.known_daemons(caller.scope_id)
+                for known_id, _, _ in await relay.store.known_daemons(caller.scope_id)
             )
             if not known:
                 raise _Refusal(
@@ -672,9 +678,9 @@ class _Routes:
                 )
             assert isinstance(daemon_id, str)
         now = relay.clock()
-        if not relay.login_link_limiter.allow(caller.key_id, now):
+        wait = await relay.login_link_limiter.take(caller.key_id, now)
+        if wait > 0:
             relay.metrics.rate_limited.labels("login_link_issue").inc()
-            wait = relay.login_link_limiter.retry_after(caller.key_id, now)
             raise _Refusal(
                 429,
                 "rate_limited",
@@ -682,8 +688,8 @@ class _Routes:
                 headers={"Retry-After": _retry_after(wait)},
             )
         try:
-            token, link = relay.login_links.issue(
-                key_id=caller.key_id, scope_id=caller.scope_id, daemon_id=daemon_id, now=now
+            token, link = await relay.store.create_login_link(
+                caller.key_id, daemon_id=daemon_id, now=now
             )
         except LoginLinksFull:
             logger.warning("sign-in link refused for key %s: the table is full", caller.key_id)
@@ -691,8 +697,11 @@ class _Routes:
                 503,
                 "busy",
                 "The relay holds too many unused sign-in links; try again in a few minutes.",
-                headers={"Retry-After": _retry_after(relay.login_links.ttl)},
+                headers={"Retry-After": _retry_after(LOGIN_LINK_TTL)},
             ) from None
+        except UnknownRecordError:
+            # Revoked or rotated by someone else in the meantime.
+            raise _unauthorized("The API key is unknown or revoked.") from None
         logger.info(
             "sign-in link issued for key %s (daemon %r)", caller.key_id, daemon_id or "default"
         )
@@ -700,7 +709,7 @@ class _Routes:
             {
                 "url": f"{self._public_base()}/signin#{token}",
                 "expires_at": link.expires_at,
-                "expires_in": math.ceil(relay.login_links.ttl),
+                "expires_in": math.ceil(LOGIN_LINK_TTL),
             },
             status=201,
             headers={"Cache-Control": "no-store"},
@@ -732,16 +741,18 @@ class _Routes:
         document = await self._json_object_body('{"token": "..."}')
         now = relay.clock()
         address = self._address()
-        # Nothing awaits from here to the verdict (as on /auth): concurrent attempts cannot
-        # slip past the limit between its check and its charge. Only failures are charged.
-        link = relay.login_links.redeem(document.get("token"), now=now)
-        record = None if link is None else self._live_key(link)
+        # Only failures are charged, in one step with the check (as on /auth).
+        token = document.get("token")
+        link = None
+        if looks_like_token(token):
+            assert isinstance(token, str)
+            link = await relay.store.take_login_link(token, now=now)
+        record = None if link is None else await self._live_key(link)
         if link is None or record is None:
             relay.metrics.auth_failures.labels("login_link").inc()
-            wait = relay.auth_limiter.retry_after(address, now)
-            if wait > 0 or not relay.auth_limiter.allow(address, now):
+            wait = await relay.auth_limiter.take(address, now)
+            if wait > 0:
                 relay.metrics.rate_limited.labels("login_link").inc()
-                wait = max(wait, relay.auth_limiter.retry_after(address, now))
                 raise _Refusal(
                     429,
                     "rate_limited",
@@ -752,24 +763,24 @@ class _Routes:
                 raise _Refusal(400, "bad_token", LOGIN_LINK_GONE_MESSAGE)
             raise _Refusal(410, "link_gone", LOGIN_LINK_GONE_MESSAGE)
         try:
-            session_id = relay.store.create_session(record, now=now, ttl=relay.settings.session_ttl)
+            session_id = await relay.open_session(record, now)
         except UnknownRecordError:
             # Revoked between the check above and now.
             relay.metrics.auth_failures.labels("login_link").inc()
             raise _Refusal(410, "link_gone", LOGIN_LINK_GONE_MESSAGE) from None
         previous = relay.session_id_from(self._headers)
         if previous is not None:
-            relay.store.end_session(previous)
+            await relay.close_session(previous)
         logger.info("browser session opened by a sign-in link of key %s", record.key_id)
         target = "/dashboard/" if link.daemon_id is None else f"/d/{link.daemon_id}/dashboard/"
         response = _json({"next": target}, headers={"Cache-Control": "no-store"})
         response.headers["Set-Cookie"] = relay.cookie_header(session_id, secure=self._secure())
         return response
 
-    def _live_key(self, link: LoginLink) -> KeyRecord | None:
+    async def _live_key(self, link: LoginLink) -> KeyRecord | None:
         """The record of the key that issued ``link`` if the store still holds it live: a
         token of a revoked or rotated key never signs in."""
-        for record in self._relay.store.list_keys(link.scope_id):
+        for record in await self._relay.store.list_keys(link.scope_id):
             if record.key_id == link.key_id and not record.revoked:
                 return record
         return None
@@ -820,12 +831,29 @@ class _Routes:
         )
 
     async def store_error(self, error: StoreError) -> Response:
-        # StoreError messages never hold a secret; the path holds none either.
-        logger.error("key store failure on %r %r: %s", request.method, request.path, error)
-        detail = "The relay's key store is unavailable; try again shortly."
-        if _is_api_path():
-            return _json({"error": "store_unavailable", "detail": detail}, 503)
-        return await self._page(status=503, title="Unavailable", message=detail, show_form=False)
+        """503 ``store_unavailable`` for a request the key store failed (JSON for the API and
+        the dashboard's paths, a page for the others), with a Retry-After."""
+        # StoreError messages never hold a secret; the path holds none either. An outage is
+        # logged once, by the store's health, not once per refused request.
+        if isinstance(error, StoreUnavailable):
+            logger.debug(
+                "refused %r %r: the key store is unavailable", request.method, request.path
+            )
+        else:
+            logger.error("key store failure on %r %r: %s", request.method, request.path, str(error))
+        self._relay.store_failed(error)
+        headers = {"Retry-After": str(STORE_RETRY_AFTER)}
+        if _is_api_path() or request.path.startswith("/dashboard/"):
+            return _json(
+                {"error": "store_unavailable", "detail": STORE_UNAVAILABLE_MESSAGE}, 503, headers
+            )
+        return await self._page(
+            status=503,
+            title="Unavailable",
+            message=STORE_UNAVAILABLE_MESSAGE,
+            show_form=False,
+            headers=headers,
+        )
 
     async def internal_error(self, error: Exception) -> Response:
         # The traceback goes to the log, never to the client. Only the path is named (the

@@ -9,7 +9,8 @@ Commands::
                    [-v | -q] [--log-format text|json]
     repowire relay start [--host H] [--port P] [--data-dir DIR] [-v | -q] [--log-format F] ...
     repowire relay login-link [--json] [--no-qr]
-    repowire relay keys create|list|revoke ...
+    repowire relay keys create|list|revoke|rotate ... [--redis-url URL]
+    repowire relay migrate-store --to URL [--data-dir DIR]
     repowire completion bash|zsh|fish
 
 Exit codes (also in ``repowire --help``):
@@ -35,7 +36,8 @@ The parsing (``_parser``) and printing are thin; the work is done by functions t
 values and can be tested on their own: :func:`setup_relay`, :func:`obtain_api_key`,
 :func:`collect_status`, :func:`status_exit_code`, :func:`relay_settings_kwargs`. One module a
 command (``_setup``, ``_status``, ``_serve_command``, ``_relay_start``, ``_relay_keys``,
-``_login_link``); ``_relay_api`` talks to a relay over HTTP; ``_errors`` holds the exit codes.
+``_relay_migrate``, ``_login_link``); ``_relay_store`` opens a relay's key store (SQLite or
+Redis) for them; ``_relay_api`` talks to a relay over HTTP; ``_errors`` holds the exit codes.
 """
 
 from ._completion import command_tree as command_tree

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import re
 import urllib.parse
 from pathlib import Path
 
@@ -149,3 +150,66 @@ def label_arg(text: str) -> str:
     if looks_like_key(text):
         raise argparse.ArgumentTypeError("that looks like an API key; a label is a plain name")
     return text
+
+
+#: Schemes ``--redis-url`` accepts (as the relay's Redis store does).
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def redis_url_arg(text: str) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL. The message never repeats it: it may
+    hold a password."""
+    try:
+        scheme = urllib.parse.urlsplit(text).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in REDIS_URL_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            "expected a redis://, rediss:// or unix:// URL (the value is not shown: it may "
+            "hold a password)"
+        )
+    return text
+
+
+def redis_namespace_arg(text: str) -> str:
+    if _NAMESPACE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{one_line(text, 80)!r} must be 1-64 characters of A-Z a-z 0-9 _ . : {{ }} -"
+        )
+    return text
+
+
+def replica_id_arg(text: str) -> str:
+    if _REPLICA_ID.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{one_line(text, 80)!r} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        )
+    return text
+
+
+def advertise_url_arg(text: str) -> str:
+    """``http(s)://HOST[:PORT]`` (a path prefix allowed), without credentials or a query."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{redact_secrets(text)!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"{redact_secrets(text)!r} must be an http(s)://HOST:PORT URL"
+        )
+    if parts.username is not None or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("must not contain credentials, a query or a fragment")
+    return text.rstrip("/")
+
+
+def seconds_or_zero_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0 or more), got {text!r}")
+    return value

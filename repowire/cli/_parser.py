@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
 from common import package_version
@@ -18,8 +19,15 @@ from . import _argtypes as types
 from ._completion import completion_script
 from ._errors import EXIT_OK
 from ._login_link import login_link_command
-from ._relay_keys import keys_create_command, keys_list_command, keys_revoke_command
+from ._relay_keys import (
+    keys_create_command,
+    keys_list_command,
+    keys_revoke_command,
+    keys_rotate_command,
+)
+from ._relay_migrate import migrate_store_command
 from ._relay_start import DEFAULT_METRICS_LISTEN, relay_start_command
+from ._relay_store import ENV_REDIS_URL
 from ._serve_command import serve_command
 from ._setup import setup_command
 from ._status import status_command
@@ -278,6 +286,7 @@ def _add_relay(commands: _Commands) -> None:
     _add_relay_start(relay_commands)
     _add_login_link(relay_commands)
     _add_keys(relay_commands)
+    _add_migrate_store(relay_commands)
 
 
 def _add_relay_start(commands: _Commands) -> None:
@@ -291,6 +300,7 @@ def _add_relay_start(commands: _Commands) -> None:
     _add_relay_network_options(start)
     _add_logging_options(start)
     _add_relay_quota_options(start)
+    _add_relay_cluster_options(start)
     start.set_defaults(handler=relay_start_command)
 
 
@@ -414,6 +424,66 @@ def _add_relay_quota_options(start: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_redis_options(command: argparse._ActionsContainer, *, what: str) -> None:
+    """Where a relay's key store is when it is in Redis; ``what`` the URL's help."""
+    command.add_argument(
+        "--redis-url",
+        type=types.redis_url_arg,
+        metavar="URL",
+        help=f"{what} (redis://, rediss:// or unix://) instead of SQLite (default: "
+        f"{ENV_REDIS_URL}, which keeps a password out of the process list, else SQLite in "
+        "the data directory)",
+    )
+    command.add_argument(
+        "--redis-namespace",
+        type=types.redis_namespace_arg,
+        metavar="PREFIX",
+        help="prefix of the relay's Redis keys, so several relays can share one Redis "
+        "(default repowire:)",
+    )
+
+
+def _add_relay_cluster_options(start: argparse.ArgumentParser) -> None:
+    cluster = start.add_argument_group(
+        "cluster",
+        "replicas of one relay behind a load balancer, sharing a Redis; one replica needs "
+        "only --redis-url, several need --redis-url, --advertise-url and --cluster-secret-file",
+    )
+    _add_redis_options(
+        cluster,
+        what="keep keys, sessions, sign-in links and rate limits in this Redis, shared by "
+        "every replica of a cluster,",
+    )
+    cluster.add_argument(
+        "--replica-id",
+        type=types.replica_id_arg,
+        metavar="ID",
+        help="this replica's name in the cluster (default: the host name and a short random "
+        "suffix)",
+    )
+    cluster.add_argument(
+        "--advertise-url",
+        type=types.advertise_url_arg,
+        metavar="URL",
+        help="http(s)://HOST:PORT where the other replicas reach this one (default: none, "
+        "a single replica)",
+    )
+    cluster.add_argument(
+        "--cluster-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding the secret the replicas share (32 bytes or more, mode 600; read "
+        "at startup, never logged; default: none, a single replica)",
+    )
+    cluster.add_argument(
+        "--store-outage-grace",
+        type=types.seconds_or_zero_arg,
+        metavar="SECONDS",
+        help="how long a browser session this replica has seen stays usable while Redis is "
+        "unreachable (default 60)",
+    )
+
+
 def _add_login_link(commands: _Commands) -> None:
     login_link = commands.add_parser(
         "login-link",
@@ -435,14 +505,17 @@ def _add_keys(commands: _Commands) -> None:
     keys = commands.add_parser(
         "keys",
         help="manage API keys in the relay's key store",
-        description="Create, list and revoke API keys in the relay's key store (a SQLite "
-        "file in the relay's data directory). Run them on the relay's machine.",
+        description="Create, list, revoke and rotate API keys in the relay's key store: a "
+        "SQLite file in the relay's data directory (run them on the relay's machine), or, "
+        "with --redis-url, the Redis a relay cluster shares. A running relay applies a "
+        "revocation or rotation within a second.",
         **_COMMON,
     )
     key_commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     _add_keys_create(key_commands)
     _add_keys_list(key_commands)
     _add_keys_revoke(key_commands)
+    _add_keys_rotate(key_commands)
 
 
 def _add_data_dir_option(command: argparse.ArgumentParser) -> None:
@@ -452,6 +525,7 @@ def _add_data_dir_option(command: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the relay's data directory, holding relay.sqlite3 (default $REPOWIRE_HOME/relay)",
     )
+    _add_redis_options(command, what="the keys of a relay that keeps them in this Redis")
 
 
 def _add_keys_create(commands: _Commands) -> None:
@@ -507,6 +581,58 @@ def _add_keys_revoke(commands: _Commands) -> None:
     )
     _add_data_dir_option(revoke)
     revoke.set_defaults(handler=keys_revoke_command)
+
+
+def _add_keys_rotate(commands: _Commands) -> None:
+    rotate = commands.add_parser(
+        "rotate",
+        help="replace a key with a new one in the same scope and print it once",
+        description="Replace a key by its id: a new key, with the same scope and label, is "
+        "printed (the only time it is shown); the old key, its browser sessions and its "
+        "daemon links end.",
+        **_COMMON,
+    )
+    rotate.add_argument(
+        "key_id",
+        type=types.key_id_arg,
+        metavar="KEY_ID",
+        help="the key's id (key_...), as shown by list; never the key itself",
+    )
+    _add_data_dir_option(rotate)
+    rotate.set_defaults(handler=keys_rotate_command)
+
+
+def _add_migrate_store(commands: _Commands) -> None:
+    migrate = commands.add_parser(
+        "migrate-store",
+        help="copy the relay's SQLite key store into Redis, for a cluster",
+        description="Copy every scope, key (its hash: keys are never stored), live browser "
+        "session and daemon record from the relay's SQLite key store into Redis. Safe to run "
+        "again: records Redis holds already are left alone, and a different record with the "
+        "same id is never overwritten (nothing is copied then). The SQLite file is only read.",
+        **_COMMON,
+    )
+    migrate.add_argument(
+        "--to",
+        dest="redis_url",
+        type=types.redis_url_arg,
+        required=True,
+        metavar="URL",
+        help="the Redis to copy into: redis://, rediss:// or unix:// (required)",
+    )
+    migrate.add_argument(
+        "--redis-namespace",
+        type=types.redis_namespace_arg,
+        metavar="PREFIX",
+        help="prefix of the relay's Redis keys, as the relays will use it (default repowire:)",
+    )
+    migrate.add_argument(
+        "--data-dir",
+        type=types.directory_arg,
+        metavar="DIR",
+        help="the relay's data directory, holding relay.sqlite3 (default $REPOWIRE_HOME/relay)",
+    )
+    migrate.set_defaults(handler=migrate_store_command)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""``repowire relay keys create|list|revoke``: the API keys in a relay's key store.
+"""``repowire relay keys create|list|revoke|rotate``: the API keys in a relay's key store.
 
-Run on the relay's machine: they open its SQLite file directly.
+The store is the relay's SQLite file (run them on the relay's machine), or with
+``--redis-url`` the Redis a relay cluster shares. A running relay applies a revocation or a
+rotation made here within a second (it watches the store's changes).
 """
 
 from __future__ import annotations
@@ -8,63 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from repowire.config import repowire_home
-
-from ._errors import EXIT_OK, EXIT_USAGE, CommandError, needs, one_line
+from ._errors import EXIT_OK, CommandError, one_line
+from ._relay_store import opened_store, run, where
 from ._times import local_time
 
 if TYPE_CHECKING:
-    from relay import KeyRecord, KeyStore
+    from relay import KeyRecord
 
-_T = TypeVar("_T")
-
-
-def _store_path(args: argparse.Namespace) -> Path:
-    data_dir: Path = args.data_dir if args.data_dir is not None else repowire_home() / "relay"
-    return data_dir / "relay.sqlite3"
-
-
-@contextmanager
-def _opened_store(path: Path, *, create: bool) -> Iterator[KeyStore]:
-    """The key store at ``path``, open for the block; :class:`CommandError` for a store error
-    (and, unless ``create``, for a missing file)."""
-    # Imported here: the relay package is not needed by the daemon's own commands.
-    with needs("the relay key store"):
-        from relay import KeyStore, StoreError
-    if not create and not path.exists():
-        raise CommandError(
-            f"no key store at {path} (start the relay once, or create a key, or pass --data-dir)"
-        )
-    try:
-        store = KeyStore.open(path)
-    except StoreError as exc:
-        raise CommandError(one_line(str(exc))) from None
-    with store:
-        try:
-            yield store
-        except StoreError as exc:
-            raise CommandError(one_line(str(exc))) from None
-        except ValueError as exc:
-            raise CommandError(one_line(str(exc)), exit_code=EXIT_USAGE) from None
+__all__ = [
+    "keys_create_command",
+    "keys_list_command",
+    "keys_revoke_command",
+    "keys_rotate_command",
+]
 
 
 def keys_create_command(args: argparse.Namespace) -> int:
     """``repowire relay keys create [--label L] [--scope S]``: prints the new key once."""
-    path = _store_path(args)
-    with _opened_store(path, create=True) as store:
-        now = time.time()
-        if args.scope is None:
-            record, key = store.create_scope(label=args.label, now=now)
-            where = f"in a new scope {record.scope_id}"
-        else:
-            record, key = store.create_key(args.scope, label=args.label, now=now)
-            where = f"in scope {record.scope_id}"
-    print(f"Created key {record.key_id} {where} ({path})")
+
+    async def create(args: argparse.Namespace) -> tuple[KeyRecord, str, str]:
+        async with opened_store(args, create=True) as store:
+            now = time.time()
+            if args.scope is None:
+                record, key = await store.create_scope(label=args.label, now=now)
+                return record, key, f"in a new scope {record.scope_id}"
+            record, key = await store.create_key(args.scope, label=args.label, now=now)
+            return record, key, f"in scope {record.scope_id}"
+
+    record, key, scope = run(create, args)
+    print(f"Created key {record.key_id} {scope} ({where(args)})")
     print("API key (shown only now; store it safely):")
     # Printing the key is the purpose of this command; it is the only place a key is shown.
     print(key)
@@ -73,13 +49,16 @@ def keys_create_command(args: argparse.Namespace) -> int:
 
 def keys_list_command(args: argparse.Namespace) -> int:
     """``repowire relay keys list [--scope S] [--json]``: never the keys themselves."""
-    path = _store_path(args)
-    with _opened_store(path, create=False) as store:
-        records = store.list_keys(args.scope)
+
+    async def listing(args: argparse.Namespace) -> list[KeyRecord]:
+        async with opened_store(args, create=False) as store:
+            return await store.list_keys(args.scope)
+
+    records = run(listing, args)
     if args.json:
         print(json.dumps({"keys": [_key_document(r) for r in records]}, indent=2))
     elif not records:
-        print(f"No keys in {path}")
+        print(f"No keys in {where(args)}")
     else:
         _print_table(records)
     return EXIT_OK
@@ -118,10 +97,41 @@ def _print_table(records: list[KeyRecord]) -> None:
 
 def keys_revoke_command(args: argparse.Namespace) -> int:
     """``repowire relay keys revoke KEY_ID``: ends the key's sessions too."""
-    path = _store_path(args)
-    with _opened_store(path, create=False) as store:
-        revoked = store.revoke_key(args.key_id, now=time.time())
-    if not revoked:
-        raise CommandError(f"no live key {args.key_id} in {path} (unknown or already revoked)")
+
+    async def revoke(args: argparse.Namespace) -> bool:
+        async with opened_store(args, create=False) as store:
+            return await store.revoke_key(args.key_id, now=time.time())
+
+    if not run(revoke, args):
+        raise CommandError(
+            f"no live key {args.key_id} in {where(args)} (unknown or already revoked)"
+        )
     print(f"Revoked key {args.key_id}; its browser sessions are ended")
+    return EXIT_OK
+
+
+def keys_rotate_command(args: argparse.Namespace) -> int:
+    """``repowire relay keys rotate KEY_ID``: prints the new key once; the old one ends."""
+
+    async def rotate(args: argparse.Namespace) -> tuple[KeyRecord, str] | None:
+        from relay import UnknownRecordError
+
+        async with opened_store(args, create=False) as store:
+            try:
+                return await store.rotate_key(args.key_id, now=time.time())
+            except UnknownRecordError:
+                return None
+
+    rotated = run(rotate, args)
+    if rotated is None:
+        raise CommandError(
+            f"no live key {args.key_id} in {where(args)} (unknown or already revoked)"
+        )
+    record, key = rotated
+    print(
+        f"Rotated key {args.key_id} to {record.key_id} in scope {record.scope_id} "
+        f"({where(args)}); the old key and its browser sessions are ended"
+    )
+    print("API key (shown only now; store it safely):")
+    print(key)
     return EXIT_OK

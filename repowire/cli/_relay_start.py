@@ -11,6 +11,7 @@ from repowire.config import repowire_home
 
 from ._errors import EXIT_OK, EXIT_USAGE, CommandError, needs, one_line
 from ._foreground import run_trio, setup_command_logging
+from ._relay_store import redis_url_of
 
 #: Where ``relay start`` serves ``/metrics`` unless told otherwise: loopback only, apart from
 #: the public listener (the figures cover every tenant).
@@ -23,10 +24,15 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
     Always given: host, port, data_dir (default ``<home>/relay``), registration,
     metrics_listen (``None`` for ``off``) and dashboard_dir (``--dashboard-dir``, else the
     dashboard bundled with repowire: the relay has no dashboard of its own). The other ones
-    (public_url, certfile, keyfile, max_body_size, body_timeout, trusted_proxies, the quotas)
-    only when a flag gave them, so the relay's own defaults apply otherwise.
+    (public_url, certfile, keyfile, max_body_size, body_timeout, trusted_proxies, the quotas,
+    the cluster's: redis_url from ``--redis-url`` or ``REPOWIRE_REDIS_URL``, redis_namespace,
+    replica_id, advertise_url, cluster_secret read from ``--cluster-secret-file``,
+    store_outage_grace) only when a flag gave them, so the relay's own defaults apply
+    otherwise.
 
-    Raises :class:`CommandError` when the bundled dashboard is missing (a broken installation).
+    Raises :class:`CommandError` when the bundled dashboard is missing (a broken installation),
+    or the cluster secret file cannot be used (one line, never its content), or
+    ``--redis-namespace`` comes without a Redis URL (a usage error).
     """
     kwargs: dict[str, Any] = {
         "host": args.host,
@@ -53,7 +59,39 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
         "max_websocket_message_size": args.max_websocket_message,
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
+    kwargs.update(_cluster_kwargs(args))
     return kwargs
+
+
+def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    redis_url = redis_url_of(args)
+    problem = None
+    if (args.advertise_url is None) != (args.cluster_secret_file is None):
+        problem = "--advertise-url and --cluster-secret-file go together"
+    elif redis_url is None and args.advertise_url is not None:
+        problem = "a cluster (--advertise-url, --cluster-secret-file) needs --redis-url"
+    elif redis_url is None and args.redis_namespace is not None:
+        problem = "--redis-namespace needs --redis-url"
+    if problem is not None:
+        raise CommandError(
+            f"repowire relay start: error: {problem} (see 'repowire relay start --help')",
+            exit_code=EXIT_USAGE,
+        )
+    cluster: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_namespace": args.redis_namespace,
+        "replica_id": args.replica_id,
+        "advertise_url": args.advertise_url,
+        "store_outage_grace": args.store_outage_grace,
+    }
+    if args.cluster_secret_file is not None:
+        with needs("the relay server"):
+            from relay._settings import read_cluster_secret
+        try:
+            cluster["cluster_secret"] = read_cluster_secret(args.cluster_secret_file)
+        except ValueError as exc:
+            raise CommandError(f"cannot start the relay: {one_line(str(exc))}") from None
+    return {name: value for name, value in cluster.items() if value is not None}
 
 
 def _bundled_dashboard() -> Path:

@@ -21,6 +21,7 @@ from relay._login_links import (
     LoginLinks,
     LoginLinksFull,
 )
+from relay._sqlite_store import SqliteStore
 from relay._web import LOGIN_LINK_GONE_MESSAGE, PAGE_CSP
 from tests.relay.test_web import (  # noqa: F401 (fixtures)
     ORIGIN,
@@ -36,6 +37,13 @@ from tests.relay.test_web import (  # noqa: F401 (fixtures)
 )
 
 _URL = re.compile(r"^http://localhost/signin#([A-Za-z0-9_-]{43})$")
+
+
+def sqlite_of(web: Web) -> SqliteStore:
+    """The relay's store, which keeps the sign-in links of a relay on SQLite (in memory)."""
+    store = web.relay.store
+    assert isinstance(store, SqliteStore)
+    return store
 
 
 async def issue(web: Web, key: str, body: dict[str, object] | None = None, **kw: Any) -> Answer:
@@ -102,7 +110,7 @@ async def test_redeem_opens_a_session_once(web: Web) -> None:
     (line,) = answer.set_cookies
     assert {"path", "httponly", "samesite", "max-age"} <= cookie_attributes(line)
     assert "SameSite=Lax" in line and token not in line and key not in line
-    session = web.relay.store.lookup_session(session_from(answer), now=web.clock())
+    session = await web.relay.store.lookup_session(session_from(answer), now=web.clock())
     assert session is not None and session.key_id == record.key_id
     # Works once.
     again = await redeem(web, token)
@@ -148,7 +156,7 @@ async def test_a_link_of_a_dead_key_never_signs_in(web: Web, how: str) -> None:
     web.connect(record, "laptop")
     token = await issue_token(web, key)
     if how == "revoked":
-        assert web.relay.store.revoke_key(record.key_id, now=web.clock())
+        assert await web.relay.store.revoke_key(record.key_id, now=web.clock())
     else:
         rotated = await web.request("POST", "/api/v1/keys/rotate", bearer=key)
         assert rotated.status == 200
@@ -278,7 +286,7 @@ def test_a_full_table_refuses_and_keeps_its_tokens_until_they_expire() -> None:
 
 
 async def test_a_full_table_answers_503_busy_and_keeps_existing_tokens(web: Web) -> None:
-    web.relay.login_links = LoginLinks(max_total=2)
+    sqlite_of(web).login_links = LoginLinks(max_total=2)
     other, other_key = web.new_scope("other")
     web.connect(other, "laptop")
     kept = [await issue_token(web, other_key) for _ in range(2)]
@@ -288,7 +296,7 @@ async def test_a_full_table_answers_503_busy_and_keeps_existing_tokens(web: Web)
     assert answer.status == 503
     body = answer.json()
     assert body["error"] == "busy" and "\n" not in body["detail"] and body["detail"]
-    assert len(web.relay.login_links) == 2
+    assert len(sqlite_of(web).login_links) == 2
     assert (await redeem(web, kept[0])).status == 200
     assert (await redeem(web, kept[1])).status == 200
 
@@ -302,15 +310,15 @@ async def test_ending_a_key_drops_its_tokens_at_once(web: Web, how: str) -> None
     for _ in range(3):
         await issue_token(web, key)
     kept = await issue_token(web, other_key)
-    assert len(web.relay.login_links) == 4
+    assert len(sqlite_of(web).login_links) == 4
     if how == "revoked":
         # As the relay's revocation watcher does (relay._server).
-        assert web.relay.store.revoke_key(record.key_id, now=web.clock())
+        assert await web.relay.store.revoke_key(record.key_id, now=web.clock())
         await web.relay.end_key_access(record.key_id, "revoked")
     else:
         rotated = await web.request("POST", "/api/v1/keys/rotate", bearer=key)
         assert rotated.status == 200
-    assert len(web.relay.login_links) == 1
+    assert len(sqlite_of(web).login_links) == 1
     assert (await redeem(web, kept)).status == 200
 
 

@@ -20,13 +20,18 @@ import pytest
 import trio
 import trio.testing
 
+import relay._login_links
 import relay._store
 from common import generate_key, generate_session_id, hash_secret
+from relay._login_links import LOGIN_LINK_TTL, new_token
+from relay._ratelimit import RateLimiter
 from relay._redis_store import RedisStore
 from relay._sqlite_store import SqliteStore
 from relay._store_api import (
     ChangeKind,
     KeyRecord,
+    LoginLink,
+    LoginLinksFull,
     SessionRecord,
     Store,
     StoreChange,
@@ -439,6 +444,155 @@ async def test_a_revocation_racing_session_creation_leaves_no_live_session(
         assert await store.lookup_session(session_id, now=T0 + 2) is None
 
 
+# -- one-time sign-in links -------------------------------------------------------------------
+
+
+async def test_a_login_link_is_taken_once(store: Store) -> None:
+    record, _ = await store.create_scope(label="alice", now=T0)
+    token, link = await store.create_login_link(record.key_id, daemon_id="laptop", now=T0)
+    assert link == LoginLink(
+        key_id=record.key_id,
+        scope_id=record.scope_id,
+        daemon_id="laptop",
+        expires_at=T0 + LOGIN_LINK_TTL,
+    )
+    assert record.key_id not in token and record.scope_id not in token
+    assert await store.take_login_link(token, now=T0 + 1) == link
+    assert await store.take_login_link(token, now=T0 + 2) is None
+    # Without a daemon, and two links are two tokens.
+    first, plain = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    second, _ = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    assert first != second and plain.daemon_id is None
+    assert await store.take_login_link(second, now=T0) is not None
+    assert await store.take_login_link(first, now=T0) == plain
+
+
+async def test_a_login_link_expires(store: Store) -> None:
+    record, _ = await store.create_scope(label="alice", now=T0)
+    late, _ = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    assert await store.take_login_link(late, now=T0 + LOGIN_LINK_TTL) is None
+    # An expired token is used up too.
+    assert await store.take_login_link(late, now=T0) is None
+    just_in_time, _ = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    assert await store.take_login_link(just_in_time, now=T0 + LOGIN_LINK_TTL - 0.5) is not None
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "short", "a" * 42 + "=", "a" * 43 + "\n", "a" * 5000, "\ud800" * 43, None, 7]
+)
+async def test_malformed_or_unknown_tokens_are_none(store: Store, bad: object) -> None:
+    record, _ = await store.create_scope(label="alice", now=T0)
+    token, link = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    assert await store.take_login_link(cast(str, bad), now=T0) is None
+    assert await store.take_login_link(new_token(), now=T0) is None
+    # The real token still works: the others took nothing.
+    assert await store.take_login_link(token, now=T0) == link
+
+
+async def test_login_links_of_a_revoked_or_rotated_key_never_work(
+    store: Store, other: Store
+) -> None:
+    revoked, _ = await store.create_scope(label="revoked", now=T0)
+    rotated, _ = await store.create_scope(label="rotated", now=T0)
+    elsewhere, _ = await store.create_scope(label="revoked elsewhere", now=T0)
+    kept, _ = await store.create_key(revoked.scope_id, label="kept", now=T0)
+    doomed = [
+        (await store.create_login_link(key.key_id, daemon_id=None, now=T0))[0]
+        for key in (revoked, rotated, elsewhere)
+    ]
+    survivor, _ = await store.create_login_link(kept.key_id, daemon_id=None, now=T0)
+    assert await store.revoke_key(revoked.key_id, now=T0 + 1)
+    await store.rotate_key(rotated.key_id, now=T0 + 1)
+    # Revoked through another store object (another replica, the CLI): the key is checked.
+    assert await other.revoke_key(elsewhere.key_id, now=T0 + 1)
+    for token in doomed:
+        assert await store.take_login_link(token, now=T0 + 2) is None
+    assert await store.take_login_link(survivor, now=T0 + 2) is not None
+    with pytest.raises(UnknownRecordError, match="unknown or revoked"):
+        await store.create_login_link(revoked.key_id, daemon_id=None, now=T0 + 3)
+    with pytest.raises(UnknownRecordError, match="unknown or revoked"):
+        await store.create_login_link("key_0123456789abcdef", daemon_id=None, now=T0 + 3)
+
+
+async def test_bad_login_link_arguments_are_refused_without_echo(store: Store) -> None:
+    record, key = await store.create_scope(label="alice", now=T0)
+    for daemon_id in ["", "a" * 65, "has space", "\ud800"]:
+        with pytest.raises(ValueError, match="daemon id"):
+            await store.create_login_link(record.key_id, daemon_id=daemon_id, now=T0)
+    with pytest.raises(ValueError, match="time"):
+        await store.create_login_link(record.key_id, daemon_id=None, now=math.inf)
+    with pytest.raises(UnknownRecordError) as excinfo:
+        await store.create_login_link(key, daemon_id=None, now=T0)
+    assert key not in str(excinfo.value)
+    with pytest.raises(UnknownRecordError):
+        await store.create_login_link("key_\ud800", daemon_id=None, now=T0)
+
+
+async def test_a_scope_holds_a_bounded_number_of_login_links(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay._login_links, "MAX_LINKS_PER_SCOPE", 3)
+    record, _ = await store.create_scope(label="alice", now=T0)
+    second, _ = await store.create_key(record.scope_id, label="second", now=T0)
+    other, _ = await store.create_scope(label="bob", now=T0)
+    others = [
+        (await store.create_login_link(other.key_id, daemon_id=None, now=T0))[0] for _ in range(3)
+    ]
+    # Four links of one scope, from two of its keys: the oldest is dropped.
+    tokens = []
+    for n, key in enumerate([record, second, record, second]):
+        tokens.append((await store.create_login_link(key.key_id, daemon_id=None, now=T0 + n))[0])
+    assert await store.take_login_link(tokens[0], now=T0 + 5) is None
+    for token in tokens[1:] + others:
+        assert await store.take_login_link(token, now=T0 + 5) is not None
+
+
+async def test_a_full_login_link_table_refuses_and_drops_nobody(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay._login_links, "MAX_LINKS_TOTAL", 3)
+    first, _ = await store.create_scope(label="first", now=T0)
+    second, _ = await store.create_scope(label="second", now=T0)
+
+    async def issue(key: KeyRecord, now: float) -> str:
+        return (await store.create_login_link(key.key_id, daemon_id=None, now=now))[0]
+
+    held = [await issue(first, T0) for _ in range(3)]
+    with pytest.raises(LoginLinksFull):
+        await issue(second, T0 + 1)
+    # Nothing was dropped for it; a taken link frees its place.
+    assert await store.take_login_link(held[0], now=T0 + 2) is not None
+    late = await issue(second, T0 + 2)
+    with pytest.raises(LoginLinksFull):
+        await issue(second, T0 + 3)
+    assert await store.take_login_link(held[1], now=T0 + 3) is not None
+    assert await store.take_login_link(late, now=T0 + 3) is not None
+    extra = [await issue(second, T0 + 4) for _ in range(2)]
+    with pytest.raises(LoginLinksFull):
+        await issue(second, T0 + 5)
+    # An expired link does not count: held[2], issued at T0, is gone at T0 + ttl.
+    last = await issue(second, T0 + LOGIN_LINK_TTL)
+    for token in [*extra, last]:
+        assert await store.take_login_link(token, now=T0 + LOGIN_LINK_TTL) is not None
+    assert await store.take_login_link(held[2], now=T0 + LOGIN_LINK_TTL) is None
+
+
+async def test_concurrent_takes_of_one_token_succeed_once(store: Store) -> None:
+    record, _ = await store.create_scope(label="alice", now=T0)
+    token, _ = await store.create_login_link(record.key_id, daemon_id=None, now=T0)
+    taken: list[LoginLink | None] = []
+
+    async def take(on: Store) -> None:
+        taken.append(await on.take_login_link(token, now=T0 + 1))
+
+    with trio.fail_after(IO_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(take, store)
+    assert len(taken) == 20
+    assert sum(link is not None for link in taken) == 1
+
+
 # -- daemons ----------------------------------------------------------------------------------
 
 
@@ -683,6 +837,8 @@ async def test_redis_down_is_store_unavailable_and_data_survives_a_restart(
         record, key = await store.create_scope(label="alice", now=T0)
         session_id = await store.create_session(record, now=T0, ttl=TTL)
         server.stop()
+        # Its cache would answer for the session (see the outage grace test below).
+        store.forget_sessions_of(record.key_id)
         calls: list[Callable[[], Awaitable[object]]] = [
             lambda: store.verify_key(key, now=T0),
             lambda: store.lookup_session(session_id, now=T0),
@@ -690,6 +846,9 @@ async def test_redis_down_is_store_unavailable_and_data_survives_a_restart(
             lambda: store.revoke_key(record.key_id, now=T0),
             lambda: store.list_keys(),
             lambda: store.ping(),
+            lambda: store.create_login_link(record.key_id, daemon_id=None, now=T0),
+            lambda: store.take_login_link(new_token(), now=T0),
+            lambda: store.take_rate_token("auth", "127.0.0.1", rate=1.0, burst=1, now=T0),
         ]
         for call in calls:
             with trio.fail_after(IO_DEADLINE), pytest.raises(StoreUnavailable) as excinfo:
@@ -858,3 +1017,148 @@ async def test_bad_timeouts_are_refused(redis_url: str, io_timeout: float) -> No
     with pytest.raises(ValueError, match="io_timeout"):
         async with RedisStore.open(redis_url, io_timeout=io_timeout):
             pass
+
+
+async def test_a_login_link_issued_through_one_redis_store_is_taken_through_another(
+    redis_url: str,
+) -> None:
+    async with RedisStore.open(redis_url) as one, RedisStore.open(redis_url) as another:
+        record, _ = await one.create_scope(label="alice", now=T0)
+        token, link = await one.create_login_link(record.key_id, daemon_id="laptop", now=T0)
+        assert await another.take_login_link(token, now=T0 + 1) == link
+        assert await one.take_login_link(token, now=T0 + 2) is None
+        # And a link's record expires in Redis with the link.
+        token, _ = await one.create_login_link(record.key_id, daemon_id=None, now=T0)
+        async with coredis.Redis.from_url(redis_url, decode_responses=False) as client:
+            ttl_ms = await client.pttl(f"repowire:login-link:{hash_secret(token)}")
+            assert 0 < ttl_ms <= LOGIN_LINK_TTL * 1000
+            assert token.encode() not in await _dump(redis_url)
+
+
+async def test_shared_rate_tokens_behave_as_the_local_buckets(redis_url: str) -> None:
+    """The same answers as the in-process RateLimiter, step by step, shared by two store
+    objects (two replicas), the key never stored as it is."""
+    local = RateLimiter(rate=0.5, burst=3)
+    now = T0
+    async with RedisStore.open(redis_url) as one, RedisStore.open(redis_url) as another:
+        steps = [0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 0.7, 2.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0]
+        for n, step in enumerate(steps):
+            now += step
+            on = one if n % 2 else another
+            wait = await on.take_rate_token("auth", "203.0.113.7", rate=0.5, burst=3, now=now)
+            allowed = local.allow("203.0.113.7", now)
+            assert (wait == 0.0) is allowed, (n, wait)
+            if not allowed:
+                assert wait == pytest.approx(local.retry_after("203.0.113.7", now))
+        # Waiting what was asked is enough.
+        wait = await one.take_rate_token("auth", "203.0.113.7", rate=0.5, burst=3, now=now)
+        assert wait > 0
+        now += wait
+        assert await one.take_rate_token("auth", "203.0.113.7", rate=0.5, burst=3, now=now) == 0.0
+        # Another key, another limit: their own buckets.
+        assert await one.take_rate_token("auth", "198.51.100.1", rate=0.5, burst=3, now=now) == 0
+        assert await one.take_rate_token("register", "203.0.113.7", rate=0.5, burst=3, now=now) == 0
+    assert b"203.0.113.7" not in await _dump(redis_url)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"name": "Auth!", "rate": 1.0, "burst": 1},
+        {"name": "auth", "rate": 0.0, "burst": 1},
+        {"name": "auth", "rate": math.inf, "burst": 1},
+        {"name": "auth", "rate": 1.0, "burst": 0},
+    ],
+)
+async def test_bad_rate_limits_are_refused(redis_url: str, arguments: dict[str, object]) -> None:
+    async with RedisStore.open(redis_url) as store:
+        with pytest.raises(ValueError):
+            await store.take_rate_token(
+                cast(str, arguments["name"]),
+                "k",
+                rate=cast(float, arguments["rate"]),
+                burst=cast(int, arguments["burst"]),
+                now=T0,
+            )
+
+
+@tolerates_failed_connections
+async def test_cached_sessions_ride_out_an_outage_for_the_grace_only(
+    redis_servers: RedisServerFactory,
+) -> None:
+    server = redis_servers(persistent=True)
+    url = server.url
+    async with (
+        RedisStore.open(url, io_timeout=1.0, outage_grace=60.0) as store,
+        RedisStore.open(url, io_timeout=1.0) as plain,
+    ):
+        record, _ = await store.create_scope(label="alice", now=T0)
+        seen = await store.create_session(record, now=T0, ttl=TTL)
+        unseen = await plain.create_session(record, now=T0, ttl=TTL)
+        expected = await store.lookup_session(seen, now=T0 + 1)
+        assert expected is not None
+        server.stop()
+        with trio.fail_after(IO_DEADLINE):
+            # Past the cache's trust (5 s): Redis must be asked and cannot be; within the
+            # grace since Redis last confirmed it, the session is still served.
+            assert await store.lookup_session(seen, now=T0 + 30) == expected
+            # Known unreachable now: served at once, without waiting on Redis again.
+            assert await store.lookup_session(seen, now=T0 + 40) == expected
+            # A session this object never saw, or one past the grace, fails.
+            with pytest.raises(StoreUnavailable):
+                await store.lookup_session(unseen, now=T0 + 30)
+            with pytest.raises(StoreUnavailable):
+                await store.lookup_session(seen, now=T0 + 61)
+            # Without a grace, the cache's trust only.
+            assert await plain.lookup_session(unseen, now=T0 + 1) is not None
+            with pytest.raises(StoreUnavailable):
+                await plain.lookup_session(unseen, now=T0 + 10)
+            # An expired session is never served from the cache.
+            with pytest.raises(StoreUnavailable):
+                await store.lookup_session(seen, now=T0 + TTL)
+        server.start()
+        with trio.fail_after(IO_DEADLINE):
+            assert await store.lookup_session(seen, now=T0 + 70) == expected
+            assert await store.lookup_session(unseen, now=T0 + 70) is not None
+            # Revoked elsewhere while this object caches it: the cache does not outlive the
+            # revocation once Redis is asked (or the change feed announces it).
+            assert await plain.revoke_key(record.key_id, now=T0 + 71)
+            assert await store.lookup_session(seen, now=T0 + 80) is None
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"session_cache_size": -1},
+        {"session_cache_ttl": -1.0},
+        {"session_cache_ttl": math.nan},
+        {"outage_grace": math.inf},
+        {"outage_grace": -5.0},
+    ],
+)
+async def test_bad_cache_settings_are_refused(redis_url: str, arguments: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        async with RedisStore.open(redis_url, **arguments):  # type: ignore[arg-type]
+            pass
+
+
+@tolerates_failed_connections
+async def test_a_hung_redis_delays_a_cached_session_once_only(
+    redis_servers: RedisServerFactory,
+) -> None:
+    server = redis_servers()
+    async with RedisStore.open(server.url, io_timeout=0.5, outage_grace=60.0) as store:
+        record, _ = await store.create_scope(label="alice", now=T0)
+        session_id = await store.create_session(record, now=T0, ttl=TTL)
+        server.freeze()
+        try:
+            with trio.fail_after(IO_DEADLINE):
+                # The first lookup past the cache's trust waits for Redis (the io timeout)...
+                assert await store.lookup_session(session_id, now=T0 + 10) is not None
+                # ...the next ones know better.
+                started = trio.current_time()
+                for n in range(5):
+                    assert await store.lookup_session(session_id, now=T0 + 11 + n) is not None
+                assert trio.current_time() - started < 0.25
+        finally:
+            server.thaw()

@@ -27,6 +27,7 @@ from relay import MEMORY, KeyRecord, KeyStore
 from relay._context import SESSION_COOKIE, Relay
 from relay._links import DaemonLink
 from relay._settings import RelaySettings
+from relay._sqlite_store import SqliteStore
 from relay._web import (
     DASHBOARD_CSP,
     MAX_BODY_SIZE,
@@ -141,8 +142,16 @@ class Web:
         self.answers.append((path, answer))
         return answer
 
+    @property
+    def keys(self) -> KeyStore:
+        """The relay's SQLite key store itself, for synchronous set-up (the relay's store,
+        :class:`SqliteStore`, is a view of it)."""
+        store = self.relay.store
+        assert isinstance(store, SqliteStore)
+        return store.key_store
+
     def new_scope(self, label: str = "test") -> tuple[KeyRecord, str]:
-        return self.relay.store.create_scope(label=label, now=self.clock())
+        return self.keys.create_scope(label=label, now=self.clock())
 
     def connect(
         self, record: KeyRecord, daemon_id: str, *, connected_at: float | None = None
@@ -158,7 +167,7 @@ class Web:
             remote_address="127.0.0.1",
         )
         self.relay.links.add(link)
-        self.relay.store.record_daemon(record.scope_id, daemon_id, now=self.clock())
+        self.keys.record_daemon(record.scope_id, daemon_id, now=self.clock())
         return fake
 
     async def login(self, key: str, **kwargs: Any) -> str:
@@ -262,7 +271,7 @@ async def test_sign_in_sets_a_session_cookie_and_redirects(web: Web) -> None:
     session_id = session_from(answer)
     assert session_id != key and key not in line
     # The cookie is a live session of the key's scope.
-    session = web.relay.store.lookup_session(session_id, now=web.clock())
+    session = await web.relay.store.lookup_session(session_id, now=web.clock())
     assert session is not None and session.scope_id == record.scope_id
     # And the start page now links to the dashboard instead of asking again.
     landing = await web.request("GET", "/", cookie=session_id)
@@ -303,8 +312,8 @@ async def test_a_new_sign_in_ends_the_previous_session(web: Web) -> None:
     web.connect(record, "laptop")
     first = await web.login(key)
     second = await web.login(key, cookie=first)
-    assert web.relay.store.lookup_session(first, now=web.clock()) is None
-    assert web.relay.store.lookup_session(second, now=web.clock()) is not None
+    assert await web.relay.store.lookup_session(first, now=web.clock()) is None
+    assert await web.relay.store.lookup_session(second, now=web.clock()) is not None
 
 
 async def test_missing_key_is_a_400_with_the_form(web: Web) -> None:
@@ -320,7 +329,7 @@ async def test_bad_keys_are_401_without_echo(web: Web) -> None:
     record, key = web.new_scope()
     web.connect(record, "laptop")
     revoked_record, revoked = web.new_scope()
-    web.relay.store.revoke_key(revoked_record.key_id, now=web.clock())
+    await web.relay.store.revoke_key(revoked_record.key_id, now=web.clock())
     unknown = "rw_" + "A" * 43
     malformed = "not-a-key-<script>alert(1)</script>"
     for wrong in (unknown, malformed, revoked, key + "x"):
@@ -455,7 +464,7 @@ async def test_logout_ends_the_session(web: Web, daemon_id: str | None) -> None:
     (line,) = answer.set_cookies
     assert line.startswith(f"{SESSION_COOKIE}=;") and "Max-Age=0" in line
     assert session_id not in line
-    assert web.relay.store.lookup_session(session_id, now=web.clock()) is None
+    assert await web.relay.store.lookup_session(session_id, now=web.clock()) is None
     after = await web.request("GET", "/dashboard/", cookie=session_id)
     assert after.status == 303 and after.header("location") == "/"
 
@@ -467,7 +476,7 @@ async def test_logout_from_another_origin_is_refused(web: Web) -> None:
     answer = await web.request("POST", "/logout", cookie=session_id, origin="https://evil.example")
     assert answer.status == 403
     assert answer.set_cookies == []
-    assert web.relay.store.lookup_session(session_id, now=web.clock()) is not None
+    assert await web.relay.store.lookup_session(session_id, now=web.clock()) is not None
 
 
 async def test_logout_without_a_session_still_clears_the_cookie(web: Web) -> None:
@@ -591,7 +600,7 @@ async def test_without_dashboard_dir_the_dashboard_is_404_and_sign_in_works(
     web.connect(record, "laptop")
     # Signing in still opens a session (and lands on /dashboard/, which then says why).
     session_id = await web.login(key, origin=ORIGIN)
-    assert web.relay.store.lookup_session(session_id, now=web.clock()) is not None
+    assert await web.relay.store.lookup_session(session_id, now=web.clock()) is not None
     for path, daemon_id in [
         ("/dashboard/", None),
         ("/dashboard/", "laptop"),
@@ -617,7 +626,7 @@ async def test_a_served_relay_without_dashboard_dir_says_so_and_signs_in(tmp_pat
     with trio.fail_after(20):
         async with running_relay(tmp_path / "relay", dashboard_dir=None) as stack:
             relay = stack.relay
-            _, key = relay.new_scope()
+            _, key = await relay.new_scope()
             await start_connected_daemon(stack.links, relay, key, "laptop", daemon_files)
             origin = f"http://127.0.0.1:{relay.address[1]}"
             signed_in = await http_request(
@@ -767,7 +776,8 @@ async def test_health(web: Web) -> None:
     assert body["status"] == "ok"
     assert body["daemons_connected"] == 1
     assert isinstance(body["version"], str) and body["version"]
-    assert set(body) == {"status", "version", "daemons_connected"}
+    assert body["store"] == "ok"
+    assert set(body) == {"status", "version", "daemons_connected", "store"}
     assert_page_headers(answer)
     web.relay.shutting_down = True
     assert (await web.request("GET", "/health")).json()["status"] == "shutting_down"
@@ -794,7 +804,7 @@ async def test_register_creates_a_scope(web: Web) -> None:
     assert answer.header("cache-control") == "no-store"
     body = answer.json()
     assert set(body) == {"api_key", "key_id", "scope_id"}
-    record = web.relay.store.verify_key(body["api_key"], now=web.clock())
+    record = await web.relay.store.verify_key(body["api_key"], now=web.clock())
     assert record is not None
     assert record.key_id == body["key_id"] and record.scope_id == body["scope_id"]
     assert record.label == "my laptop"
@@ -804,7 +814,7 @@ async def test_register_creates_a_scope(web: Web) -> None:
 async def test_register_without_a_body(web: Web) -> None:
     answer = await web.request("POST", "/api/v1/register")
     assert answer.status == 201
-    assert web.relay.store.verify_key(answer.json()["api_key"], now=web.clock()) is not None
+    assert await web.relay.store.verify_key(answer.json()["api_key"], now=web.clock()) is not None
 
 
 async def test_register_closed(make_web: Any) -> None:
@@ -814,7 +824,7 @@ async def test_register_closed(make_web: Any) -> None:
     )
     assert answer.status == 403
     assert answer.json()["error"] == "registration_closed"
-    assert web.relay.store.list_keys() == []
+    assert await web.relay.store.list_keys() == []
 
 
 async def test_register_is_rate_limited(web: Web) -> None:
@@ -825,7 +835,7 @@ async def test_register_is_rate_limited(web: Web) -> None:
     assert limited.json()["error"] == "rate_limited"
     assert int(limited.header("retry-after") or "0") >= 1
     assert "api_key" not in limited.text
-    assert len(web.relay.store.list_keys()) == 3
+    assert len(await web.relay.store.list_keys()) == 3
     assert sample(web, "repowire_relay_rate_limited_total", {"where": "register"}) == 1
     other = await web.request("POST", "/api/v1/register", client=("192.0.2.7", 1))
     assert other.status == 201
@@ -842,7 +852,7 @@ async def test_register_rejects_bad_bodies(web: Web, body: bytes) -> None:
     assert answer.status == 400
     error = answer.json()
     assert error["error"] == "bad_request" and error["detail"]
-    assert web.relay.store.list_keys() == []
+    assert await web.relay.store.list_keys() == []
 
 
 async def test_register_rejects_a_too_long_label_and_other_types(web: Web) -> None:
@@ -859,13 +869,13 @@ async def test_register_rejects_a_too_long_label_and_other_types(web: Web) -> No
     )
     assert form.status == 415
     assert form.json()["error"] == "unsupported_media_type"
-    assert web.relay.store.list_keys() == []
+    assert await web.relay.store.list_keys() == []
 
 
 async def test_register_from_another_origin_is_refused(web: Web) -> None:
     answer = await web.request("POST", "/api/v1/register", origin="https://evil.example")
     assert answer.status == 403
-    assert web.relay.store.list_keys() == []
+    assert await web.relay.store.list_keys() == []
 
 
 # -- daemons list --------------------------------------------------------------------------
@@ -876,9 +886,9 @@ async def test_daemons_list_is_limited_to_the_callers_scope(web: Web) -> None:
     b, key_b = web.new_scope("b")
     web.connect(a, "a-first", connected_at=START - 50)
     web.connect(a, "a-second", connected_at=START - 10)
-    web.relay.store.record_daemon(a.scope_id, "a-offline", now=START - 1000)
+    await web.relay.store.record_daemon(a.scope_id, "a-offline", now=START - 1000)
     web.connect(b, "b-only")
-    web.relay.store.record_daemon(b.scope_id, "b-offline", now=START - 1000)
+    await web.relay.store.record_daemon(b.scope_id, "b-offline", now=START - 1000)
 
     answer = await web.request("GET", "/api/v1/daemons", bearer=key_a)
     assert answer.status == 200
@@ -1015,7 +1025,7 @@ async def test_rotation_by_cookie_needs_an_allowed_origin(web: Web) -> None:
     )
     assert evil.status == 403
     assert link.closed == []
-    assert web.relay.store.verify_key(old_key, now=web.clock()) is not None
+    assert await web.relay.store.verify_key(old_key, now=web.clock()) is not None
 
     answer = await web.request(
         "POST", "/api/v1/keys/rotate", cookie=session_id, origin=ORIGIN, daemon_id="laptop"
@@ -1023,12 +1033,12 @@ async def test_rotation_by_cookie_needs_an_allowed_origin(web: Web) -> None:
     assert answer.status == 200
     new_key = answer.json()["api_key"]
     assert link.closed == [(CloseCode.KEY_REVOKED, "key rotated")]
-    assert web.relay.store.verify_key(old_key, now=web.clock()) is None
-    assert web.relay.store.lookup_session(session_id, now=web.clock()) is None
+    assert await web.relay.store.verify_key(old_key, now=web.clock()) is None
+    assert await web.relay.store.lookup_session(session_id, now=web.clock()) is None
     # The page that asked gets a fresh session on the new key.
     fresh = session_from(answer)
     assert fresh != session_id
-    session = web.relay.store.lookup_session(fresh, now=web.clock())
+    session = await web.relay.store.lookup_session(fresh, now=web.clock())
     assert session is not None and session.key_id == answer.json()["key_id"]
     assert new_key not in answer.set_cookies[0]
 
@@ -1077,7 +1087,7 @@ async def test_internal_errors_are_small_and_logged(
 async def test_store_failure_is_503(web: Web) -> None:
     record, key = web.new_scope()
     web.connect(record, "laptop")
-    web.relay.store.close()
+    await web.relay.store.aclose()
     api = await web.request("GET", "/api/v1/daemons", bearer=key)
     assert api.status == 503
     assert api.json()["error"] == "store_unavailable"
@@ -1094,7 +1104,7 @@ async def test_no_secret_in_any_answer_or_log(web: Web, caplog: pytest.LogCaptur
     caplog.set_level("DEBUG")
     registered = await web.request("POST", "/api/v1/register")
     key = registered.json()["api_key"]
-    record = web.relay.store.verify_key(key, now=web.clock())
+    record = await web.relay.store.verify_key(key, now=web.clock())
     assert record is not None
     web.connect(record, "laptop")
     session_id = await web.login(key)
