@@ -1,5 +1,6 @@
 """What the long-running commands (``serve``, ``relay start``) share: logging set from their
-flags, and running under trio with Ctrl-C surfacing as KeyboardInterrupt."""
+flags, the allocator settings, and running under trio with Ctrl-C surfacing as
+KeyboardInterrupt."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from repowire._allocator import tune_allocator
 from repowire._logging import log_level, setup_logging
 
 _T = TypeVar("_T")
@@ -22,9 +24,12 @@ def setup_command_logging(args: argparse.Namespace) -> None:
 
 
 def run_trio(function: Callable[[_T], Awaitable[object]], argument: _T) -> None:
-    """``trio.run(function, argument)``, with a Ctrl-C wrapped in exception groups unwrapped."""
+    """``trio.run(function, argument)``, with a Ctrl-C wrapped in exception groups unwrapped,
+    after :func:`repowire._allocator.tune_allocator` (the process moves large buffers)."""
     # Imported here: the short commands (status, setup) never start an event loop.
     import trio
+
+    tune_allocator()
 
     try:
         trio.run(function, argument)
