@@ -10,6 +10,7 @@ after a connection went back are found by the pool's check before it is used aga
 
 from __future__ import annotations
 
+import enum
 import logging
 
 import trio
@@ -79,6 +80,163 @@ async def pooled_exchange(
     await _exchange_on(stream, pool, connection, first, request, kept=False)
 
 
+class _Progress(enum.Enum):
+    """How far one exchange has got, in the one value both of its tasks move on.
+
+    The request and the response travel at once (a daemon may answer before the request body
+    has arrived), so the states are the combinations that lead to different decisions: a
+    kept connection the daemon closes before any response byte is stale (the request may go
+    again), and only an exchange that ends :attr:`ANSWERED` may give its connection back.
+    """
+
+    SENDING = "request going out, no response byte yet"
+    SENT = "request written whole, no response byte yet"
+    ANSWERED_EARLY = "response bytes arrived before the request was written whole"
+    ANSWERED = "request written whole, response bytes arrived"
+    OVERRUN = "the daemon sent bytes past the response"
+
+
+#: The state after the last byte of the request was written (any other state stays).
+_AFTER_SENT = {
+    _Progress.SENDING: _Progress.SENT,
+    _Progress.ANSWERED_EARLY: _Progress.ANSWERED,
+}
+#: The state once response bytes arrived (any other state stays).
+_AFTER_ANSWER = {
+    _Progress.SENDING: _Progress.ANSWERED_EARLY,
+    _Progress.SENT: _Progress.ANSWERED,
+}
+#: The states in which no response byte has arrived.
+_UNANSWERED = frozenset({_Progress.SENDING, _Progress.SENT})
+
+
+class _Outcome(enum.Enum):
+    """How an exchange's two tasks ended."""
+
+    DONE = "both messages passed"
+    STALE = "a kept connection closed before any response byte"
+    FAILED = "either side ended early or the framing was not followed"
+
+
+class _Exchange:
+    """One request and its response on one connection to the daemon: the two tasks that carry
+    them and the :class:`_Progress` they share.
+
+    A response byte counts as arrived before the await that forwards it, since from then on it
+    may have reached the stream and the request must not go again; the request counts as
+    written only once its last send has returned, since a send cut short leaves the connection
+    inside a message.
+    """
+
+    def __init__(
+        self,
+        stream: MuxStream,
+        connection: trio.SocketStream,
+        first: bytes,
+        request: MessageFramer,
+        *,
+        kept: bool,
+    ) -> None:
+        self.stream = stream
+        self.connection = connection
+        self.first = first
+        self.request = request
+        self.kept = kept
+        self.response = MessageFramer(for_request=False, request_method=request.method or b"GET")
+        self.progress = _Progress.SENDING
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection sits between two messages: the request went out whole, the
+        response ended with nothing after it, and it lets the connection carry another."""
+        # ``request.complete`` alone is not enough: the framer counts bytes before they are
+        # sent, and an early answer may have cut the last send short.
+        return self.progress is _Progress.ANSWERED and self.response.reusable
+
+    async def run(self) -> _Outcome:
+        """Carry the request to the daemon and the response to the stream. Returns
+        :attr:`_Outcome.FAILED` when the framing could not be followed or either side ended
+        early (even if the connection was also stale); any other exception (cancellation
+        included) propagates."""
+        outcome = _Outcome.DONE
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._upload)
+                nursery.start_soon(self._download, nursery.cancel_scope)
+        except* _Stale:
+            outcome = _Outcome.STALE
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, FramingError) as group:
+            log.debug("tunneled request ended early: %s", group.exceptions[0])
+            # This clause runs after the stale one: when both came, the stream is reset
+            # rather than the request sent again.
+            outcome = _Outcome.FAILED
+        return outcome
+
+    def _stale_if_closed(self) -> bool:
+        """Whether a close by the daemon now means a kept connection went stale."""
+        return self.kept and self.progress in _UNANSWERED
+
+    async def _upload(self) -> None:
+        """Write the request to the daemon, reading the rest of its body from the stream, then
+        wait for the stream's end. Raises :class:`_Stale` if a kept connection is closed under
+        the first write, :class:`FramingError` for bytes beyond the request."""
+        try:
+            await self.connection.send_all(self.first)
+        except trio.BrokenResourceError:
+            if self._stale_if_closed():
+                raise _Stale from None
+            raise
+        await self._send_body()
+        self.progress = _AFTER_SENT.get(self.progress, self.progress)
+        # The request is out. What comes now can only be the relay's end of the stream, or a
+        # reset when the browser goes away, which must stop the daemon's work at once.
+        if await self.stream.receive_some(READ_SIZE):
+            raise FramingError("bytes after the request")
+
+    async def _send_body(self) -> None:
+        """Forward the request body still to come from the stream to the daemon."""
+        request = self.request
+        while not request.complete:
+            data = await self.stream.receive_some(READ_SIZE)
+            if not data:
+                raise FramingError("the stream ended inside the request")
+            if request.feed(data) < len(data):
+                raise FramingError("bytes after the request")
+            await self.connection.send_all(data)
+
+    async def _download(self, cancel: trio.CancelScope) -> None:
+        """Forward the response to the stream up to its last byte, end the stream's side, and
+        cancel ``cancel`` (the upload no longer matters). Bytes past the response are dropped
+        and make the exchange :attr:`_Progress.OVERRUN`."""
+        response = self.response
+        while not response.complete:
+            data = await self._receive()
+            if not data:
+                response.finish()
+                break
+            self.progress = _AFTER_ANSWER.get(self.progress, self.progress)
+            used = response.feed(data)
+            if used < len(data):
+                self.progress = _Progress.OVERRUN
+                data = data[:used]
+            await self.stream.send_all(data)
+        await self.stream.send_eof()
+        cancel.cancel()
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the daemon, ``b""`` at its end of file. Raises :class:`_Stale`
+        if a kept connection ends before any response byte."""
+        try:
+            data = await self.connection.receive_some(READ_SIZE)
+        except trio.BrokenResourceError:
+            if self._stale_if_closed():
+                raise _Stale from None
+            raise
+        if not data and self._stale_if_closed():
+            raise _Stale
+        return data
+
+
 async def _exchange_on(
     stream: MuxStream,
     pool: DaemonPool,
@@ -90,69 +248,11 @@ async def _exchange_on(
 ) -> bool:
     """Run the exchange on ``connection``. Returns False only when ``kept`` and the daemon
     closed the connection before any byte of the response (the stream is untouched then)."""
-    response = MessageFramer(for_request=False, request_method=request.method or b"GET")
-    answered = False  # a response byte arrived
-    extra = False  # the daemon sent bytes after the response
-    sent = False  # every byte of the request was written to the daemon
-
-    async def upload() -> None:
-        nonlocal sent
-        try:
-            await connection.send_all(first)
-        except trio.BrokenResourceError:
-            if kept and not answered:
-                raise _Stale from None
-            raise
-        while not request.complete:
-            data = await stream.receive_some(READ_SIZE)
-            if not data:
-                raise FramingError("the stream ended inside the request")
-            if request.feed(data) < len(data):
-                raise FramingError("bytes after the request")
-            await connection.send_all(data)
-        sent = True
-        # The request is out. What comes now can only be the relay's end of the stream, or a
-        # reset when the browser goes away, which must stop the daemon's work at once.
-        if await stream.receive_some(READ_SIZE):
-            raise FramingError("bytes after the request")
-
-    async def download(cancel: trio.CancelScope) -> None:
-        nonlocal answered, extra
-        while not response.complete:
-            try:
-                data = await connection.receive_some(READ_SIZE)
-            except trio.BrokenResourceError:
-                if kept and not answered:
-                    raise _Stale from None
-                raise
-            if not data:
-                if kept and not answered:
-                    raise _Stale
-                response.finish()
-                break
-            answered = True
-            used = response.feed(data)
-            if used < len(data):
-                extra = True
-                data = data[:used]
-            await stream.send_all(data)
-        await stream.send_eof()
-        cancel.cancel()
-
-    stale = failed = keep = False
+    exchange = _Exchange(stream, connection, first, request, kept=kept)
+    keep = False
     try:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(upload)
-                nursery.start_soon(download, nursery.cancel_scope)
-        except* _Stale:
-            stale = True
-        except* (trio.BrokenResourceError, trio.ClosedResourceError, FramingError) as group:
-            log.debug("tunneled request ended early: %s", group.exceptions[0])
-            failed = True
-        # ``request.complete`` alone is not enough: the framer counts bytes before they are
-        # sent, and an early answer may have cut the last send short.
-        keep = not (stale or failed) and response.reusable and sent and not extra
+        outcome = await exchange.run()
+        keep = outcome is _Outcome.DONE and exchange.reusable
     except BaseException:
         # Cancelled (the link or the connector is going away): nothing may outlive this task.
         stream.reset(ErrorCode.CANCEL)
@@ -163,10 +263,10 @@ async def _exchange_on(
             pool.release(connection)
         else:
             close_now(connection)
-    if failed:
+    if outcome is _Outcome.FAILED:
         stream.reset(ErrorCode.UPSTREAM_FAILED)
         return True
-    if stale:
+    if outcome is _Outcome.STALE:
         return False
     await stream.aclose()
     return True

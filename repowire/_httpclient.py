@@ -125,13 +125,30 @@ def request_json(
     answer over :data:`MAX_RESPONSE_BYTES`, or an answer that is not a JSON object.
     """
     where = safe_url(url)
+    scheme, host = _checked_url(url, where)
+    request = _build_request(method, url, body, bearer)
+    opener = _build_opener(scheme, host, ca_file)
+    response = _open(opener, request, where, timeout)
+    status, raw = _read_answer(response, where, timeout)
+    return status, _parse_answer(status, raw, where)
+
+
+def _checked_url(url: str, where: str) -> tuple[str, str]:
+    """The scheme and host of ``url`` (``where`` is its form for messages). Raises
+    :class:`HttpError` unless it is an ``http`` or ``https`` URL with a host."""
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         raise HttpError(f"invalid URL {where!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpError(f"not an http(s) URL: {where!r}")
+    return parts.scheme, parts.hostname
 
+
+def _build_request(
+    method: str, url: str, body: dict[str, Any] | None, bearer: str | None
+) -> urllib.request.Request:
+    """The request, with ``body`` as JSON and ``bearer`` in the ``Authorization`` header."""
     headers = {
         "Accept": "application/json",
         "User-Agent": f"repowire/{package_version()}",
@@ -142,27 +159,48 @@ def request_json(
         headers["Content-Type"] = "application/json"
     if bearer is not None:
         headers["Authorization"] = f"Bearer {bearer}"
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    return urllib.request.Request(url, data=data, headers=headers, method=method)
 
+
+def _build_opener(scheme: str, host: str, ca_file: Path | None) -> urllib.request.OpenerDirector:
+    """An opener that follows no redirect, trusts ``ca_file`` for ``https`` and bypasses
+    proxies for a loopback ``host``. Raises :class:`HttpError` if ``ca_file`` is unusable."""
     handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-    if parts.scheme == "https":
+    if scheme == "https":
         handlers.append(urllib.request.HTTPSHandler(context=_tls_context(ca_file)))
-    if _is_loopback(parts.hostname):
+    if _is_loopback(host):
         handlers.append(urllib.request.ProxyHandler({}))
-    opener = urllib.request.build_opener(*handlers)
+    return urllib.request.build_opener(*handlers)
 
+
+def _open(
+    opener: urllib.request.OpenerDirector,
+    request: urllib.request.Request,
+    where: str,
+    timeout: float,
+) -> http.client.HTTPResponse | urllib.error.HTTPError:
+    """The answer to ``request``, whatever its status. Raises :class:`HttpError` when none
+    arrived (``unreachable`` set when no connection could be made)."""
     try:
-        response = opener.open(request, timeout=timeout)
+        response: http.client.HTTPResponse = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         # An error status still carries an answer worth reading (usually a JSON error).
-        response = exc
+        return exc
     except urllib.error.URLError as exc:
         message, unreachable = _describe_reason(exc.reason, where, timeout)
         raise HttpError(message, unreachable=unreachable) from None
     except (OSError, http.client.HTTPException) as exc:
         message, unreachable = _describe_reason(exc, where, timeout)
         raise HttpError(message, unreachable=unreachable) from None
+    return response
 
+
+def _read_answer(
+    response: http.client.HTTPResponse | urllib.error.HTTPError, where: str, timeout: float
+) -> tuple[int, bytes]:
+    """The status and body of ``response``, which is closed on return. Raises
+    :class:`HttpError` for a redirect, a failed read or a body over
+    :data:`MAX_RESPONSE_BYTES`."""
     with response:
         status = int(response.status or 0)
         if 300 <= status < 400:
@@ -170,6 +208,7 @@ def request_json(
                 f"{where} answered with a redirect ({status}); not followed", status=status
             )
         try:
+            # One byte over the bound tells an answer at the bound from a longer one.
             raw = response.read(MAX_RESPONSE_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
             message, _ = _describe_reason(exc, where, timeout)
@@ -178,8 +217,14 @@ def request_json(
         raise HttpError(
             f"{where} answered {status} with more than {MAX_RESPONSE_BYTES} bytes", status=status
         )
+    return status, raw
+
+
+def _parse_answer(status: int, raw: bytes, where: str) -> dict[str, Any]:
+    """The JSON object in ``raw`` (``{}`` for an empty answer). Raises :class:`HttpError`
+    unless it is one."""
     if not raw.strip():
-        return status, {}
+        return {}
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -188,4 +233,4 @@ def request_json(
         ) from None
     if not isinstance(document, dict):
         raise HttpError(f"{where} answered {status} with JSON that is not an object", status=status)
-    return status, document
+    return document
