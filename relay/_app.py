@@ -1,17 +1,21 @@
 """The relay's ASGI application: routes each request to its owner.
 
 - ``/ws/relay``: daemon links (plain ASGI, :mod:`relay._daemon_link`).
+- ``/ws/replica``: in a cluster, the links of the other replicas (:mod:`relay._replica_link`);
+  404 on a relay alone.
 - The relay's own pages and API (the Quart app of :mod:`relay._web`): ``/``, ``/auth``,
   ``/health``, ``/signin``, ``/favicon.ico``, ``/static/...``, and, at the root or under
   ``/d/<daemon id>/``,
   ``/dashboard...``, ``/api/v1/...`` and ``/logout``.
 - Everything else is tunneled (plain ASGI, :mod:`relay._tunnel`): under ``/d/<daemon id>/`` to
-  that daemon, elsewhere to the scope's default daemon (the one connected the longest).
+  that daemon, elsewhere to the scope's default daemon (the one connected the longest). In a
+  cluster, a daemon whose link another replica holds is reached through that replica.
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,8 +30,11 @@ from ._daemon_link import handle_daemon_link
 from ._links import DaemonLink
 from ._store_api import StoreError
 from ._tunnel import (
+    StreamOpener,
     deny_websocket,
     has_request_body,
+    open_daemon_stream,
+    open_forwarded_daemon_stream,
     refuse_early,
     send_json,
     tunnel_http,
@@ -38,6 +45,8 @@ from ._web import STORE_UNAVAILABLE_MESSAGE, create_web_app
 _DAEMON_PREFIX = re.compile(rf"^/d/({DAEMON_ID_PATTERN.pattern})(/.*)?$")
 # /metrics stays the relay's own path (404 here: it is served on its own listener), never tunneled.
 _ROOT_ONLY = ("/", "/auth", "/health", "/metrics", "/signin", "/favicon.ico")
+#: Where replicas of a cluster link to each other (``relay._replica_link.REPLICA_PATH``).
+REPLICA_PATH = "/ws/replica"
 #: Seconds a tunneled request waits for its daemon's link to finish its handshake (the link
 #: exists but is not registered yet) before the relay answers 503.
 LINK_ARRIVAL_WAIT = 5.0
@@ -126,6 +135,9 @@ class RelayApp:
         if kind == "websocket" and path == "/ws/relay":
             await handle_daemon_link(self.relay, scope, receive, send)
             return
+        if kind == "websocket" and path == REPLICA_PATH:
+            await self._replica_link(scope, receive, send)
+            return
         if _head_size(scope) > self.relay.settings.max_header_size:
             detail = f"Request heads are limited to {self.relay.settings.max_header_size} bytes."
             await reject(scope, receive, send, 431, "header_too_large", detail)
@@ -150,6 +162,18 @@ class RelayApp:
             await self.web(inner, receive, send)
             return
         await self._tunnel(scope, receive, send, daemon_id, raw_rest)
+
+    async def _replica_link(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """A peer replica's link: served in a cluster, not found on a relay alone."""
+        cluster = self.relay.cluster
+        if cluster is None:
+            await reject(
+                scope, receive, send, 404, "not_found", "There is nothing at this address."
+            )
+            return
+        from ._replica_link import handle_replica_link
+
+        await handle_replica_link(scope, receive, send, cluster=cluster)
 
     async def _tunnel(
         self,
@@ -188,25 +212,51 @@ class RelayApp:
         # daemon's link included, so no request slips past a revocation during that wait.
         with relay.live_access.hold(hash_secret(session_id), session.key_id) as live:
             with live.cancel_scope:
-                link = self._link_for(session.scope_id, daemon_id)
-                if link is None and relay.links.is_arriving(session.scope_id, daemon_id):
-                    # Its link is in the handshake: a moment's wait beats a 503.
-                    with trio.move_on_after(LINK_ARRIVAL_WAIT):
-                        await relay.links.wait_arrival(session.scope_id, daemon_id)
-                    link = self._link_for(session.scope_id, daemon_id)
+                opener = await self._opener_for(session.scope_id, daemon_id)
                 if live.ended_by is not None:
                     pass  # answered below (the guard shields sends: none may go out here)
-                elif link is None:
+                elif opener is None:
                     missing = await self._offline_detail(session.scope_id, daemon_id)
                     await reject(scope, receive, send, 503, "daemon_offline", missing)
                 elif websocket:
                     await tunnel_websocket(
-                        relay, scope, receive, send, link, target, session.scope_id
+                        relay, scope, receive, send, opener, target, session.scope_id
                     )
                 else:
-                    await tunnel_http(relay, scope, receive, send, link, target, session.scope_id)
+                    await tunnel_http(relay, scope, receive, send, opener, target, session.scope_id)
             if live.ended_by is not None:
                 await self._access_ended(scope, send, live.ended_by)
+
+    async def _opener_for(self, scope_id: str, daemon_id: str | None) -> StreamOpener | None:
+        """How to reach the daemon a request is for (``daemon_id``, or the scope's default):
+        over this relay's own link, or (in a cluster) through the replica holding its link;
+        None when no daemon is there to try."""
+        relay = self.relay
+        if relay.cluster is not None and daemon_id is None:
+            # The default daemon is the cluster's (the same on every replica), not this
+            # replica's oldest link.
+            online = await relay.online_daemons(scope_id)
+            if online:
+                daemon_id = online[0].daemon_id
+        link = self._link_for(scope_id, daemon_id)
+        if link is None and relay.links.is_arriving(scope_id, daemon_id):
+            # Its link is in the handshake: a moment's wait beats a 503.
+            with trio.move_on_after(LINK_ARRIVAL_WAIT):
+                await relay.links.wait_arrival(scope_id, daemon_id)
+            link = self._link_for(scope_id, daemon_id)
+        if link is not None:
+            return partial(open_daemon_stream, relay, link)
+        if relay.cluster is None:
+            return None
+        if daemon_id is None:
+            online = await relay.online_daemons(scope_id)
+            if not online:
+                return None
+            first = online[0]
+            if first.link is not None:
+                return partial(open_daemon_stream, relay, first.link)
+            daemon_id = first.daemon_id
+        return partial(open_forwarded_daemon_stream, relay, scope_id, daemon_id, "http")
 
     async def _access_ended(self, scope: dict[str, Any], send: Send, why: str) -> None:
         """Tell the browser its access ended mid-request: a WebSocket is closed with

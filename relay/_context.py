@@ -11,17 +11,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import attrs
 import trio
 
 from common import hash_secret
+from mux import MuxStream, SessionClosed
 from protocol import CloseCode
 
-from ._links import HandshakeLimiter, LinkRegistry
+from ._links import DaemonLink, HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
 from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR
 from ._metrics import RelayMetrics
@@ -33,12 +36,27 @@ from ._store import KeyRecord, KeyStore, SessionRecord
 from ._store_api import ChangeKind, Store, StoreChange, StoreError, StoreUnavailable
 from ._store_health import StoreHealth
 
+if TYPE_CHECKING:
+    # Loaded only in a cluster (they bring coredis in): see relay._server.
+    from ._presence import HeldLink, LinkClaimed, Presence
+    from ._replica_link import ClusterNode
+
 log = logging.getLogger("repowire.relay")
 
 #: Name of the browser session cookie. Its value is a random session id, never a key.
 SESSION_COOKIE = "repowire_session"
 
 Headers = Iterable[tuple[bytes, bytes]]
+
+
+@attrs.frozen(kw_only=True)
+class OnlineDaemon:
+    """A daemon of a scope with a live link: on this relay (``link``), or in a cluster on
+    another replica (``link`` None)."""
+
+    daemon_id: str
+    connected_at: float
+    link: DaemonLink | None
 
 
 def header(headers: Headers, name: bytes) -> bytes | None:
@@ -97,6 +115,11 @@ class Relay:
             self.store, "login_link", ISSUE_RATE_PER_HOUR / 3600.0, ISSUE_BURST
         )
         self.shutting_down = False
+        #: In a cluster (``settings.clustered``): this replica's node of the replica mesh and
+        #: the presence records. None on a relay alone. Set by ``serve_relay`` before the
+        #: relay serves anything.
+        self.cluster: ClusterNode | None = None
+        self.presence: Presence | None = None
         self._trusted = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
 
     @contextmanager
@@ -120,6 +143,149 @@ class Relay:
     def is_shutting_down(self) -> bool:
         """Whether a graceful shutdown has begun (new daemon links are turned away)."""
         return self.shutting_down
+
+    # ------------------------------------------------------------------ the cluster
+
+    async def online_daemons(self, scope_id: str) -> list[OnlineDaemon]:
+        """The daemons of ``scope_id`` with a live link, the longest connected first (ties by
+        daemon id): the first is the scope's default daemon. On a relay alone, its own links.
+        In a cluster, every replica's (presence), with this replica's own links added if
+        presence does not list them yet (a claim under way); when presence cannot be read,
+        this replica's own links only. Never raises for the store."""
+        local = self.links.for_scope(scope_id)
+        presence = self.presence
+        if presence is None:
+            return [_online(link) for link in local]
+        try:
+            present = await presence.daemons_of(scope_id)
+        except StoreError as exc:
+            self.store_failed(exc)
+            log.warning("scope %s: listing this replica's daemons only: %s", scope_id, str(exc))
+            return [_online(link) for link in local]
+        mine = {link.daemon_id: link for link in local}
+        online: dict[str, OnlineDaemon] = {}
+        for daemon in present:
+            link = mine.get(daemon.daemon_id)
+            if link is None and daemon.replica_id == self.settings.replica_id:
+                continue  # its link here has just ended; the entry is on its way out
+            online[daemon.daemon_id] = OnlineDaemon(
+                daemon_id=daemon.daemon_id, connected_at=daemon.connected_at, link=link
+            )
+        for link in local:
+            online.setdefault(link.daemon_id, _online(link))
+        return sorted(online.values(), key=lambda d: (d.connected_at, d.daemon_id))
+
+    async def open_local_stream(
+        self, scope_id: str, daemon_id: str, metadata: Mapping[str, str]
+    ) -> MuxStream | None:
+        """A stream to ``daemon_id`` over this replica's own link, opened with ``metadata``
+        (waiting for a free slot of the link: the caller bounds the wait), or None when this
+        replica holds no link for it or the link is closing. The replica mesh's opener for
+        the forwards peers send here."""
+        link = self.links.get(scope_id, daemon_id)
+        if link is None:
+            return None
+        try:
+            return await link.session.open_stream(metadata)
+        except SessionClosed:
+            return None
+
+    @contextmanager
+    def forwarded_stream_slot(self, scope_id: str) -> Iterator[None]:
+        """The scope's quota for a stream a peer replica forwards here (spliced onto a
+        daemon's stream, it may hold a window each way, like a mesh stream): see
+        :meth:`stream_slot`. Raises :class:`~relay._quota.QuotaExceeded` (nothing taken)."""
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.stream_slot(scope_id, "mesh"))
+            except QuotaExceeded:
+                self.metrics.streams_refused.labels("forwarded").inc()
+                raise
+            yield
+
+    def held_links(self) -> list[HeldLink]:
+        """The links this replica holds whose presence is claimed, as the presence refresher
+        keeps them announced."""
+        from ._presence import HeldLink
+
+        advertise_url = self.settings.advertise_url
+        if advertise_url is None:
+            return []
+        return [
+            HeldLink(
+                scope_id=link.scope_id,
+                daemon_id=link.daemon_id,
+                epoch=link.epoch,
+                replica_id=self.settings.replica_id,
+                advertise_url=advertise_url,
+                connected_at=link.connected_at,
+            )
+            for link in self.links.all()
+            if link.epoch is not None
+        ]
+
+    async def on_link_claimed(self, event: LinkClaimed) -> None:
+        """A replica claimed a daemon's link (presence's ``link_claimed``): if this replica
+        holds an older link of that daemon, close it with 4409 (:data:`CloseCode.REPLACED`),
+        as a relay alone closes a link that a newer one of the same daemon replaced. Never
+        raises."""
+        if event.replica_id == self.settings.replica_id:
+            return  # this replica's own claim: its registry already holds the newest link
+        link = self.links.get(event.scope_id, event.daemon_id)
+        if link is None:
+            return
+        if link.epoch is None:
+            # Its own claim is under way: compared once its epoch is known.
+            link.rival_epoch = max(link.rival_epoch, event.epoch)
+            return
+        if link.epoch < event.epoch:
+            await self.close_replaced(link, event.replica_id)
+
+    async def on_links_superseded(self, links: Sequence[HeldLink]) -> None:
+        """The presence refresher found other epochs in the entries of ``links``: another
+        replica claimed those daemons (an event this replica missed), or an entry that lapsed
+        was written back by an older link. The newest epoch wins: a link of this replica
+        that is older than the entry is closed with 4409; one that is newer claims its daemon
+        again (whose event closes the older link). Never raises."""
+        presence = self.presence
+        if presence is None:
+            return
+        for held in links:
+            link = self.links.get(held.scope_id, held.daemon_id)
+            if link is None or link.epoch != held.epoch:
+                continue
+            try:
+                entry = await presence.where(held.scope_id, held.daemon_id)
+                if entry is None or entry.epoch == held.epoch:
+                    continue  # lapsed (the next refresh writes it back), or ours again
+                if entry.epoch > held.epoch:
+                    await self.close_replaced(link, entry.replica_id)
+                    continue
+                epoch = await presence.claim(
+                    held.scope_id,
+                    held.daemon_id,
+                    held.replica_id,
+                    held.advertise_url,
+                    connected_at=held.connected_at,
+                )
+            except StoreError as exc:
+                # The next refresh reports it again.
+                self.store_failed(exc)
+                continue
+            if link.epoch == held.epoch and self.links.get(held.scope_id, held.daemon_id) is link:
+                link.epoch = epoch
+                log.info(
+                    "daemon %s: claimed again over an older link on replica %s",
+                    link.daemon_id,
+                    entry.replica_id,
+                )
+
+    async def close_replaced(self, link: DaemonLink, replica_id: str) -> None:
+        """Close ``link`` with 4409: a newer link of its daemon is on ``replica_id``."""
+        log.info("daemon %s: its link moved to replica %s", link.daemon_id, replica_id)
+        await link.session.aclose(
+            CloseCode.REPLACED, "replaced by a newer connection on another replica"
+        )
 
     # ------------------------------------------------------------------ ending access
 
@@ -300,3 +466,7 @@ class Relay:
         return f"{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0" + (
             "; Secure" if secure else ""
         )
+
+
+def _online(link: DaemonLink) -> OnlineDaemon:
+    return OnlineDaemon(daemon_id=link.daemon_id, connected_at=link.connected_at, link=link)

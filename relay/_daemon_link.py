@@ -1,4 +1,8 @@
-"""``/ws/relay``: where daemons connect. Authentication, the link's session, mesh splicing."""
+"""``/ws/relay``: where daemons connect. Authentication, the link's session, mesh splicing.
+
+In a cluster a registered link is also claimed in presence (``relay._presence``), released
+when it ends, and a mesh stream for a daemon whose link another replica holds is forwarded to
+that replica (``relay._replica_link``)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,13 @@ BUSY_REASON = "relay busy: too many daemons connecting at once; try again later"
 #: check the key: the connector backs off and comes back, as for a busy relay.
 STORE_UNAVAILABLE_REASON = "relay's key store unavailable: cannot check the key; try again later"
 
+
+#: The close reason sent with :data:`TRY_AGAIN_LATER` when the link cannot be announced to the
+#: other replicas of a cluster (presence, in Redis, cannot be written).
+PRESENCE_UNAVAILABLE_REASON = "relay cannot announce the link to its cluster; try again later"
+#: Seconds the release of a link's presence entry may take when the link ends (shielded: it
+#: runs during shutdown too). Past it the entry expires by itself within the presence ttl.
+PRESENCE_RELEASE_TIMEOUT = 2.0
 
 #: Daemons seen before but offline now that a ``directory`` answer lists at most.
 DIRECTORY_MAX_OFFLINE = 256
@@ -255,6 +266,8 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
     if replaced is not None:
         await replaced.session.aclose(CloseCode.REPLACED, "replaced by a newer connection")
     try:
+        if relay.presence is not None and not await _claim_presence(relay, link):
+            return
         async with trio.open_nursery() as nursery:
             # Beside the mesh streams: a slow store must not hold them up.
             nursery.start_soon(_record_daemon, relay, link)
@@ -262,6 +275,8 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
     finally:
         relay.links.remove(link)
         relay.metrics.daemons_connected.set(len(relay.links))
+        if link.epoch is not None:
+            await _release_presence(relay, link)
         if session.close_reason and "protocol error" in session.close_reason:
             relay.metrics.rejected_frames.inc()
         if session.peer_goaway is not None and not relay.is_shutting_down():
@@ -270,6 +285,54 @@ async def _serve_link(relay: Relay, link: DaemonLink) -> None:
             log.info("daemon %s left (it is going away)", link.daemon_id)
         else:
             log.info("daemon %s disconnected: %s", link.daemon_id, session.close_reason)
+
+
+async def _claim_presence(relay: Relay, link: DaemonLink) -> bool:
+    """Announce the registered ``link`` to the cluster (a presence claim, which gives it its
+    epoch and tells a replica holding an older link of the daemon to close it). False when
+    the link is not to be served: presence cannot be written (the link is closed with
+    :data:`TRY_AGAIN_LATER`, and its daemon comes back later), or another replica claimed the
+    daemon while this claim was under way, with a newer epoch (closed with 4409)."""
+    presence = relay.presence
+    advertise_url = relay.settings.advertise_url
+    assert presence is not None and advertise_url is not None
+    try:
+        epoch = await presence.claim(
+            link.scope_id,
+            link.daemon_id,
+            relay.settings.replica_id,
+            advertise_url,
+            connected_at=link.connected_at,
+        )
+    except StoreError as exc:
+        relay.store_failed(exc)
+        log.warning("daemon %s: link refused, presence not claimed: %s", link.daemon_id, str(exc))
+        # Out of the registry before the close, so that no request picks it meanwhile.
+        relay.links.remove(link)
+        await link.session.aclose(TRY_AGAIN_LATER, PRESENCE_UNAVAILABLE_REASON)
+        return False
+    link.epoch = epoch
+    if link.rival_epoch > epoch:
+        await link.session.aclose(
+            CloseCode.REPLACED, "replaced by a newer connection on another replica"
+        )
+        return False
+    return True
+
+
+async def _release_presence(relay: Relay, link: DaemonLink) -> None:
+    """Withdraw ``link``'s presence entry (if it still carries the link's epoch), within
+    :data:`PRESENCE_RELEASE_TIMEOUT`, even while the relay is being cancelled. A failure is
+    left to the entry's expiry."""
+    presence = relay.presence
+    if presence is None or link.epoch is None:
+        return
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + PRESENCE_RELEASE_TIMEOUT
+        try:
+            await presence.release(link.scope_id, link.daemon_id, link.epoch)
+        except StoreError as exc:
+            log.info("daemon %s: presence not released (it expires): %s", link.daemon_id, str(exc))
 
 
 async def _key_still_live(relay: Relay, link: DaemonLink) -> bool:
@@ -306,14 +369,16 @@ async def _serve_mesh(relay: Relay, link: DaemonLink) -> None:
 
 
 async def _answer_directory(relay: Relay, source: DaemonLink, stream: MuxStream) -> None:
-    """A ``directory`` stream: the relay answers with the scope's online daemons and, under
-    ``offline``, the ones it has seen before that are not connected now (the most recently
-    seen first, at most :data:`DIRECTORY_MAX_OFFLINE`), as JSON. ``offline`` is left out when
-    the key store cannot be read: the online list is still right."""
-    online = relay.links.for_scope(source.scope_id)
+    """A ``directory`` stream: the relay answers with the scope's online daemons (in a
+    cluster, those of every replica: :meth:`Relay.online_daemons`) and, under ``offline``,
+    the ones it has seen before that are not connected now (the most recently seen first, at
+    most :data:`DIRECTORY_MAX_OFFLINE`), as JSON. ``offline`` is left out when the key store
+    cannot be read: the online list is still right."""
+    online = await relay.online_daemons(source.scope_id)
     listing: dict[str, object] = {
         "daemons": [
-            {"daemon_id": link.daemon_id, "connected_since": link.connected_at} for link in online
+            {"daemon_id": daemon.daemon_id, "connected_since": daemon.connected_at}
+            for daemon in online
         ]
     }
     try:
@@ -321,7 +386,7 @@ async def _answer_directory(relay: Relay, source: DaemonLink, stream: MuxStream)
     except StoreError as exc:
         log.warning("daemon %s: offline daemons not listed: %s", source.daemon_id, str(exc))
     else:
-        online_ids = {link.daemon_id for link in online}
+        online_ids = {daemon.daemon_id for daemon in online}
         offline = sorted(
             (entry for entry in known if entry[0] not in online_ids),
             key=lambda entry: (-entry[2], entry[0]),
@@ -348,13 +413,8 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
         return
     target_id = stream.metadata.get("target", "")
     target = relay.links.get(source.scope_id, target_id)
-    if target is None:
-        try:
-            daemons = await relay.store.known_daemons(source.scope_id)
-            known = target_id in {d for d, _, _ in daemons}
-        except StoreError:
-            known = True  # offline and unknown cannot be told apart now: say offline
-        stream.reset(ErrorCode.TARGET_OFFLINE if known else ErrorCode.UNKNOWN_TARGET)
+    if target is None and (relay.cluster is None or not is_daemon_id(target_id)):
+        stream.reset(await _missing_target(relay, source.scope_id, target_id))
         return
     # A spliced mesh stream holds up to a window of bytes on each side of the relay: it counts
     # against the scope's stream and byte quotas for as long as it is open.
@@ -364,6 +424,9 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
         except QuotaExceeded:
             relay.metrics.streams_refused.labels("mesh").inc()
             stream.reset(ErrorCode.REFUSED_STREAM)
+            return
+        if target is None:
+            await _forward_mesh_stream(relay, source, stream, target_id)
             return
         # The target's link may have all its stream slots taken: wait for one, but not forever.
         outbound: MuxStream | None = None
@@ -385,3 +448,48 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
             await splice(stream, outbound)
         finally:
             relay.metrics.streams_open.dec()
+
+
+async def _missing_target(relay: Relay, scope_id: str, target_id: str) -> ErrorCode:
+    """The reset code for a mesh stream whose target no replica holds: ``TARGET_OFFLINE`` for
+    a daemon of the scope seen before, ``UNKNOWN_TARGET`` for any other."""
+    try:
+        daemons = await relay.store.known_daemons(scope_id)
+    except StoreError:
+        return ErrorCode.TARGET_OFFLINE  # offline and unknown cannot be told apart now
+    known = target_id in {d for d, _, _ in daemons}
+    return ErrorCode.TARGET_OFFLINE if known else ErrorCode.UNKNOWN_TARGET
+
+
+async def _forward_mesh_stream(
+    relay: Relay, source: DaemonLink, stream: MuxStream, target_id: str
+) -> None:
+    """Splice a mesh stream onto a stream to ``target_id`` through the replica holding its
+    link; reset it with the reason when there is none (``TARGET_OFFLINE`` or
+    ``UNKNOWN_TARGET``, ``REFUSED_STREAM`` when that replica is busy, ``TARGET_OFFLINE``
+    when presence cannot be read). The caller holds the stream's quota."""
+    from ._replica_link import DaemonOffline, ForwardBusy, splice_forwarded
+
+    cluster = relay.cluster
+    assert cluster is not None
+    try:
+        outbound = await cluster.open_forwarded_stream(
+            source.scope_id, target_id, {"kind": "mesh", "from": source.daemon_id}
+        )
+    except DaemonOffline:
+        stream.reset(await _missing_target(relay, source.scope_id, target_id))
+        return
+    except ForwardBusy:
+        relay.metrics.streams_refused.labels("mesh_forward_busy").inc()
+        stream.reset(ErrorCode.REFUSED_STREAM)
+        return
+    except StoreError as exc:
+        relay.store_failed(exc)
+        stream.reset(ErrorCode.TARGET_OFFLINE)
+        return
+    relay.metrics.streams_total.labels("mesh").inc()
+    relay.metrics.streams_open.inc()
+    try:
+        await splice_forwarded(stream, outbound)
+    finally:
+        relay.metrics.streams_open.dec()

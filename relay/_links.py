@@ -30,6 +30,12 @@ class DaemonLink:
     #: (``Relay.scope_links``), given back when the link ends. A link admitted past a full
     #: quota to replace one of the same daemon id takes that link's slot over instead.
     holds_link_slot: bool = False
+    #: In a cluster, the link epoch its presence claim was given (``relay._presence``); None
+    #: before the claim, and always on a relay alone.
+    epoch: int | None = None
+    #: The newest epoch another replica claimed for this daemon while this link's own claim
+    #: was under way (its epoch not known yet): once it is, an older epoch loses.
+    rival_epoch: int = 0
 
     @property
     def rtt(self) -> float | None:

@@ -69,5 +69,27 @@ class RelayMetrics:
             registry=r,
         )
 
+        #: Set by :meth:`enable_cluster`, for a replica of a cluster only.
+        self.peer_links: Gauge | None = None
+        self.forwarded_streams: Gauge | None = None
+
+    def enable_cluster(self) -> None:
+        """Add the gauges of a replica of a cluster: its links to the other replicas and the
+        forwarded streams open on them (set when the metrics are rendered)."""
+        r = self.registry
+        self.peer_links = Gauge(
+            "repowire_relay_peer_links",
+            "Links to the other replicas of the cluster, by who dialed (dialed, accepted)",
+            ["direction"],
+            registry=r,
+        )
+        self.forwarded_streams = Gauge(
+            "repowire_relay_forwarded_streams",
+            "Streams open on replica links: out, forwarded to the replica holding the "
+            "daemon's link; in, forwarded here by another replica",
+            ["direction"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -40,7 +40,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Final, TypeVar
 
 import attrs
@@ -69,12 +70,19 @@ EVENT_QUEUE_SIZE: Final = 1000
 #: Bounds of the watcher's pause between attempts while Redis is unreachable (doubling).
 WATCH_RETRY_MIN: Final = 0.1
 WATCH_RETRY_MAX: Final = 5.0
+#: Seconds between the refresher's attempts while Redis cannot be reached (rather than a whole
+#: ``ttl / 3``): the entries that lapsed during an outage are written back as soon as Redis
+#: answers again, before browsers find every daemon of another replica missing.
+REFRESH_RETRY: Final = 0.1
 #: Seconds without traffic on the event subscription before it is checked with a PING.
 WATCH_KEEPALIVE: Final = 5.0
 #: The one event kind published on the channel.
 LINK_CLAIMED: Final = "link_claimed"
 #: Longest advertised URL accepted.
 MAX_URL_LENGTH: Final = 512
+#: Answers of :meth:`Presence.where` and :meth:`Presence.daemons_of` kept to ride out a Redis
+#: outage (``outage_grace``), the least recently used dropped first.
+KNOWN_ANSWERS: Final = 10_000
 
 #: Scope and replica ids: what fits in a Redis key between the separators (no ``:``).
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -239,7 +247,19 @@ class Presence:
     """Presence entries over a coredis client (entered already, ``decode_responses=False``;
     not closed by this object), under ``namespace`` (the key store's prefix: every replica
     of one cluster uses the same). ``ttl`` is the life of an entry without refresh, in
-    seconds. ValueError for a bad namespace or ttl.
+    seconds.
+
+    ``outage_grace`` (seconds, default 0: off): while Redis cannot be reached,
+    :meth:`where` and :meth:`daemons_of` answer with what they last read for the same
+    question, if they read it at most that long ago, instead of raising StoreUnavailable: a
+    daemon whose link has not moved stays reachable through the outage (its replica still
+    holds the link). And for ``ttl`` seconds after this object last found Redis unreachable,
+    entries that lapsed during the outage (their replicas could not refresh them) are not yet
+    taken for gone: :meth:`where` answers a missing entry with the one it last read, and
+    :meth:`daemons_of` adds the daemons it last listed, until the replicas have written their
+    entries back. (Whoever acts on such an answer learns from the replica named whether it
+    still holds the link.) At most :data:`KNOWN_ANSWERS` answers are kept. ValueError for a
+    bad namespace, ttl or grace.
     """
 
     def __init__(
@@ -248,10 +268,18 @@ class Presence:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         ttl: float = DEFAULT_PRESENCE_TTL,
+        outage_grace: float = 0.0,
     ) -> None:
         check_namespace(namespace)
         if not (math.isfinite(ttl) and ttl >= 0.01):
             raise ValueError(f"presence ttl must be at least 0.01 s, not {ttl!r}")
+        if not (math.isfinite(outage_grace) and outage_grace >= 0):
+            raise ValueError(f"outage grace must be a finite number >= 0, not {outage_grace!r}")
+        self._outage_grace = outage_grace
+        # (question) -> (answer, trio time it was read), least recently used first.
+        self._known: OrderedDict[Hashable, tuple[object, float]] = OrderedDict()
+        # trio time a call last found Redis unreachable (None: never).
+        self._unreachable_at: float | None = None
         self._client = client
         self._prefix = namespace
         self._channel = namespace + "presence-events"
@@ -364,29 +392,54 @@ class Presence:
         or the one that did stopped refreshing it for ``ttl``)."""
         _check_ids(scope_id, daemon_id)
         key = f"{self._prefix}presence:{scope_id}:{daemon_id}"
-        fields = await self._call(
-            "looking up a daemon link",
-            lambda: self._client.hmget(key, ["replica", "epoch", "url", "since"]),
-            idempotent=True,
-        )
+        question = ("where", scope_id, daemon_id)
+        try:
+            fields = await self._call(
+                "looking up a daemon link",
+                lambda: self._client.hmget(key, ["replica", "epoch", "url", "since"]),
+                idempotent=True,
+            )
+        except StoreUnavailable:
+            known = self._recall(question)
+            if known is None:
+                raise
+            answer = known[0]
+            assert answer is None or isinstance(answer, PresenceEntry)
+            return answer
         replica, epoch, url, since = (list(fields) + [None] * 4)[:4]
-        if replica is None or epoch is None or url is None:
-            return None
-        return PresenceEntry(
-            replica_id=_text(replica),
-            epoch=_integer(epoch),
-            advertise_url=_text(url),
-            connected_at=_number(since) if since is not None else 0.0,
-        )
+        entry = None
+        if replica is not None and epoch is not None and url is not None:
+            entry = PresenceEntry(
+                replica_id=_text(replica),
+                epoch=_integer(epoch),
+                advertise_url=_text(url),
+                connected_at=_number(since) if since is not None else 0.0,
+            )
+        elif self.settling:
+            known = self._recall(question)
+            if known is not None and isinstance(known[0], PresenceEntry):
+                # Lapsed in the outage, perhaps, and not written back yet.
+                return known[0]
+        self._remember(question, entry)
+        return entry
 
     async def daemons_of(self, scope_id: str) -> list[PresentDaemon]:
         """The daemons of ``scope_id`` whose link some replica holds now, the longest connected
         first (ties by daemon id): the first is the scope's default daemon, cluster-wide.
         Entries that expired are dropped from the scope's index on the way."""
         _check_ids(scope_id)
-        reply = await self._script(
-            "listing a scope's daemon links", self._daemons_of, scope_id, idempotent=True
-        )
+        question = ("daemons_of", scope_id)
+        try:
+            reply = await self._script(
+                "listing a scope's daemon links", self._daemons_of, scope_id, idempotent=True
+            )
+        except StoreUnavailable:
+            known = self._recall(question)
+            if known is None:
+                raise
+            answer = known[0]
+            assert isinstance(answer, tuple)
+            return list(answer)
         daemons: list[PresentDaemon] = []
         for row in _items(reply, "listing a scope's daemon links"):
             fields = _items(row, "listing a scope's daemon links")
@@ -401,8 +454,42 @@ class Presence:
                     connected_at=_number(since),
                 )
             )
+        if self.settling:
+            known = self._recall(question)
+            if known is not None and isinstance(known[0], tuple):
+                # Those that lapsed in the outage, perhaps, and are not written back yet.
+                listed = {daemon.daemon_id for daemon in daemons}
+                daemons += [d for d in known[0] if d.daemon_id not in listed]
         daemons.sort(key=lambda daemon: (daemon.connected_at, daemon.daemon_id))
+        self._remember(question, tuple(daemons))
         return daemons
+
+    @property
+    def settling(self) -> bool:
+        """Whether Redis was found unreachable less than ``ttl`` ago (with an outage grace):
+        entries that lapsed meanwhile may not have been written back yet, so a daemon missing
+        from presence now may still be connected."""
+        at = self._unreachable_at
+        return self._outage_grace > 0 and at is not None and trio.current_time() - at <= self.ttl
+
+    def _remember(self, question: Hashable, answer: object) -> None:
+        """Keep ``answer`` for an outage (when there is a grace)."""
+        if self._outage_grace <= 0:
+            return
+        known = self._known
+        known[question] = (answer, trio.current_time())
+        known.move_to_end(question)
+        while len(known) > KNOWN_ANSWERS:
+            known.popitem(last=False)
+
+    def _recall(self, question: Hashable) -> tuple[object] | None:
+        """The answer last read for ``question`` (in a 1-tuple: it may be None), if it is at
+        most ``outage_grace`` old."""
+        kept = self._known.get(question)
+        if kept is None or trio.current_time() - kept[1] > self._outage_grace:
+            return None
+        self._known.move_to_end(question)
+        return (kept[0],)
 
     # -- background work ------------------------------------------------------------------
 
@@ -416,19 +503,22 @@ class Presence:
         """Until cancelled, every ``ttl / 3`` seconds: :meth:`refresh` the links ``held()``
         lists, and pass those another replica has claimed since to ``on_superseded`` (how a
         replica learns of a claim whose event it missed). ``nursery.start`` returns after the
-        first attempt. Never raises for Redis: an outage is logged once and retried at the next
-        tick (entries lapse if it lasts ``ttl``, and are written back when Redis answers). An
-        exception from ``held`` or ``on_superseded`` propagates."""
+        first attempt. Never raises for Redis: an outage is logged once and retried every
+        :data:`REFRESH_RETRY` seconds while Redis cannot be reached (entries lapse if it
+        lasts ``ttl``, and are written back as soon as Redis answers). An exception from
+        ``held`` or ``on_superseded`` propagates."""
         interval = self.ttl / 3
-        failing = False
+        failing = unreachable = False
         started = False
         next_run = trio.current_time()
         while True:
             next_run += interval
+            unreachable = False
             try:
                 superseded = await self.refresh(list(held()))
             except StoreError as exc:
                 superseded = []
+                unreachable = isinstance(exc, StoreUnavailable)
                 if not failing:
                     failing = True
                     # The text only: a record holding the error would keep its traceback alive.
@@ -442,8 +532,11 @@ class Presence:
                 task_status.started()
             if superseded and on_superseded is not None:
                 await on_superseded(superseded)
+            now = trio.current_time()
+            if unreachable:
+                next_run = min(next_run, now + min(interval, REFRESH_RETRY))
             # A refresh that took longer than the interval is followed by the next at once.
-            next_run = max(next_run, trio.current_time())
+            next_run = max(next_run, now)
             await trio.sleep_until(next_run)
 
     async def watch(
@@ -543,6 +636,8 @@ class Presence:
                 error = _translate(exc, action)
                 if error is None:
                     raise
+                if isinstance(error, StoreUnavailable):
+                    self._unreachable_at = trio.current_time()
                 if (
                     idempotent
                     and attempt == 1

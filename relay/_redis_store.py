@@ -651,6 +651,12 @@ class RedisStore:
     def namespace(self) -> str:
         return self._prefix
 
+    @property
+    def client(self) -> coredis.Redis[bytes]:
+        """The coredis client this store uses (not to be closed by the caller): presence
+        (``relay._presence``) shares its connection pool."""
+        return self._client
+
     async def __aenter__(self) -> Self:
         return self
 

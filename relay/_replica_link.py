@@ -39,7 +39,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, suppress
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -164,6 +164,17 @@ class ClusterStats:
     forwarded_in: int = 0
     #: Forwarded streams from peers open now.
     open_in: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class LinkCounts:
+    """Replica links of one node up now: those it dialed and those its peers dialed, and the
+    streams open on each kind (forwards it sent, forwards it serves)."""
+
+    dialed: int
+    accepted: int
+    streams_out: int
+    streams_in: int
 
 
 class ForwardError(Exception):
@@ -333,6 +344,8 @@ class ClusterNode:
         #: Sessions of the links peers dialed to this node.
         self._accepted: set[MuxSession] = set()
         self._draining = False
+        #: Set once :meth:`run` has ended: forwards are answered offline from then on.
+        self._stopped = False
 
     def __repr__(self) -> str:
         # Never the secret.
@@ -351,10 +364,27 @@ class ClusterNode:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
+                self._stopped = True
 
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def link_counts(self) -> LinkCounts:
+        """The replica links up now, and the forwarded streams open on them (for metrics and
+        ``/health``)."""
+        dialed = [
+            peer.session
+            for peer in self._peers.values()
+            if peer.session is not None and not peer.session.ended
+        ]
+        accepted = [session for session in self._accepted if not session.ended]
+        return LinkCounts(
+            dialed=len(dialed),
+            accepted=len(accepted),
+            streams_out=sum(session.protocol.open_streams for session in dialed),
+            streams_in=sum(session.protocol.open_streams for session in accepted),
+        )
 
     async def drain(self, grace: float) -> None:
         """Graceful stop: refuse new links and forwards (peers' new forwards fail over to
@@ -467,6 +497,11 @@ class ClusterNode:
         DaemonOffline within ``dial_timeout``."""
         nursery = self._nursery
         if nursery is None:
+            if self._stopped:
+                # The relay is stopping: a request that comes in meanwhile gets an answer.
+                raise DaemonOffline(
+                    f"Replica {replica_id} cannot be reached: this replica is shutting down."
+                )
             raise RuntimeError("ClusterNode.run is not running")
         try:
             link_url(url)
@@ -712,6 +747,11 @@ class _AbortRelay(trio.abc.HalfCloseableStream):
     looks complete. So when ``stream`` turns out reset (while reading from it or writing to
     it), ``partner`` is reset with the same code first, and the splice's own close is then a
     no-op on it.
+
+    A stream that ends with a FIN and then a RESET (its far end's ``aclose`` while this end
+    could still send: a daemon closing its stream once its response is out) is passed on as
+    the same pair: ``partner`` gets the FIN, so its reader has every byte and an orderly end
+    of file, then the RESET, so its sends fail: what it would see on a direct link.
     """
 
     def __init__(self, stream: MuxStream, partner: MuxStream) -> None:
@@ -731,7 +771,10 @@ class _AbortRelay(trio.abc.HalfCloseableStream):
             raise
         if not data and not self._eof_sent and self.stream.state is StreamState.CLOSED:
             # Closed though this side sent no FIN: the end of file came with a RESET right
-            # behind it (the peer's aclose while this side could still send).
+            # behind it (the peer's aclose while this side could still send). Only this
+            # direction of the splice writes to the partner: nothing else is sending on it.
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.partner.send_eof()
             self._abort_partner(None)
             raise trio.BrokenResourceError("the stream was reset after its end of file")
         return data
@@ -756,6 +799,14 @@ class _AbortRelay(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def splice_forwarded(stream: MuxStream, forwarded: MuxStream) -> None:
+    """Splice ``stream`` and a stream :meth:`ClusterNode.open_forwarded_stream` gave, each
+    way, until both ends are done; a reset at either end travels on as a reset with its code
+    (see :class:`_AbortRelay`), so the daemon at the far end never reads a reset as an
+    orderly end of file."""
+    await splice(_AbortRelay(stream, forwarded), _AbortRelay(forwarded, stream))
 
 
 async def _refuse_streams(session: MuxSession) -> None:

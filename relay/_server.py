@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Any
@@ -299,6 +299,7 @@ class MetricsApp:
         if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
             metrics = self.relay.metrics
             metrics.daemons_connected.set(len(self.relay.links))
+            _set_cluster_gauges(self.relay)
             status, body, content_type = 200, metrics.render(), metrics.content_type
         else:
             status, body, content_type = 404, b"not found\n", "text/plain; charset=utf-8"
@@ -316,6 +317,79 @@ class MetricsApp:
         await send(
             {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
         )
+
+
+def _set_cluster_gauges(relay: Relay) -> None:
+    cluster, metrics = relay.cluster, relay.metrics
+    if cluster is None or metrics.peer_links is None or metrics.forwarded_streams is None:
+        return
+    counts = cluster.link_counts()
+    metrics.peer_links.labels("dialed").set(counts.dialed)
+    metrics.peer_links.labels("accepted").set(counts.accepted)
+    metrics.forwarded_streams.labels("out").set(counts.streams_out)
+    metrics.forwarded_streams.labels("in").set(counts.streams_in)
+
+
+# ---------------------------------------------------------------------- the cluster
+
+
+def join_cluster(relay: Relay) -> None:
+    """Make ``relay`` a replica of a cluster (``settings.clustered``; its store must be the
+    Redis one): presence in the store's Redis, shared through its connection pool, and this
+    replica's node of the replica mesh (:attr:`Relay.presence`, :attr:`Relay.cluster`).
+    Their tasks run under :func:`run_cluster`."""
+    # Imported here: coredis is needed only for a cluster.
+    from ._presence import Presence
+    from ._redis_store import RedisStore
+    from ._replica_link import ClusterNode, ClusterSettings
+
+    settings = relay.settings
+    store = relay.store
+    if not isinstance(store, RedisStore):
+        raise ValueError("a relay cluster keeps its store in Redis (--redis-url)")
+    if settings.advertise_url is None or settings.cluster_secret is None:
+        raise ValueError("a relay cluster needs --advertise-url and --cluster-secret-file")
+    presence = Presence(
+        store.client,
+        namespace=settings.redis_namespace,
+        ttl=settings.presence_ttl,
+        # Where daemons are is served from memory through an outage as long as sessions are.
+        outage_grace=settings.store_outage_grace,
+    )
+    relay.presence = presence
+    relay.cluster = ClusterNode(
+        replica_id=settings.replica_id,
+        secret=settings.cluster_secret,
+        advertise_url=settings.advertise_url,
+        presence=presence,
+        local_stream_opener=relay.open_local_stream,
+        scope_slot=relay.forwarded_stream_slot,
+        # A replica waits for a stream to its daemon as long as a request here would.
+        settings=ClusterSettings(open_timeout=settings.stream_open_timeout),
+    )
+    relay.metrics.enable_cluster()
+
+
+async def run_cluster(
+    relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Until cancelled, the cluster's tasks of a relay :func:`join_cluster` set up: the
+    replica links (:meth:`ClusterNode.run`), the ``link_claimed`` events (an older link of a
+    daemon that moved here is closed) and the refresh of this replica's presence entries
+    (which also finds the claims whose events were missed). Started once all of them are;
+    never raises for a failing Redis."""
+    cluster, presence = relay.cluster, relay.presence
+    assert cluster is not None and presence is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cluster.run)
+        await nursery.start(presence.watch, relay.on_link_claimed)
+        await nursery.start(presence.run_refresher, relay.held_links, relay.on_links_superseded)
+        log.info(
+            "replica %s of a cluster, reachable by the others at %s",
+            relay.settings.replica_id,
+            relay.settings.advertise_url,
+        )
+        task_status.started()
 
 
 # ---------------------------------------------------------------------- the key store
@@ -385,9 +459,11 @@ async def serve_relay(
     Beside the public listener it runs the metrics listener (``settings.metrics_listen``, if
     set; its URL is :attr:`RunningRelay.metrics_url`), the store's change feed
     (:func:`watch_store`), a probe of the store's health and :func:`purge_sessions`. The key
-    store is :func:`open_store`'s. Raises :class:`ListenError` (before reporting) if a
-    listener cannot be bound, StoreError if the SQLite store cannot be opened, ValueError for
-    settings hypercorn cannot run with.
+    store is :func:`open_store`'s. A replica of a cluster (``settings.clustered``) also joins
+    it (:func:`join_cluster`, :func:`run_cluster`) before it serves, and its shutdown drains
+    the replica links at the same time as the daemon links. Raises :class:`ListenError`
+    (before reporting) if a listener cannot be bound, StoreError if the SQLite store cannot be
+    opened, ValueError for settings hypercorn cannot run with (or a cluster without Redis).
     """
     config = hypercorn_config(settings)
     # Unmasking every byte the connectors send costs a fifth of the relay's CPU in bulk
@@ -396,6 +472,8 @@ async def serve_relay(
     stop = trio.Event()
     async with open_store(settings) as store:
         relay = Relay(settings, store)
+        if settings.clustered:
+            join_cluster(relay)
         try:
             await _serve(relay, config, stop, task_status=task_status)
         finally:
@@ -415,15 +493,25 @@ async def _serve(
     http_stopped = trio.Event()
     with _listening(config, "the relay", settings.listen_backlog) as sockets:
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(
-                    worker_serve,
-                    wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                    config,
-                    sockets=sockets,
-                    shutdown_trigger=http_stopped.wait,
-                )
-            )
+            # Before anything is served, and stopped once hypercorn has: the last requests it
+            # serves may still be forwarded to other replicas.
+            clustering = trio.CancelScope()
+            if relay.cluster is not None:
+                await nursery.start(_in_scope, clustering, partial(run_cluster, relay))
+
+            async def serve_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    await worker_serve(
+                        wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                        config,
+                        sockets=sockets,
+                        shutdown_trigger=http_stopped.wait,
+                        task_status=task_status,
+                    )
+                finally:
+                    clustering.cancel()
+
+            binds = await nursery.start(serve_http)
             metrics_url = None
             if settings.metrics_listen is not None:
                 metrics_url = await nursery.start(_serve_metrics, relay, http_stopped)
@@ -452,6 +540,17 @@ async def _serve(
                         http_stopped.set()
                 # The watcher's work is done once the links are.
                 watcher.cancel()
+
+
+async def _in_scope(
+    scope: trio.CancelScope,
+    run: Callable[..., Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``await run(task_status=...)`` inside ``scope`` (cancelled by its owner)."""
+    with scope:
+        await run(task_status=task_status)
 
 
 async def _serve_metrics(
@@ -494,6 +593,12 @@ async def _drain_links(relay: Relay) -> None:
     async with trio.open_nursery() as nursery:
         for link in links:
             nursery.start_soon(drain, link)
+        if relay.cluster is not None:
+            # At the same time, not after: the forwards this replica sent to its peers
+            # (browsers here, daemons there) finish within the same grace as the streams of
+            # its own daemons, and peers stop forwarding here (their requests fail over to
+            # where presence names the daemons next).
+            nursery.start_soon(relay.cluster.drain, grace)
     log.info("daemon links closed in %.1f s", trio.current_time() - started)
 
 

@@ -222,6 +222,10 @@ class RelaySettings:
     #: Seconds a browser session this relay has cached stays usable, since the store last
     #: confirmed it, while the store (Redis) is unavailable.
     store_outage_grace: float = 60.0
+    #: In a cluster, seconds a presence entry (which replica holds a daemon's link) lives
+    #: without a refresh; refreshed every third of it. A replica that dies stops being named
+    #: within this.
+    presence_ttl: float = 6.0
 
     def __attrs_post_init__(self) -> None:
         if self.registration not in ("open", "closed"):
@@ -278,6 +282,10 @@ class RelaySettings:
             )
         if self.advertise_url is not None and self.redis_url is None:
             raise ValueError("a cluster (--advertise-url, --cluster-secret-file) needs --redis-url")
+        if not (math.isfinite(self.presence_ttl) and self.presence_ttl >= 0.01):
+            raise ValueError(
+                f"presence_ttl must be a finite number >= 0.01 s, not {self.presence_ttl!r}"
+            )
         if not (math.isfinite(self.store_outage_grace) and self.store_outage_grace >= 0):
             raise ValueError(
                 f"store_outage_grace must be a finite number >= 0, not {self.store_outage_grace!r}"

@@ -12,7 +12,7 @@ import enum
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -30,8 +30,14 @@ from ._asgi_transport import Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
 from ._quota import QuotaExceeded
+from ._store_api import StoreError
 
 log = logging.getLogger("repowire.relay")
+
+#: Opens the stream a tunneled request is carried on (to the daemon over this relay's own
+#: link, or forwarded to the replica holding the daemon's link); raises :class:`TunnelRefused`
+#: with the answer when there is none.
+StreamOpener = Callable[[], Awaitable[MuxStream]]
 
 #: Bytes read from the stream per receive.
 READ_SIZE = 64 * 1024
@@ -98,6 +104,12 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: Methods forwarded without a request body unless the browser declared its length: h11 will
 #: not send a chunked body for them, so such a request is refused with 400 before a stream.
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+#: Seconds a browser is asked to wait (Retry-After) when the replica holding its daemon's link
+#: says the daemon is not there (it may be reconnecting to another replica), when that replica
+#: is busy, and when presence (Redis) cannot be read.
+DAEMON_OFFLINE_RETRY_AFTER = 2
+DAEMON_BUSY_RETRY_AFTER = 1
+STORE_UNAVAILABLE_RETRY_AFTER = 5
 
 
 def json_body(error: str, detail: str) -> bytes:
@@ -105,19 +117,27 @@ def json_body(error: str, detail: str) -> bytes:
 
 
 async def send_json(
-    send: Send, status: int, error: str, detail: str, *, close: bool = False
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    *,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """A whole JSON error answer; ``close`` asks the browser to close the connection after
-    it (the request body was not read: the connection cannot carry another request)."""
+    it (the request body was not read: the connection cannot carry another request).
+    ``headers`` are added (a ``Retry-After``, say)."""
     body = json_body(error, detail)
-    headers = [
+    head = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
+        *(headers or ()),
     ]
     if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -129,7 +149,15 @@ def has_request_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return length is not None and length.strip() not in (b"0", b"")
 
 
-async def refuse(send: Send, status: int, error: str, detail: str, *, close: bool = False) -> None:
+async def refuse(
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    *,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """Answer a request without tunneling it: a JSON error, before its body is read.
 
     hypercorn closes the connection after an answer to a request whose body is unread; with
@@ -137,14 +165,21 @@ async def refuse(send: Send, status: int, error: str, detail: str, *, close: boo
     The unread body is drained by the ASGI guard (:mod:`relay._asgi_guard`) while the answer
     goes out, and no longer.
     """
-    await send_json(send, status, error, detail, close=close)
+    await send_json(send, status, error, detail, close=close, headers=headers)
 
 
 async def refuse_early(
-    scope: dict[str, Any], send: Send, status: int, error: str, detail: str
+    scope: dict[str, Any],
+    send: Send,
+    status: int,
+    error: str,
+    detail: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """:func:`refuse`, closing the connection if the request announced a body."""
-    await refuse(send, status, error, detail, close=has_request_body(scope["headers"]))
+    close = has_request_body(scope["headers"])
+    await refuse(send, status, error, detail, close=close, headers=headers)
 
 
 async def refuse_too_large(send: Send, limit: int) -> None:
@@ -205,13 +240,24 @@ async def open_tunnel_stream(link: DaemonLink, kind: str) -> MuxStream | None:
 
 class TunnelRefused(Exception):
     """A tunneled request cannot get a stream: ``status``, ``error`` and ``detail`` are the
-    answer the browser gets (503 ``daemon_offline``, ``daemon_busy`` or ``too_many_streams``)."""
+    answer the browser gets (503 ``daemon_offline``, ``daemon_busy``, ``too_many_streams`` or
+    ``store_unavailable``), with a ``Retry-After`` of ``retry_after`` seconds if given."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The extra headers of the answer."""
+        if self.retry_after is None:
+            return []
+        return [(b"retry-after", str(self.retry_after).encode())]
 
 
 @contextmanager
@@ -259,6 +305,49 @@ async def open_daemon_stream(relay: Relay, link: DaemonLink) -> MuxStream:
     return stream
 
 
+async def open_forwarded_daemon_stream(
+    relay: Relay, scope_id: str, daemon_id: str, kind: str
+) -> MuxStream:
+    """A stream to ``daemon_id``, whose link another replica of the cluster holds, through
+    that replica (:meth:`relay._replica_link.ClusterNode.open_forwarded_stream`, which bounds
+    every wait). Raises :class:`TunnelRefused`, each with a ``Retry-After``: 503
+    ``daemon_offline`` at once when no replica holds the daemon's link (or the one named
+    cannot be reached), 503 ``daemon_busy`` when that replica refuses for load, 503
+    ``store_unavailable`` when presence (Redis) cannot be read."""
+    from ._replica_link import DaemonOffline, ForwardBusy
+
+    cluster = relay.cluster
+    if cluster is None:
+        raise TunnelRefused(
+            503,
+            "daemon_offline",
+            f"Daemon {daemon_id} is not connected.",
+            retry_after=DAEMON_OFFLINE_RETRY_AFTER,
+        )
+    try:
+        return await cluster.open_forwarded_stream(
+            scope_id, daemon_id, {"kind": kind, "from": "browser"}
+        )
+    except DaemonOffline as offline:
+        raise TunnelRefused(
+            503, "daemon_offline", offline.detail, retry_after=DAEMON_OFFLINE_RETRY_AFTER
+        ) from None
+    except ForwardBusy as busy:
+        relay.metrics.streams_refused.labels("forward_busy").inc()
+        raise TunnelRefused(
+            503, "daemon_busy", busy.detail, retry_after=DAEMON_BUSY_RETRY_AFTER
+        ) from None
+    except StoreError as exc:
+        relay.store_failed(exc)
+        raise TunnelRefused(
+            503,
+            "store_unavailable",
+            "The relay cannot tell where the daemon is connected now (its store is "
+            "unavailable); try again shortly.",
+            retry_after=STORE_UNAVAILABLE_RETRY_AFTER,
+        ) from None
+
+
 def framing_problem(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
     """Why the request's body framing cannot be forwarded as it is, or None."""
     chunked = header(headers, b"transfer-encoding") is not None
@@ -274,12 +363,13 @@ async def tunnel_http(
     scope: dict[str, Any],
     receive: Receive,
     send: Send,
-    link: DaemonLink,
+    opener: StreamOpener,
     target: bytes,
     scope_id: str,
 ) -> None:
-    """Carry one HTTP request to ``link``'s daemon and its response back. ``scope_id`` is the
-    scope whose stream quota the request counts against."""
+    """Carry one HTTP request to a daemon, over the stream ``opener`` gives (see
+    :data:`StreamOpener`), and its response back. ``scope_id`` is the scope whose stream
+    quota the request counts against."""
     method: str = scope["method"]
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     limit = relay.settings.max_body_size
@@ -299,7 +389,7 @@ async def tunnel_http(
             return
     try:
         with scope_stream_slot(relay, scope_id, "http"):
-            stream = await open_daemon_stream(relay, link)
+            stream = await opener()
             relay.metrics.streams_total.labels("http").inc()
             relay.metrics.streams_open.inc()
             try:
@@ -314,7 +404,9 @@ async def tunnel_http(
                 relay.metrics.streams_open.dec()
                 await trio.aclose_forcefully(stream)
     except TunnelRefused as refused:
-        await refuse_early(scope, send, refused.status, refused.error, refused.detail)
+        await refuse_early(
+            scope, send, refused.status, refused.error, refused.detail, headers=refused.headers
+        )
 
 
 class ExchangeState(enum.Enum):
@@ -560,9 +652,16 @@ BROWSER_CLOSE_GRACE = 2.0
 
 
 async def deny_websocket(
-    send: Send, scope: dict[str, Any], status: int, error: str, detail: str
+    send: Send,
+    scope: dict[str, Any],
+    status: int,
+    error: str,
+    detail: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Refuse a WebSocket upgrade with an HTTP status and JSON body (or a bare 403)."""
+    """Refuse a WebSocket upgrade with an HTTP status and JSON body (or a bare 403);
+    ``headers`` are added to the answer."""
     if "websocket.http.response" in scope.get("extensions", {}):
         body = json_body(error, detail)
         await send(
@@ -572,6 +671,7 @@ async def deny_websocket(
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *(headers or ()),
                 ],
             }
         )
@@ -585,18 +685,18 @@ async def tunnel_websocket(
     scope: dict[str, Any],
     receive: Receive,
     send: Send,
-    link: DaemonLink,
+    opener: StreamOpener,
     target: bytes,
     scope_id: str,
 ) -> None:
-    """Bridge a browser WebSocket to the daemon over one stream. ``scope_id`` is the scope
-    whose stream quota it counts against."""
+    """Bridge a browser WebSocket to a daemon over the stream ``opener`` gives. ``scope_id``
+    is the scope whose stream quota it counts against."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     try:
         with scope_stream_slot(relay, scope_id, "websocket"):
-            stream = await open_daemon_stream(relay, link)
+            stream = await opener()
             relay.metrics.streams_total.labels("websocket").inc()
             relay.metrics.streams_open.inc()
             try:
@@ -608,7 +708,9 @@ async def tunnel_websocket(
                 relay.metrics.streams_open.dec()
                 await trio.aclose_forcefully(stream)
     except TunnelRefused as refused:
-        await deny_websocket(send, scope, refused.status, refused.error, refused.detail)
+        await deny_websocket(
+            send, scope, refused.status, refused.error, refused.detail, headers=refused.headers
+        )
 
 
 class BridgeState(enum.Enum):

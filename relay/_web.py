@@ -79,6 +79,15 @@ NO_DAEMON_MESSAGE: Final = (
     "machine, then try again."
 )
 
+#: Shown by the sign-in form of a replica of a cluster when it finds no daemon of the key
+#: connected anywhere a moment after Redis was unreachable (the replicas may not have announced
+#: their links again yet), with a Retry-After of that many seconds.
+PRESENCE_SETTLING_MESSAGE: Final = (
+    "The relay is catching up after an outage of its store and cannot tell yet whether a "
+    "daemon is connected with this key. Try again in a few seconds."
+)
+PRESENCE_SETTLING_RETRY_AFTER: Final = 2
+
 _TEMPLATE: Final = "page.html"
 _SIGNIN_TEMPLATE: Final = "signin.html"
 
@@ -411,7 +420,15 @@ class _Routes:
             return await self._page(
                 status=401, error="This API key is not valid: it is malformed, unknown or revoked."
             )
-        if not relay.links.for_scope(record.scope_id):
+        if not await relay.online_daemons(record.scope_id):
+            if relay.presence is not None and relay.presence.settling:
+                # Redis was away a moment ago: the other replicas may not have announced
+                # their links again yet. Not "no daemon", but "try again shortly".
+                return await self._page(
+                    status=503,
+                    error=PRESENCE_SETTLING_MESSAGE,
+                    headers={"Retry-After": str(PRESENCE_SETTLING_RETRY_AFTER)},
+                )
             return await self._page(status=409, error=NO_DAEMON_MESSAGE)
         try:
             session_id = await relay.open_session(record, now)
@@ -479,9 +496,9 @@ class _Routes:
         if session is None:
             return _redirect("/", 303)
         if self._daemon_id() is None:
-            default = relay.links.default_for(session.scope_id)
-            if default is not None:
-                return _redirect(f"/d/{default.daemon_id}/dashboard/", 303)
+            online = await relay.online_daemons(session.scope_id)
+            if online:
+                return _redirect(f"/d/{online[0].daemon_id}/dashboard/", 303)
         return await self._dashboard_send(INDEX_FILE)
 
     async def dashboard_file(self, asset: str) -> Response:
@@ -515,15 +532,18 @@ class _Routes:
         load balancer sends new sign-ins elsewhere; the links it holds keep serving)."""
         relay = self._relay
         store_up = relay.store_health.up
-        return _json(
-            {
-                "status": "shutting_down" if relay.shutting_down else "ok",
-                "version": self._version,
-                "daemons_connected": len(relay.links),
-                "store": "ok" if store_up else "unavailable",
-            },
-            status=200 if store_up else 503,
-        )
+        body: dict[str, object] = {
+            "status": "shutting_down" if relay.shutting_down else "ok",
+            "version": self._version,
+            "daemons_connected": len(relay.links),
+            "store": "ok" if store_up else "unavailable",
+        }
+        if relay.cluster is not None:
+            # Which replica answered (behind a balancer), and its links to the others.
+            counts = relay.cluster.link_counts()
+            body["replica"] = relay.settings.replica_id
+            body["peer_links"] = counts.dialed + counts.accepted
+        return _json(body, status=200 if store_up else 503)
 
     # -- API ------------------------------------------------------------------------------
 
@@ -590,22 +610,24 @@ class _Routes:
     async def daemons(self) -> Response:
         relay = self._relay
         caller = await self._api_caller(where="api", cookie_needs_origin=False)
-        online = relay.links.for_scope(caller.scope_id)
+        # In a cluster, every replica's links; rtt and version are known of this replica's.
+        online = await relay.online_daemons(caller.scope_id)
         default = online[0] if online else None
         entries: list[dict[str, object]] = []
-        for link in online:
-            rtt = link.rtt
+        for daemon in online:
+            link = daemon.link
+            rtt = None if link is None else link.rtt
             entries.append(
                 {
-                    "daemon_id": link.daemon_id,
+                    "daemon_id": daemon.daemon_id,
                     "online": True,
-                    "connected_since": link.connected_at,
+                    "connected_since": daemon.connected_at,
                     "rtt_ms": None if rtt is None else rtt * 1000.0,
-                    "version": link.version,
-                    "default": link is default,
+                    "version": None if link is None else link.version,
+                    "default": daemon is default,
                 }
             )
-        online_ids = {link.daemon_id for link in online}
+        online_ids = {daemon.daemon_id for daemon in online}
         for daemon_id, _first_seen, _last_seen in await relay.store.known_daemons(caller.scope_id):
             if daemon_id in online_ids:
                 continue
