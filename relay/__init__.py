@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._ratelimit import RateLimiter as RateLimiter
 from ._settings import RelaySettings as RelaySettings
+from ._settings import read_cluster_secret as read_cluster_secret
 from ._store import MEMORY as MEMORY
 from ._store import SESSION_CACHE_TTL as SESSION_CACHE_TTL
 from ._store import KeyRecord as KeyRecord

@@ -86,7 +86,7 @@ def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.cluster_secret_file is not None:
         with needs("the relay server"):
-            from relay._settings import read_cluster_secret
+            from relay import read_cluster_secret
         try:
             cluster["cluster_secret"] = read_cluster_secret(args.cluster_secret_file)
         except ValueError as exc:
