@@ -12,8 +12,13 @@ servers here never half-close. Run it with ``await nursery.start(serve_forwarder
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import signal
 import ssl
+import sys
+from collections.abc import Sequence
 from functools import partial
 
 import trio
@@ -73,3 +78,88 @@ async def serve_forwarder(
             partial(trio.serve_tcp, partial(_forward, to_port, tls), 0, host=HOST)
         )
         task_status.started(listeners[0].socket.getsockname()[1])
+
+
+# -- failover: one preferred destination, the others when it refuses ----------------------
+
+
+async def _dial_first(ports: Sequence[int], start: int) -> trio.SocketStream:
+    """A connection to ``ports[0]``, else to the next port that accepts, trying the others
+    from index ``start`` on (so refused clients spread over them). OSError if none does."""
+    others = list(ports[1:])
+    order = [ports[0], *others[start % len(others) :], *others[: start % len(others)]]
+    failure: OSError | None = None
+    for port in order:
+        try:
+            return await trio.open_tcp_stream(HOST, port)
+        except OSError as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
+async def _failover(ports: Sequence[int], counter: list[int], accepted: trio.SocketStream) -> None:
+    counter[0] += 1
+    try:
+        upstream = await _dial_first(ports, counter[0])
+    except OSError:
+        await trio.aclose_forcefully(accepted)
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def one_way(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await _pump(source, sink)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one_way, accepted, upstream)
+            nursery.start_soon(one_way, upstream, accepted)
+    finally:
+        await trio.aclose_forcefully(upstream)
+        await trio.aclose_forcefully(accepted)
+
+
+async def serve_failover(
+    ports: Sequence[int], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Forward every connection accepted on 127.0.0.1 (a port the system picks, reported once
+    listening) to ``ports[0]``, or, when that refuses, to the first of the others that
+    accepts (round robin over them), until cancelled: the address a connector dials to stay
+    with one replica of a cluster and move to another when that one is gone."""
+    if len(ports) < 2:
+        raise ValueError("a failover forwarder needs at least two ports")
+    counter = [0]
+    async with trio.open_nursery() as nursery:
+        listeners: list[trio.SocketListener] = await nursery.start(
+            partial(trio.serve_tcp, partial(_failover, list(ports), counter), 0, host=HOST)
+        )
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+async def _failover_main(ports: Sequence[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(partial(serve_failover, ports))
+        sys.stdout.write(json.dumps({"event": "ready", "port": port}) + "\n")
+        sys.stdout.flush()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                break
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.forwarder --failover P1,P2,...``: a failover forwarder process
+    (a JSON ``ready`` line with its port on stdout; stops at SIGTERM)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.forwarder")
+    parser.add_argument("--failover", required=True, help="preferred port, then the others")
+    args = parser.parse_args(argv)
+    from bench.processes import raise_fd_limit
+
+    raise_fd_limit()
+    trio.run(_failover_main, [int(part) for part in args.failover.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

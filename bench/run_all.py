@@ -50,6 +50,7 @@ BENCHES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("sse", "sse", ()),
     ("fairness", "fairness", ()),
     ("scale", "scale", ()),
+    ("cluster", "cluster", ()),
 )
 NAMES = tuple(name for name, _, _ in BENCHES)
 MODULES = {name: module for name, module, _ in BENCHES}
@@ -174,6 +175,30 @@ def _scale(data: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _cluster(data: dict[str, Any]) -> list[tuple[str, str]]:
+    small = _get(data, "forwarding", "small", "32") or {}
+    download = _get(data, "forwarding", "download") or {}
+    idle = data.get("idle") or {}
+    per_link = idle.get("bytes_per_link") or {}
+    return [
+        (
+            "cluster, forwarded / local",
+            f"c=32 req/s {_num(_get(small, 'forwarded', 'requests_per_s'))} / "
+            f"{_num(_get(small, 'local', 'requests_per_s'))} "
+            f"(x{_num(small.get('forwarded_vs_local'), 2)}, added p50 "
+            f"{_num(small.get('added_p50_ms'), 2)} ms); download MB/s "
+            f"{_num(download.get('forwarded_mb_per_s'))} / {_num(download.get('local_mb_per_s'))} "
+            f"(x{_num(download.get('forwarded_vs_local'), 2)})",
+        ),
+        (
+            f"cluster, {data.get('idle_links')} idle links over 3 replicas",
+            "KiB/link "
+            + ", ".join(f"{name} {_num(value / 1024)}" for name, value in per_link.items())
+            + f"; all back after a SIGKILL {_num(idle.get('all_back_after_kill_s'), 2)} s",
+        ),
+    ]
+
+
 HEADLINES: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
     "protocol_core": _protocol,
     "small_requests": _small,
@@ -181,6 +206,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
     "sse": _sse,
     "fairness": _fairness,
     "scale": _scale,
+    "cluster": _cluster,
 }
 
 
