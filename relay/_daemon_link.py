@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import trio
 
@@ -20,7 +21,7 @@ from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
 from ._quota import QuotaExceeded
-from ._store import StoreError
+from ._store import KeyRecord, StoreError
 
 log = logging.getLogger("repowire.relay")
 
@@ -67,62 +68,11 @@ async def handle_daemon_link(
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    headers = scope["headers"]
-    assert isinstance(headers, list)
-    client = scope.get("client")
-    address = relay.client_address(client if isinstance(client, tuple) else None, headers)
-
-    if relay.is_shutting_down():
-        await _refuse(send, CloseCode.SHUTTING_DOWN, "relay shutting down")
+    admitted = await _admit(relay, scope, send)
+    if admitted is None:
         return
-    version = (header(headers, b"repowire-protocol") or b"").decode("latin-1").strip()
-    if version != str(PROTOCOL_VERSION):
-        await _refuse(
-            send,
-            CloseCode.INCOMPATIBLE_VERSION,
-            f"relay speaks protocol {PROTOCOL_VERSION}, daemon sent {version[:16] or 'none'}",
-        )
-        return
-    now = relay.clock()
-    authorization = (header(headers, b"authorization") or b"").decode("latin-1")
-    scheme, _, key = authorization.partition(" ")
-    try:
-        record = (
-            await relay.store.verify_key(key.strip(), now=now)
-            if scheme.lower() == "bearer"
-            else None
-        )
-        # Only wrong keys meet the limiter: a right key always links, whatever others sharing
-        # the address have tried.
-        limited = record is None and await relay.auth_limiter.take(address, now) > 0
-    except StoreError as exc:
-        relay.store_failed(exc)
-        await _refuse(send, TRY_AGAIN_LATER, STORE_UNAVAILABLE_REASON)
-        return
-    if record is None:
-        relay.metrics.auth_failures.labels("link").inc()
-        log.info("daemon link refused from %s: invalid key", address)
-        if limited:
-            relay.metrics.rate_limited.labels("link").inc()
-            await _refuse(send, CloseCode.INVALID_KEY, "invalid API key; too many attempts")
-            return
-        await _refuse(send, CloseCode.INVALID_KEY, "invalid API key")
-        return
-    daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
-    if not is_daemon_id(daemon_id):
-        await _refuse(send, CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
-        return
-    daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
+    record, daemon_id, daemon_version, address, holds_slot, now = admitted
     scope_id = record.scope_id
-    holds_slot = _take_link_slot(relay, scope_id, daemon_id)
-    if holds_slot is None:
-        relay.metrics.links_refused.labels("links_per_scope").inc()
-        await _refuse(
-            send,
-            CloseCode.TOO_MANY_LINKS,
-            f"{TOO_MANY_LINKS_REASON} ({relay.scope_links.limit}); stop another daemon using it",
-        )
-        return
     handshakes = relay.link_handshakes
     if not handshakes.try_enter(scope_id):
         if holds_slot:
@@ -182,6 +132,91 @@ async def handle_daemon_link(
             link.holds_link_slot = False
             relay.scope_links.give_back(scope_id)
         link.finished.set()
+
+
+class _Admission(NamedTuple):
+    """What the handshake's headers established for a link about to be accepted."""
+
+    record: KeyRecord
+    daemon_id: str
+    daemon_version: str
+    address: str
+    holds_slot: bool
+    now: float
+
+
+async def _admit(relay: Relay, scope: dict[str, object], send: Send) -> _Admission | None:
+    """Check everything the handshake's headers decide (see :func:`handle_daemon_link`), in
+    that order; a refused link is answered here and ``None`` returned. An admitted link holds
+    its scope's link slot when ``holds_slot`` (the caller gives it back)."""
+    headers = scope["headers"]
+    assert isinstance(headers, list)
+    client = scope.get("client")
+    address = relay.client_address(client if isinstance(client, tuple) else None, headers)
+
+    if relay.is_shutting_down():
+        await _refuse(send, CloseCode.SHUTTING_DOWN, "relay shutting down")
+        return None
+    version = (header(headers, b"repowire-protocol") or b"").decode("latin-1").strip()
+    if version != str(PROTOCOL_VERSION):
+        await _refuse(
+            send,
+            CloseCode.INCOMPATIBLE_VERSION,
+            f"relay speaks protocol {PROTOCOL_VERSION}, daemon sent {version[:16] or 'none'}",
+        )
+        return None
+    now = relay.clock()
+    record = await _verify_key(relay, headers, address, now, send)
+    if record is None:
+        return None
+    daemon_id = (header(headers, b"repowire-daemon-id") or b"").decode("latin-1").strip()
+    if not is_daemon_id(daemon_id):
+        await _refuse(send, CloseCode.PROTOCOL_ERROR, "missing or malformed daemon id")
+        return None
+    daemon_version = (header(headers, b"repowire-version") or b"").decode("latin-1")[:32]
+    holds_slot = _take_link_slot(relay, record.scope_id, daemon_id)
+    if holds_slot is None:
+        relay.metrics.links_refused.labels("links_per_scope").inc()
+        await _refuse(
+            send,
+            CloseCode.TOO_MANY_LINKS,
+            f"{TOO_MANY_LINKS_REASON} ({relay.scope_links.limit}); stop another daemon using it",
+        )
+        return None
+    return _Admission(record, daemon_id, daemon_version, address, holds_slot, now)
+
+
+async def _verify_key(
+    relay: Relay, headers: list[tuple[bytes, bytes]], address: str, now: float, send: Send
+) -> KeyRecord | None:
+    """The key record of the link's ``Authorization: Bearer`` key; ``None`` once the link has
+    been refused (a wrong key: 4401, counted against the address's limit; the key store out of
+    reach: try again later)."""
+    authorization = (header(headers, b"authorization") or b"").decode("latin-1")
+    scheme, _, key = authorization.partition(" ")
+    try:
+        record = (
+            await relay.store.verify_key(key.strip(), now=now)
+            if scheme.lower() == "bearer"
+            else None
+        )
+        # Only wrong keys meet the limiter: a right key always links, whatever others sharing
+        # the address have tried.
+        limited = record is None and await relay.auth_limiter.take(address, now) > 0
+    except StoreError as exc:
+        relay.store_failed(exc)
+        await _refuse(send, TRY_AGAIN_LATER, STORE_UNAVAILABLE_REASON)
+        return None
+    if record is None:
+        relay.metrics.auth_failures.labels("link").inc()
+        log.info("daemon link refused from %s: invalid key", address)
+        if limited:
+            relay.metrics.rate_limited.labels("link").inc()
+            await _refuse(send, CloseCode.INVALID_KEY, "invalid API key; too many attempts")
+            return None
+        await _refuse(send, CloseCode.INVALID_KEY, "invalid API key")
+        return None
+    return record
 
 
 def _take_link_slot(relay: Relay, scope_id: str, daemon_id: str) -> bool | None:
