@@ -77,6 +77,9 @@ class _Fields:
         self.lengths: list[bytes] = []
         #: The token list of each ``Transfer-Encoding`` field, lowercased.
         self.codings: list[list[bytes]] = []
+        #: Whether a ``Transfer-Encoding`` list has an empty element (``chunked,``): refused,
+        #: as h11 refuses it, so the two never disagree on where such a body ends.
+        self.empty_coding = False
         self.connection: list[bytes] = []
         self.hosts = 0
         self.upgrade = False
@@ -86,7 +89,9 @@ class _Fields:
             if name == b"content-length":
                 self.lengths.append(value.strip(b" \t"))
             elif name == b"transfer-encoding":
-                self.codings.append(_tokens(value))
+                tokens = _tokens(value)
+                self.empty_coding |= len(tokens) != value.count(b",") + 1
+                self.codings.append(tokens)
             elif name == b"connection":
                 self.connection.extend(_tokens(value))
             elif name == b"host":
@@ -109,11 +114,9 @@ class _Fields:
 
     def response_codings(self) -> list[bytes]:
         """Every transfer coding of a response, in order. Raises :class:`FramingError` on an
-        empty field or a coding that is not a bare token."""
+        empty field or list element, or a coding that is not a bare token."""
         codings = [coding for field in self.codings for coding in field]
-        if any(not field for field in self.codings) or not all(
-            _TOKEN_ONLY.fullmatch(coding) for coding in codings
-        ):
+        if self.empty_coding or not all(_TOKEN_ONLY.fullmatch(coding) for coding in codings):
             raise FramingError("invalid Transfer-Encoding")
         return codings
 
@@ -248,7 +251,7 @@ class MessageFramer:
         if fields.codings:
             if fields.lengths:
                 raise FramingError("both Content-Length and Transfer-Encoding")
-            if fields.codings != [[b"chunked"]]:
+            if fields.empty_coding or fields.codings != [[b"chunked"]]:
                 raise FramingError("a request body must end with the chunked coding, alone")
             self._phase = _Phase.CHUNK_SIZE
             return

@@ -547,6 +547,17 @@ BAD = [
         for_request=True,
     ),
     Bad(
+        name="request coding list with an empty element",
+        data=_request(b"Transfer-Encoding: chunked,") + b"0\r\n\r\n",
+        error="must end with the chunked coding",
+        for_request=True,
+    ),
+    Bad(
+        name="response coding list with an empty element",
+        data=_response(b"Transfer-Encoding: , chunked") + b"0\r\n\r\n",
+        error="invalid Transfer-Encoding",
+    ),
+    Bad(
         name="empty Transfer-Encoding beside Content-Length",
         data=_response(b"Transfer-Encoding: ", b"Content-Length: 2") + b"hi",
         error="invalid Transfer-Encoding",
