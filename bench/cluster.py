@@ -81,6 +81,7 @@ from bench.report import (
 )
 from bench.wrk import WrkResult, run_wrk
 from relay import SESSION_COOKIE
+from tests.support.processes import free_port
 
 NAME = "cluster"
 REPLICAS = ("relay-a", "relay-b", "relay-c")
@@ -111,15 +112,6 @@ UNUSED_TARGET_PORT = 9
 
 _LISTENING = re.compile(r"repowire relay listening on https?://[^\s:]+:(\d+)")
 _METRICS = re.compile(r"metrics served on http://[^\s:]+:(\d+)/metrics")
-
-
-def _free_port() -> int:
-    """A port free on 127.0.0.1 now (a replica must know its own port before it starts: it
-    advertises it)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @attrs.define(kw_only=True)
@@ -199,7 +191,7 @@ def _start_redis(bench: Bench) -> tuple[Worker, int]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise WorkerError("redis-server is not installed (Debian: apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     worker = Worker(
         "redis",
         [
@@ -231,7 +223,8 @@ def _new_cluster(bench: Bench, redis_port: int) -> Cluster:
         bench=bench,
         redis_port=redis_port,
         secret=secret,
-        ports=[_free_port() for _ in REPLICAS],
+        # Chosen before each replica starts: a replica advertises its own port.
+        ports=[free_port() for _ in REPLICAS],
         replicas=[None for _ in REPLICAS],
     )
     for index in range(len(REPLICAS)):

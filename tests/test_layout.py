@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -152,6 +153,28 @@ def _readme_packages() -> set[str]:
 
 def test_wheel_ships_exactly_the_packages_the_readme_names(tmp_path: Path) -> None:
     """Built from this checkout, the wheel's top level holds the README's packages, no more."""
+    # Built from a copy: setuptools leaves build/ and *.egg-info beside the sources, and files
+    # left there by an earlier build would end up in the next wheel.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            "*.pyc",
+            "test-artifacts",
+            ".mypy_cache",
+            ".ruff_cache",
+            ".pytest_cache",
+            "results",
+            "node_modules",
+        ),
+    )
+    wheels = tmp_path / "wheels"
     # setuptools and wheel come with the dev extra, so the build needs no network.
     built = subprocess.run(
         [
@@ -162,8 +185,8 @@ def test_wheel_ships_exactly_the_packages_the_readme_names(tmp_path: Path) -> No
             "--no-deps",
             "--no-build-isolation",
             "--wheel-dir",
-            str(tmp_path),
-            str(ROOT),
+            str(wheels),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -171,7 +194,7 @@ def test_wheel_ships_exactly_the_packages_the_readme_names(tmp_path: Path) -> No
         check=False,
     )
     assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = tmp_path.glob("repowire-*.whl")
+    (wheel,) = wheels.glob("repowire-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/", 1)[0] for name in archive.namelist()}
     packages = {top for top in tops if not top.endswith((".dist-info", ".data"))}

@@ -30,6 +30,7 @@ from typing import Final
 
 import pytest
 
+from tests.support.processes import free_port
 from tests.support.system import skip_missing
 
 LOOPBACK: Final = "127.0.0.1"
@@ -72,13 +73,6 @@ def redis_server_binary() -> str:
         skip_missing("redis-server", INSTALL)
     return binary
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:

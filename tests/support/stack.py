@@ -28,6 +28,7 @@ from repowire.daemon import DaemonState
 
 from .clients import Address, HttpResponse
 from .daemons import RunningDaemon, start_daemon
+from .processes import free_port
 from .relays import RelayHandle, RelayRunner, start_relay
 
 #: Seconds :func:`start_daemon_for` waits for the link to come up.
@@ -35,11 +36,16 @@ CONNECT_WAIT = 5.0
 
 
 def connector_config(relay_url: str, api_key: str, daemon_id: str) -> ConnectorConfig:
-    """Connector settings for tests: short timeouts and backoff (``attrs.evolve`` the rest)."""
+    """Connector settings for tests: short timeouts and backoff (``attrs.evolve`` the rest).
+
+    The daemon port is a loopback port nothing listens on until a test sets its own: the
+    connector's default (8377) may be the user's own daemon.
+    """
     return ConnectorConfig(
         relay_url=relay_url,
         api_key=api_key,
         daemon_id=daemon_id,
+        daemon_port=free_port(),
         backoff=BackoffConfig(base=0.05, cap=1.0, stable_after=5.0, restart_spread=0.2),
         mux=MuxConfig(keepalive_interval=1.0, keepalive_timeout=1.0),
         connect_timeout=2.0,
