@@ -74,7 +74,6 @@ def redis_server_binary() -> str:
     return binary
 
 
-
 class RedisServer:
     """One ``redis-server`` process at a time, always on the same port and directory.
 
