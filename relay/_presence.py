@@ -46,13 +46,13 @@ from typing import Final, TypeVar
 
 import attrs
 import coredis
-import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 from coredis.response.types import PubSubMessage
 
 from common import is_daemon_id
 
+from ._redis_pubsub import REDIS_ERRORS, UNAVAILABLE, describe, follow_channel, leaves
 from ._store_api import DEFAULT_NAMESPACE, StoreError, StoreUnavailable, check_namespace
 
 log = logging.getLogger("repowire.relay.presence")
@@ -65,17 +65,10 @@ DEFAULT_PRESENCE_TTL: Final = 6.0
 #: Entries per refresh script run; the runs of one refresh go out in one pipeline. Bounds how
 #: long one script keeps Redis busy (a script runs alone).
 REFRESH_BATCH: Final = 256
-#: Events read from Redis but not yet handled; past it the watcher stops reading.
-EVENT_QUEUE_SIZE: Final = 1000
-#: Bounds of the watcher's pause between attempts while Redis is unreachable (doubling).
-WATCH_RETRY_MIN: Final = 0.1
-WATCH_RETRY_MAX: Final = 5.0
 #: Seconds between the refresher's attempts while Redis cannot be reached (rather than a whole
 #: ``ttl / 3``): the entries that lapsed during an outage are written back as soon as Redis
 #: answers again, before browsers find every daemon of another replica missing.
 REFRESH_RETRY: Final = 0.1
-#: Seconds without traffic on the event subscription before it is checked with a PING.
-WATCH_KEEPALIVE: Final = 5.0
 #: The one event kind published on the channel.
 LINK_CLAIMED: Final = "link_claimed"
 #: Longest advertised URL accepted.
@@ -87,17 +80,6 @@ KNOWN_ANSWERS: Final = 10_000
 #: Scope and replica ids: what fits in a Redis key between the separators (no ``:``).
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _URL = re.compile(r"(?:https?|wss?)://[\x21-\x7e]+")
-
-# Errors that mean "Redis cannot be reached now", as opposed to "Redis refused this" (the key
-# store's split, relay._redis_store).
-_UNAVAILABLE: Final = (
-    coredis.exceptions.ConnectionError,
-    coredis.exceptions.ReadOnlyError,
-    coredis.exceptions.ClusterDownError,
-    TimeoutError,
-    OSError,
-)
-_REDIS_ERRORS: Final = (coredis.exceptions.RedisError, *_UNAVAILABLE)
 
 
 @attrs.frozen(kw_only=True)
@@ -554,64 +536,15 @@ class Presence:
         reports the links they would have ended within ``ttl / 3``. Never raises for a failing
         Redis; an exception from ``handler`` ends the watch and propagates as it is.
         """
-        send, receive = trio.open_memory_channel[LinkClaimed](EVENT_QUEUE_SIZE)
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._listen, send)
-            task_status.started()
-            async with receive:
-                async for event in receive:
-                    try:
-                        await handler(event)
-                    except Exception as exc:
-                        # Raised below, outside the nursery, as the handler raised it.
-                        failure = exc
-                        break
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-
-    async def _listen(
-        self,
-        send: trio.MemorySendChannel[LinkClaimed],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        started = False
-        failing = False
-        delay = WATCH_RETRY_MIN
-        async with send:
-            while True:
-                try:
-                    async with self._client.pubsub(
-                        channels=[self._channel],
-                        ignore_subscribe_messages=True,
-                        retry_policy=None,
-                        max_idle_seconds=WATCH_KEEPALIVE,
-                    ) as subscription:
-                        if failing:
-                            failing = False
-                            log.info("presence watcher: Redis is reachable again")
-                        delay = WATCH_RETRY_MIN
-                        if not started:
-                            started = True
-                            task_status.started()
-                        async for message in subscription:
-                            event = _parse_event(message)
-                            if event is not None:
-                                await send.send(event)
-                except* _REDIS_ERRORS as group:
-                    if not failing:
-                        failing = True
-                        log.warning(
-                            "presence watcher: cannot reach Redis (%s); retrying",
-                            _describe(_leaves(group)[0]),
-                        )
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(delay)
-                delay = min(delay * 2, WATCH_RETRY_MAX)
+        await follow_channel(
+            self._client,
+            self._channel,
+            handler,
+            parse=_parse_event,
+            name="presence watcher",
+            logger=log,
+            task_status=task_status,
+        )
 
     # -- internals ------------------------------------------------------------------------
 
@@ -632,7 +565,7 @@ class Presence:
         for attempt in (1, 2):
             try:
                 return await command()
-            except (*_REDIS_ERRORS, ExceptionGroup) as exc:
+            except (*REDIS_ERRORS, ExceptionGroup) as exc:
                 error = _translate(exc, action)
                 if error is None:
                     raise
@@ -671,30 +604,17 @@ def _check_url(url: str) -> None:
         )
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
-def _describe(error: BaseException) -> str:
-    """One line naming ``error``: its type and first line (Redis never sees a secret here)."""
-    lines = str(error).strip().splitlines()
-    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
-    return text if len(text) <= 200 else text[:199] + "…"
-
-
 def _translate(error: BaseException, action: str) -> StoreError | None:
     """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
-    leaves = _leaves(error)
-    if not leaves or not all(isinstance(leaf, _REDIS_ERRORS) for leaf in leaves):
+    failures = leaves(error)
+    if not failures or not all(isinstance(leaf, REDIS_ERRORS) for leaf in failures):
         return None
-    if all(isinstance(leaf, _UNAVAILABLE) for leaf in leaves):
+    if all(isinstance(leaf, UNAVAILABLE) for leaf in failures):
         return StoreUnavailable(
-            f"presence (Redis) cannot be reached while {action}: {_describe(leaves[0])}"
+            f"presence (Redis) cannot be reached while {action}: {describe(failures[0])}"
         )
-    first = next(leaf for leaf in leaves if not isinstance(leaf, _UNAVAILABLE))
-    return StoreError(f"presence failure (Redis) while {action}: {_describe(first)}")
+    first = next(leaf for leaf in failures if not isinstance(leaf, UNAVAILABLE))
+    return StoreError(f"presence failure (Redis) while {action}: {describe(first)}")
 
 
 def _unexpected(action: str) -> StoreError:

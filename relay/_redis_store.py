@@ -66,11 +66,9 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
-from typing import Final, Literal, Self, TypeVar, cast
+from typing import Final, Literal, TypeVar, cast
 
 import coredis
-import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 from coredis.response.types import PubSubMessage
@@ -88,6 +86,7 @@ from common import (
 
 from . import _login_links, _store
 from ._login_links import LOGIN_LINK_TTL, LoginLink, LoginLinksFull, looks_like_token
+from ._redis_pubsub import REDIS_ERRORS, UNAVAILABLE, describe, follow_channel, leaves
 from ._session_cache import SessionCache
 from ._store import (
     _PUBLIC_ID,
@@ -106,6 +105,7 @@ from ._store_api import (
     REDIS_URL_SCHEMES,
     ChangeHandler,
     ChangeKind,
+    ClosedOnExit,
     StoreChange,
     StoreUnavailable,
     check_namespace,
@@ -129,26 +129,8 @@ CLIENT_NAME: Final = "repowire-relay"
 #: Expired sessions deleted per script run by :meth:`RedisStore.purge_expired` (it loops), so
 #: that one run never blocks Redis for long.
 PURGE_BATCH: Final = 500
-#: Changes read from Redis but not yet handled; past it the watcher stops reading.
-CHANGE_QUEUE_SIZE: Final = 1000
-#: Bounds of the watcher's pause between attempts while Redis is unreachable (doubling).
-WATCH_RETRY_MIN: Final = 0.1
-WATCH_RETRY_MAX: Final = 5.0
-#: Seconds without traffic on the change subscription before it is checked with a PING, so
-#: that a silently dead connection is noticed and replaced.
-WATCH_KEEPALIVE: Final = 5.0
 
 _DAEMON_ID_ERROR = "daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
-
-# Errors that mean "Redis cannot be reached now", as opposed to "Redis refused this".
-_UNAVAILABLE: Final = (
-    coredis.exceptions.ConnectionError,  # also ProtocolError, BusyLoadingError (LOADING)
-    coredis.exceptions.ReadOnlyError,  # a replica, during a failover
-    coredis.exceptions.ClusterDownError,
-    TimeoutError,
-    OSError,
-)
-_REDIS_ERRORS: Final = (coredis.exceptions.RedisError, *_UNAVAILABLE)
 
 # -- scripts --------------------------------------------------------------------------------
 # Every script gets the namespace prefix as ARGV[1]. A script is not rolled back if it fails
@@ -534,7 +516,7 @@ return 'copied'
 """
 
 
-class RedisStore:
+class RedisStore(ClosedOnExit):
     """:class:`relay._store_api.Store` in Redis. Open with ``async with RedisStore.open(url)
     as store:``, or wrap a coredis client you entered yourself (Sentinel, custom TLS).
 
@@ -656,17 +638,6 @@ class RedisStore:
         """The coredis client this store uses (not to be closed by the caller): presence
         (``relay._presence``) shares its connection pool."""
         return self._client
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- scopes and keys ----------------------------------------------------------------------
 
@@ -1148,84 +1119,26 @@ class RedisStore:
         Sessions ended while the subscription was down are not announced (none is cached
         here, so lookups are right regardless)."""
         self._require_open()
-        send, receive = trio.open_memory_channel[StoreChange](CHANGE_QUEUE_SIZE)
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._listen, send)
-            task_status.started()
-            async with receive:
-                async for change in receive:
-                    # Announced means applied: this object answers nothing stale from here.
-                    if change.key_id is not None:
-                        self._sessions.forget_key(change.key_id)
-                    if change.session_digest is not None:
-                        self._sessions.forget(change.session_digest)
-                    try:
-                        await handler(change)
-                    except Exception as exc:
-                        # Raised below, outside the nursery, as the handler raised it.
-                        failure = exc
-                        break
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+        revoked = _RevokedKeys(self._revoked_key_ids)
 
-    async def _listen(
-        self,
-        send: trio.MemorySendChannel[StoreChange],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        known: set[str] | None = None
-        started = False
-        failing = False
-        delay = WATCH_RETRY_MIN
-        async with send:
-            while True:
-                try:
-                    async with self._client.pubsub(
-                        channels=[self._channel],
-                        ignore_subscribe_messages=True,
-                        retry_policy=None,  # reconnections are ours: each needs a catch-up
-                        max_idle_seconds=WATCH_KEEPALIVE,
-                    ) as subscription:
-                        revoked = await self._revoked_key_ids()
-                        fresh = sorted(revoked - known) if known is not None else []
-                        known = revoked if known is None else known | revoked
-                        if failing:
-                            log.info("key store watcher: Redis is reachable again")
-                            failing = False
-                        delay = WATCH_RETRY_MIN
-                        if not started:
-                            started = True
-                            task_status.started()
-                        for key_id in fresh:
-                            await send.send(StoreChange(kind=ChangeKind.KEY_REVOKED, key_id=key_id))
-                        async for message in subscription:
-                            change = _parse_event(message)
-                            if change is None:
-                                continue
-                            if change.key_id is not None:
-                                if change.key_id in known:
-                                    continue
-                                known.add(change.key_id)
-                            await send.send(change)
-                except* (*_REDIS_ERRORS, StoreError) as group:
-                    if known is None:
-                        # No baseline: what is revoked when Redis answers may have been
-                        # revoked after the start, so all of it will be announced.
-                        known = set()
-                    if not failing:
-                        failing = True
-                        log.warning(
-                            "key store watcher: cannot reach Redis (%s); retrying",
-                            _describe(_leaves(group)[0]),
-                        )
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(delay)
-                delay = min(delay * 2, WATCH_RETRY_MAX)
+        async def apply(change: StoreChange) -> None:
+            # Announced means applied: this object answers nothing stale from here.
+            if change.key_id is not None:
+                self._sessions.forget_key(change.key_id)
+            if change.session_digest is not None:
+                self._sessions.forget(change.session_digest)
+            await handler(change)
+
+        await follow_channel(
+            self._client,
+            self._channel,
+            apply,
+            parse=revoked.parse,
+            catch_up=revoked.catch_up,
+            name="key store watcher",
+            logger=log,
+            task_status=task_status,
+        )
 
     async def _revoked_key_ids(self) -> set[str]:
         members = await self._call(
@@ -1270,7 +1183,7 @@ class RedisStore:
         for attempt in (1, 2):
             try:
                 result = await command()
-            except (*_REDIS_ERRORS, ExceptionGroup) as exc:
+            except (*REDIS_ERRORS, ExceptionGroup) as exc:
                 error = _translate(exc, action)
                 if error is None:
                     raise
@@ -1314,31 +1227,17 @@ def _client_from_url(
         ) from None
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 def _translate(error: BaseException, action: str) -> StoreError | None:
     """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
-    leaves = _leaves(error)
-    if not leaves or not all(isinstance(leaf, _REDIS_ERRORS) for leaf in leaves):
+    failures = leaves(error)
+    if not failures or not all(isinstance(leaf, REDIS_ERRORS) for leaf in failures):
         return None
-    if all(isinstance(leaf, _UNAVAILABLE) for leaf in leaves):
+    if all(isinstance(leaf, UNAVAILABLE) for leaf in failures):
         return StoreUnavailable(
-            f"the key store (Redis) cannot be reached while {action}: {_describe(leaves[0])}"
+            f"the key store (Redis) cannot be reached while {action}: {describe(failures[0])}"
         )
-    first = next(leaf for leaf in leaves if not isinstance(leaf, _UNAVAILABLE))
-    return StoreError(f"key store failure (Redis) while {action}: {_describe(first)}")
-
-
-def _describe(error: BaseException) -> str:
-    """One line naming ``error``. Redis never sees a raw key or session id, so its messages
-    cannot quote one; the URL (and its password) is never part of them."""
-    lines = str(error).strip().splitlines()
-    text = type(error).__name__ + (f": {lines[0]}" if lines else "")
-    return text if len(text) <= 200 else text[:199] + "…"
+    first = next(leaf for leaf in failures if not isinstance(leaf, UNAVAILABLE))
+    return StoreError(f"key store failure (Redis) while {action}: {describe(first)}")
 
 
 def _unexpected(action: str) -> StoreError:
@@ -1434,3 +1333,40 @@ def _parse_event(message: PubSubMessage) -> StoreChange | None:
         return StoreChange(kind=kind, session_digest=session)
     log.warning("key store watcher: ignored a malformed change message")
     return None
+
+
+class _RevokedKeys:
+    """The revoked keys one :meth:`RedisStore.watch` knows of, so that each is announced at
+    most once: the change feed's catch-up and message filter (:func:`follow_channel`)."""
+
+    def __init__(self, read: Callable[[], Awaitable[set[str]]]) -> None:
+        self._read = read
+        # None until the first read succeeds: then the baseline, and every key announced since.
+        self._known: set[str] | None = None
+
+    async def catch_up(self, first: bool) -> list[StoreChange]:
+        """The revocations to announce after a (re)subscription: those not known yet."""
+        revoked = await self._read()
+        if self._known is None:
+            # On the first attempt what is revoked now was revoked before the watch started:
+            # the baseline. After a failed first attempt there is none: what is revoked may
+            # have been revoked after the start, so all of it is announced.
+            fresh = set() if first else revoked
+            self._known = revoked
+        else:
+            fresh = revoked - self._known
+            self._known |= revoked
+        return [StoreChange(kind=ChangeKind.KEY_REVOKED, key_id=key_id) for key_id in sorted(fresh)]
+
+    def parse(self, message: PubSubMessage) -> StoreChange | None:
+        """The change a message announces, or None for a malformed one or a key's change
+        already announced (or found in a catch-up)."""
+        change = _parse_event(message)
+        if change is None or change.key_id is None:
+            return change
+        # Set: every subscription reads messages only after its catch-up.
+        assert self._known is not None
+        if change.key_id in self._known:
+            return None
+        self._known.add(change.key_id)
+        return change

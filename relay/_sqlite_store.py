@@ -24,8 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import trio
 
@@ -45,7 +44,7 @@ from ._store import (
     _check_time,
     _shown,
 )
-from ._store_api import ChangeHandler, ChangeKind, StoreChange
+from ._store_api import ChangeHandler, ChangeKind, ClosedOnExit, StoreChange
 
 log = logging.getLogger("repowire.relay.store")
 
@@ -57,7 +56,7 @@ POLL_INTERVAL: Final = 0.25
 _DAEMON_ID_ERROR = "daemon id must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
 
 
-class SqliteStore:
+class SqliteStore(ClosedOnExit):
     """:class:`relay._store_api.Store` over one :class:`KeyStore`. Create with :meth:`open`
     (or wrap an open KeyStore, which this object then owns and closes).
 
@@ -107,17 +106,6 @@ class SqliteStore:
     def key_store(self) -> KeyStore:
         """The synchronous store underneath, for code that still calls it directly."""
         return self._store
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- scopes and keys ----------------------------------------------------------------------
 

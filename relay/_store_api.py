@@ -24,11 +24,13 @@ rotation and ended session.
 
 from __future__ import annotations
 
+import abc
 import enum
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from types import TracebackType
+from typing import Final, Protocol, Self
 
 import attrs
 import trio
@@ -41,6 +43,7 @@ __all__ = [
     "REDIS_URL_SCHEMES",
     "ChangeHandler",
     "ChangeKind",
+    "ClosedOnExit",
     "KeyRecord",
     "LoginLink",
     "LoginLinksFull",
@@ -262,3 +265,23 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Release the backend. Idempotent; any later call raises :class:`StoreError`."""
         ...
+
+
+class ClosedOnExit(abc.ABC):
+    """``async with store:`` for a store class: the block gets the store itself, and
+    :meth:`aclose` runs when the block is left, however it is left."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the backend (see :meth:`Store.aclose`)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,4 +1,5 @@
-"""Fixtures for the command-line tests: an isolated home, scripted HTTP servers on loopback."""
+"""Fixtures for the command-line tests: an isolated home, scripted HTTP servers on loopback
+(plain, or behind TLS: ``tests.support.tls``)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from common import generate_key
-from tests.support.fake_http import (
-    FakeHttpServer,
-    SelfSigned,
-    make_self_signed,
-    serve_fake,
-    tls_server_context,
-)
+from tests.support.fake_http import FakeHttpServer, serve_fake
 from tests.support.processes import free_port
+
+# A conftest below the top one cannot load a plugin (pytest_plugins): imported, they serve
+# every test of this folder.
+from tests.support.tls import self_signed, tls_server  # noqa: F401 (fixtures)
 
 _ENV_NAMES = (
     "REPOWIRE_HOME",
@@ -49,19 +48,6 @@ def key() -> str:
 async def http_server() -> AsyncIterator[FakeHttpServer]:
     """A plain-HTTP scripted server on 127.0.0.1 (a relay's API, or a daemon's /health)."""
     async with serve_fake(FakeHttpServer()) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def self_signed(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
-    """A self-signed certificate for 127.0.0.1 (it is its own CA), made with openssl."""
-    return make_self_signed(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-async def tls_server(self_signed: SelfSigned) -> AsyncIterator[FakeHttpServer]:
-    """The scripted server behind TLS with the self-signed certificate."""
-    async with serve_fake(FakeHttpServer(tls=tls_server_context(self_signed))) as server:
         yield server
 
 

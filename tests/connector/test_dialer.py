@@ -7,7 +7,6 @@ port), and directly for the classification of an ended session and of an HTTP re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -18,16 +17,13 @@ import trio
 from connector._dialer import LinkEnd, open_link, rejected, why_ended
 from mux import MuxSession, TransportClosed
 from protocol import PROTOCOL_VERSION, CloseCode, DisconnectReason
-from tests.support.fake_http import (
-    FakeHttpServer,
-    Reply,
-    SelfSigned,
-    make_self_signed,
-    serve_fake,
-    tls_server_context,
-)
+from tests.support.fake_http import FakeHttpServer, Reply, SelfSigned, serve_fake
 from tests.support.fake_relay import BOGUS_KEY, fake_relay_config, start_fake_relay
 from tests.support.processes import free_port
+
+# ``tls_server``: a web server that is not a relay (every path answers 404), behind TLS with
+# the ``self_signed`` certificate.
+pytest_plugins = ("tests.support.tls",)
 
 #: Seconds any test here may take.
 TEST_TIMEOUT = 15
@@ -145,19 +141,6 @@ async def test_an_upgrade_refused_over_http_is_classified_by_its_status(
     assert end.reason is reason
     assert words in end.detail
     assert calls.events == []
-
-
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
-    """A self-signed certificate for 127.0.0.1 (its own CA), made with openssl."""
-    return make_self_signed(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-async def tls_server(self_signed: SelfSigned) -> AsyncIterator[FakeHttpServer]:
-    """A web server that is not a relay (every path answers 404), behind TLS."""
-    async with serve_fake(FakeHttpServer(tls=tls_server_context(self_signed))) as server:
-        yield server
 
 
 async def test_an_untrusted_certificate_is_reported_as_such(tls_server: FakeHttpServer) -> None:
