@@ -169,6 +169,7 @@ async def slow_client(address: Address, head: bytes, started: float, closed: lis
     closed.append(trio.current_time() - started)
 
 
+@pytest.mark.slow
 async def test_slowloris_neither_blocks_others_nor_holds_connections_past_the_deadline(
     lab: Lab,
 ) -> None:

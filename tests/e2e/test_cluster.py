@@ -12,7 +12,9 @@ The module shares one cluster (:func:`cluster_stack`); every test starts from a 
 break something put it back. Figures (recovery times, throughput) are printed: ``pytest -s``
 shows them. The first two tests run independent relays behind the same balancer: they check
 the balancer and the harness alone; the last ones check the deployment files themselves.
-The module takes about a minute, so it is not marked ``slow``.
+Its failure and load cases (the rolling restart, the Redis outage, the stale presence entry,
+the balancer skipping a dead replica, the 256 MiB download) are marked ``slow``: `.ci/run`
+runs them after the default run, which keeps the rest.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ async def probe_upstreams(cluster: RelayCluster, count: int) -> list[tuple[str, 
 # -- the balancer and the harness, with independent replicas ---------------------------------
 
 
+@pytest.mark.slow
 async def test_the_documented_balancer_spreads_requests_and_skips_a_dead_replica(
     tmp_path: Path,
 ) -> None:
@@ -350,6 +353,7 @@ async def test_event_streams_and_websockets_reach_daemons_on_other_replicas(
             assert event["type"] == "message" and event["data"]["to"] == name, event
 
 
+@pytest.mark.slow
 async def test_a_256_mib_download_crosses_replicas(stack: ClusterStack) -> None:
     cluster = stack.cluster
     bulk = stack.bulk
@@ -464,6 +468,7 @@ async def test_a_killed_replica_answers_503_at_once_and_its_daemon_comes_back(
         assert back < LINK_BACK_LIMIT
 
 
+@pytest.mark.slow
 async def test_a_rolling_restart_keeps_answering(stack: ClusterStack) -> None:
     cluster = stack.cluster
     daemons = stack.daemons[:2]
@@ -517,6 +522,7 @@ async def test_a_rolling_restart_keeps_answering(stack: ClusterStack) -> None:
         assert all(x < RESTART_BACK_LIMIT for v in back_after.values() for x in v), back_after
 
 
+@pytest.mark.slow
 async def test_a_redis_outage_keeps_sessions_and_refuses_sign_in(stack: ClusterStack) -> None:
     cluster = stack.cluster
     with trio.fail_after(TEST_TIMEOUT + OUTAGE_GRACE), reported(cluster):
@@ -680,6 +686,7 @@ async def test_revoking_a_key_ends_its_access_on_every_replica_within_a_second(
             cluster.daemons.remove(gamma)
 
 
+@pytest.mark.slow
 async def test_a_stale_presence_entry_neither_hides_a_daemon_nor_outlives_its_ttl(
     stack: ClusterStack,
 ) -> None:

@@ -319,6 +319,7 @@ async def daemon_listing(address: tuple[str, int], key: str) -> dict[str, bool]:
     return {entry["daemon_id"]: entry["online"] for entry in response.json()["daemons"]}
 
 
+@pytest.mark.slow
 async def test_a_silent_link_is_dropped_by_both_ends_within_their_ping_timeouts(
     lab: Lab,
 ) -> None:
@@ -407,6 +408,7 @@ class HerdWatch:
             await trio.sleep(HERD_SAMPLE_INTERVAL)
 
 
+@pytest.mark.slow
 async def test_a_hundred_connectors_reconnect_spread_out_after_a_relay_restart(lab: Lab) -> None:
     with trio.fail_after(TEST_DEADLINE):
         relay = await lab.relay()

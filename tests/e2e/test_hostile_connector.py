@@ -40,6 +40,8 @@ TEST_DEADLINE: Final = 170
 #: Seconds reserved for setup and teardown on top of the fuzzing time.
 SETUP_ALLOWANCE: Final = 40
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def lab(tmp_path: Path) -> AsyncIterator[Lab]:

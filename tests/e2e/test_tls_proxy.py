@@ -406,6 +406,7 @@ async def test_forwarded_headers_reach_the_daemon(proxied_stack: ProxiedStack) -
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 @needs_nginx
 async def test_daemon_link_through_nginx_survives_keepalive(proxied_stack: ProxiedStack) -> None:
     stack = proxied_stack

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -303,6 +304,7 @@ def _pattern(stream_id: int, offset: int, size: int) -> bytes:
     return (seed * (size // 251 + 1))[:size] if size > 251 else seed
 
 
+@pytest.mark.slow
 @weighted(3)
 @given(
     a_config=configs,
