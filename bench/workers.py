@@ -207,7 +207,7 @@ async def _report_progress(connectors: Sequence[Any]) -> None:
 async def connectors_main(args: argparse.Namespace) -> None:
     """Bare connectors (production defaults), each pointing its streams at ``target_port``."""
     from connector import Connector, ConnectorConfig
-    from mux import MuxConfig
+    from mux import link_mux_config
     from relay._server import GC_THRESHOLDS
 
     raise_fd_limit()
@@ -215,7 +215,9 @@ async def connectors_main(args: argparse.Namespace) -> None:
     # relay._server.GC_THRESHOLDS), or this process pauses for seconds in full collections
     # that no real daemon, with its single connector, ever has.
     gc.set_threshold(*GC_THRESHOLDS)
-    mux = MuxConfig() if args.keepalive is None else MuxConfig(keepalive_interval=args.keepalive)
+    mux = link_mux_config()  # what ConnectorConfig uses unless told otherwise
+    if args.keepalive is not None:
+        mux = attrs.evolve(mux, keepalive_interval=args.keepalive)
     connectors = [
         Connector(
             ConnectorConfig(

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from mux import MuxConfig
+from mux import MuxConfig, link_mux_config
 from protocol import BackoffConfig
 
 from ._daemon_pool import DEFAULT_MAX_IDLE
@@ -42,7 +42,8 @@ class ConnectorConfig:
     ca_file: Path | None = None
     version: str = "0.0.0"
     backoff: BackoffConfig = attrs.field(factory=BackoffConfig)
-    mux: MuxConfig = attrs.field(factory=MuxConfig)
+    #: The link's session settings: the bulk-link windows of ``mux.link_mux_config``.
+    mux: MuxConfig = attrs.field(factory=link_mux_config)
     connect_timeout: float = 10.0
     #: Seconds a mesh request may take before it fails with ``timeout``.
     mesh_timeout: float = 30.0

@@ -17,7 +17,7 @@ import attrs
 import trio
 import trio_websocket
 
-from mux import MuxSession, SessionClosed, WebSocketTransport
+from mux import MuxSession, SessionClosed, WebSocketTransport, peer_message_limit
 from protocol import PROTOCOL_VERSION, DisconnectReason, Role
 
 from ._config import ConnectorConfig, link_url
@@ -165,7 +165,7 @@ class _Attempt:
             return connection
         transport = WebSocketTransport(connection)
         try:
-            return await self.serve(transport)
+            return await self.serve(transport, peer_message_limit(connection.handshake_headers))
         finally:
             # The session closed the link already unless we are being cancelled; either way,
             # do not wait long for a peer that may be gone.
@@ -209,9 +209,13 @@ class _Attempt:
                 f"cannot reach the relay: {cause or type(cause).__name__}",
             )
 
-    async def serve(self, transport: WebSocketTransport) -> LinkEnd:
-        """The multiplexed session over ``transport``, from its handshake to its end."""
-        session = MuxSession(transport, Role.CONNECTOR, self.config.mux)
+    async def serve(self, transport: WebSocketTransport, message_limit: int) -> LinkEnd:
+        """The multiplexed session over ``transport``, from its handshake to its end; the
+        messages it writes are at most ``message_limit`` bytes (what the relay reads)."""
+        mux = self.config.mux
+        if mux.max_message_size > message_limit:
+            mux = attrs.evolve(mux, max_message_size=message_limit)
+        session = MuxSession(transport, Role.CONNECTOR, mux)
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(session.run)

@@ -24,7 +24,7 @@ from ._framing import FramingError, MessageFramer
 log = logging.getLogger("repowire.connector")
 
 #: Bytes read per receive from the daemon or the stream.
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 #: Methods retried once on a fresh connection when a kept one turns out to be closed before any
 #: byte of the response: safe to repeat, and sent with no body.
 RETRY_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})

@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Mapping
+from typing import Protocol
 
 import attrs
 import trio
@@ -63,11 +64,30 @@ class MuxConfig:
     #: unanswered keepalive ends the link. DATA is not counted: the windows the peer granted
     #: bound it, and a reader that waited on it would deadlock two peers both sending bulk.
     control_high_water: int = 16 * 1024
+    #: Largest receive window a stream may grow to (see :meth:`MuxSession._acknowledge`);
+    #: growth also needs the protocol's ``window_growth_budget``. None: no stream grows.
+    max_stream_window: int | None = None
     #: Seconds allowed for the final flush and close when the session ends.
     close_timeout: float = 2.0
     #: The same when the session is cancelled (the process is stopping): the close frame goes
     #: out, but the peer's answer is usually unreadable by then, so do not wait for it long.
     cancelled_close_timeout: float = 0.25
+
+
+class WindowBudget(Protocol):
+    """Where a session takes the bytes a stream's grown receive window may make it hold, beyond
+    the protocol's own budget (a relay charges them to the stream's scope). What a stream took
+    is given back once the session has forgotten the stream and its buffer is empty: until
+    then the bytes may still be held."""
+
+    def try_take(self, stream: MuxStream, amount: int) -> bool:
+        """Take ``amount`` for ``stream`` and return True, or return False having taken
+        nothing."""
+        ...
+
+    def give_back(self, stream: MuxStream, amount: int) -> None:
+        """Return ``amount`` taken for ``stream`` by :meth:`try_take`."""
+        ...
 
 
 class MuxSession:
@@ -84,11 +104,18 @@ class MuxSession:
         transport: MessageTransport,
         role: Role,
         config: MuxConfig | None = None,
+        *,
+        window_budget: WindowBudget | None = None,
     ) -> None:
         self.transport = transport
         self.role = role
         self.config = config if config is not None else MuxConfig()
         self.protocol = Session(role, self.config.protocol)
+        self._window_budget = window_budget
+        # Stream windows may grow up to this (no growth when it is the initial window).
+        self._max_stream_window = max(
+            self.config.max_stream_window or 0, self.config.protocol.initial_window_size
+        )
         #: Round-trip time of the last answered keepalive ping, in seconds.
         self.rtt: float | None = None
         #: Why the session ended (one line), once it has.
@@ -375,9 +402,44 @@ class MuxSession:
         self._writer_event.set()
 
     def _acknowledge(self, stream: MuxStream, amount: int) -> None:
-        if not self._ended.is_set():
-            self.protocol.acknowledge_received_data(stream.stream_id, amount)
-            self._wake_writer()
+        """The application consumed ``amount`` bytes of ``stream``: return the credit, and grow
+        the stream's window if the peer had run out of it.
+
+        When the reader takes data while half the window or more is outstanding (received or
+        on its way, not credited back), the peer has been sending as fast as the window lets
+        it: the window may be what sets the pace. Such a window doubles, up to
+        ``max_stream_window``, while the protocol's growth budget and the session's
+        :class:`WindowBudget` allow. A trickle (an event stream) never has half its window
+        outstanding, and a reader that has stopped consumes nothing, so neither grows.
+        """
+        if self._ended.is_set():
+            return
+        protocol = self.protocol
+        left, size = protocol.receive_window(stream.stream_id)
+        protocol.acknowledge_received_data(stream.stream_id, amount)
+        if size and size < self._max_stream_window and left * 2 <= size:
+            self._grow_window(stream, min(size, self._max_stream_window - size))
+        self._wake_writer()
+
+    def _grow_window(self, stream: MuxStream, increment: int) -> None:
+        if increment > self.protocol.window_growth_available:
+            return
+        budget = self._window_budget
+        if budget is not None and not budget.try_take(stream, increment):
+            return
+        if self.protocol.grow_stream_window(stream.stream_id, increment):
+            stream._window_growth += increment
+        elif budget is not None:
+            budget.give_back(stream, increment)
+
+    def _release_growth(self, stream: MuxStream) -> None:
+        """Give ``stream``'s window growth back to the :class:`WindowBudget` once the session
+        has forgotten it and nothing of it is buffered any more (each byte of growth once)."""
+        if not stream._forgotten or stream._chunks or not stream._window_growth:
+            return
+        growth, stream._window_growth = stream._window_growth, 0
+        if self._window_budget is not None:
+            self._window_budget.give_back(stream, growth)
 
     def _end_stream(self, stream: MuxStream) -> None:
         if self._ended.is_set():
@@ -433,6 +495,8 @@ class MuxSession:
     def _forget(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
+            stream._forgotten = True
+            self._release_growth(stream)
             if not stream.local and not stream._accepted:
                 # Reset before anyone accepted it: it must not wait in the accept queue.
                 with contextlib.suppress(ValueError):
@@ -454,6 +518,8 @@ class MuxSession:
         self._ended.set()
         error = SessionClosed(reason)
         for stream in list(self._streams.values()):
+            stream._forgotten = True
+            self._release_growth(stream)
             stream._on_break(error)
         self._streams.clear()
         self._notify("_slot_event")

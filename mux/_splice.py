@@ -7,7 +7,7 @@ from collections.abc import Callable
 import trio
 
 #: Bytes read per receive while splicing.
-SPLICE_CHUNK = 64 * 1024
+SPLICE_CHUNK = 256 * 1024
 
 
 async def _copy(

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ._session import MuxSession
 
 #: ``receive_some()`` without ``max_bytes`` returns at most this much.
-DEFAULT_RECEIVE_SIZE = 64 * 1024
+DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 
 class MuxStream(trio.abc.HalfCloseableStream):
@@ -53,6 +53,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._send_waiter: trio.Event | None = None
         self._receive_waiter: trio.Event | None = None
+        #: Bytes the session has grown this stream's receive window by, and whether the
+        #: session has forgotten the stream: the growth goes back to the session's budget once
+        #: both that is true and the buffer is empty (``MuxSession._release_growth``).
+        self._window_growth = 0
+        self._forgotten = False
 
     def __repr__(self) -> str:
         return f"<MuxStream {self.stream_id} {dict(self.metadata)!r}>"
@@ -127,6 +132,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 if self._chunks:
                     data = self._take(max_bytes or DEFAULT_RECEIVE_SIZE)
                     self.session._acknowledge(self, len(data))
+                    if self._forgotten:
+                        self.session._release_growth(self)
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
                 if self._eof_received:
@@ -145,6 +152,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self.session._close_stream(self)
+            self._drop_unread()
             self._wake()
         await trio.lowlevel.checkpoint()
 
@@ -153,6 +161,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._closed:
             self._closed = True
             self.session._reset_stream(self, code)
+            self._drop_unread()
             self._wake()
 
     # ------------------------------------------------------------------ introspection
@@ -164,6 +173,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def window_growth(self) -> int:
+        """Bytes the session has grown this stream's receive window by (a bulk transfer)."""
+        return self._window_growth
 
     # ------------------------------------------------------------------ driver side
 
@@ -187,9 +201,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def _buffered(self) -> int:
         return sum(len(chunk) for chunk in self._chunks)
 
+    def _drop_unread(self) -> None:
+        """Closed here: nothing buffered will be read. The session has credited it already,
+        unless the session had ended (then there is nobody to credit)."""
+        if self._chunks:
+            self._discard_buffer()
+
     def _discard_buffer(self) -> int:
         size = self._buffered()
         self._chunks.clear()
+        self.session._release_growth(self)
         return size
 
     def _check_can_send(self) -> None:

@@ -120,6 +120,7 @@ class Session:
         self._remote_open = 0  # peer-opened streams not yet closed (counted against our limit)
         self._local_open = 0  # our streams not yet closed (counted against the peer's limit)
         self._backlog: set[int] = set()  # peer-opened streams not yet accepted
+        self._grown = 0  # stream window growth held by streams in the session
         # Peer's settings; valid once the handshake completes.
         self._peer_initial_window = 0
         self._peer_max_frame = MIN_FRAME_SIZE
@@ -190,6 +191,46 @@ class Session:
     def stream_state(self, stream_id: int) -> StreamState:
         stream = self._streams.get(stream_id)
         return stream.state if stream is not None else StreamState.CLOSED
+
+    @property
+    def window_growth_available(self) -> int:
+        """Bytes of stream receive window :meth:`grow_stream_window` may still grant: the
+        config's ``window_growth_budget`` less what streams still in the session hold of it."""
+        return self.config.window_growth_budget - self._grown
+
+    def receive_window(self, stream_id: int) -> tuple[int, int]:
+        """The stream's receive window as ``(left, size)``: what the peer may still send on it
+        now, and the window granted in all (the initial window plus its growth). ``(0, 0)``
+        for a stream that no longer receives (the peer has sent its FIN, or it is closed)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in RECEIVING:
+            return (0, 0)
+        return (stream.window.recv_window, stream.window.size)
+
+    def grow_stream_window(self, stream_id: int, increment: int) -> bool:
+        """Let the peer send ``increment`` more bytes on the stream than the window it started
+        with (SPEC.md, "Flow control", item 10): a WINDOW_UPDATE goes out at once, and credit
+        comes back in steps of half the grown window from then on.
+
+        The growth is taken from the config's ``window_growth_budget`` and returns to it when
+        the stream leaves the session. Returns False, changing nothing, if the stream no longer
+        receives, the budget has less than ``increment`` left, or the session has failed.
+        Raises ValueError for an increment below 1.
+        """
+        if increment < 1:
+            raise ValueError("a window grows by at least one byte")
+        stream = self._streams.get(stream_id)
+        if (
+            self._error is not None
+            or stream is None
+            or stream.state not in RECEIVING
+            or increment > self.window_growth_available
+            or stream.window.size + increment > MAX_WINDOW
+        ):
+            return False
+        self._out.queue_grant(stream_id, stream.window.grow(increment))
+        self._grown += increment
+        return True
 
     def local_flow_control_window(self, stream_id: int) -> int:
         """How many bytes :meth:`send_data` may send on this stream right now."""
@@ -327,7 +368,7 @@ class Session:
             # The peer has sent its FIN: no stream credit goes back, it will send no more.
             window.release(amount)
             if stream.state is _CLOSED and not window.unacked:
-                del self._streams[stream_id]
+                self._drop(stream)
         self._credit_session(amount)
 
     @property
@@ -620,11 +661,16 @@ class Session:
             self._remote_open -= 1
             self._backlog.discard(stream.id)
         if reset or not stream.window.unacked:
-            self._streams.pop(stream.id, None)
+            self._drop(stream)
             # A reset stream's unconsumed data is discarded: give its budget back at once.
             discarded = stream.window.discard()
             if discarded:
                 self._credit_session(discarded)
+
+    def _drop(self, stream: Stream) -> None:
+        """Forget ``stream``; what its window grew by returns to the growth budget."""
+        if self._streams.pop(stream.id, None) is not None:
+            self._grown -= stream.window.size - self.config.initial_window_size
 
     def _credit_session(self, amount: int) -> None:
         """``amount`` received bytes are done with: credit them to the session window, and

@@ -96,6 +96,13 @@ class SessionConfig:
         default=DEFAULT_MAX_QUEUED_CONTROL_FRAMES, validator=_non_negative
     )
 
+    #: Local only: bytes of stream receive window this side may grant beyond the initial
+    #: windows, across the streams in the session at once (:meth:`Session.grow_stream_window`;
+    #: SPEC.md, "Flow control", item 10). 0, the default, never grows a window. Add it to
+    #: ``session_window_size`` as well, so the grown windows of stalled readers cannot use up
+    #: the budget the other streams need (SPEC.md, "Stalled streams and the session budget").
+    window_growth_budget: int = attrs.field(default=0, validator=_non_negative)
+
     def announced(self) -> dict[int, int]:
         return {
             SettingId.INITIAL_WINDOW_SIZE: self.initial_window_size,

@@ -12,8 +12,10 @@ A :class:`Window` keeps both directions of one level (SPEC.md, "Flow control"):
   step's worth has been consumed since the last WINDOW_UPDATE, then all of it at once.
 
 The window grows back only by what it returns in a WINDOW_UPDATE, so what the peer may send
-never exceeds the size it started at: ``recv_window + unacked + pending`` is that size until
-:meth:`Window.release` or :meth:`Window.discard` let bytes go without crediting them.
+never exceeds its :attr:`~Window.size`: ``recv_window + unacked + pending`` is that size until
+:meth:`Window.release` or :meth:`Window.discard` let bytes go without crediting them. The size
+starts at the receive window given and changes only by :meth:`Window.grow`, which grants the
+peer more than was consumed (SPEC.md, "Flow control", item 10).
 
 Nothing here queues a frame: the session turns a returned increment into a WINDOW_UPDATE.
 """
@@ -36,7 +38,7 @@ class Window:
     Every method either completes or raises with the window unchanged.
     """
 
-    __slots__ = ("_step", "pending", "recv_window", "send_window", "stream_id", "unacked")
+    __slots__ = ("_step", "pending", "recv_window", "send_window", "size", "stream_id", "unacked")
 
     def __init__(self, stream_id: int, *, send: int, receive: int, step: int) -> None:
         if not 0 <= send <= MAX_WINDOW or not 0 <= receive <= MAX_WINDOW:
@@ -49,6 +51,9 @@ class Window:
         self.send_window = send
         #: What this side still lets the peer send.
         self.recv_window = receive
+        #: The receive window granted in all: what the peer may have sent and not yet had
+        #: credited back. Raised only by :meth:`grow`.
+        self.size = receive
         #: Received, not yet acknowledged by the application.
         self.unacked = 0
         #: Acknowledged, not yet credited back to the peer.
@@ -100,6 +105,23 @@ class Window:
             return pending
         self.pending = pending
         return None
+
+    def grow(self, increment: int) -> int:
+        """Grant the peer ``increment`` bytes beyond what was consumed: the receive window and
+        its :attr:`size` grow by it, and credit goes back in steps of half the new size.
+        Returns the increment of the WINDOW_UPDATE to send: ``increment`` plus any consumed
+        bytes still waiting for their step, which go out with it. Raises ValueError for an
+        increment below 1 or one that would take the size past 2**31 - 1."""
+        if increment < 1:
+            raise ValueError("a window grows by at least one byte")
+        if self.size + increment > MAX_WINDOW:
+            raise ValueError(f"a window is at most {MAX_WINDOW} bytes")
+        self.size += increment
+        self._step = credit_step(self.size)
+        granted = increment + self.pending
+        self.recv_window += granted
+        self.pending = 0
+        return granted
 
     def release(self, amount: int) -> None:
         """Acknowledge ``amount`` bytes without ever crediting them back: the peer has finished

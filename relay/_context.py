@@ -94,6 +94,11 @@ class Relay:
         self.scope_streams = ScopeCounter("open streams", settings.max_streams_per_scope)
         #: Bytes those streams may make the relay hold (``_settings.stream_cost`` each).
         self.scope_bytes = ScopeCounter("bytes held", settings.max_scope_buffered)
+        #: Bytes of window growth those streams hold (``max_scope_window_growth``; a counter
+        #: of 1 byte when growth is off, which nothing then takes from).
+        self.scope_growth = ScopeCounter(
+            "bytes of window growth", max(1, settings.max_scope_window_growth)
+        )
         #: Browser requests in flight, by session and key, so revocation can end them.
         self.live_access = LiveAccess()
         #: Daemon links each scope holds (registered or in their handshake).

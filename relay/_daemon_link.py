@@ -14,13 +14,23 @@ from typing import NamedTuple
 import trio
 
 from common import is_daemon_id
-from mux import MuxConfig, MuxSession, MuxStream, SessionClosed, splice
-from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role, SessionConfig
+from mux import (
+    LINK_MESSAGE_SIZE,
+    MAX_MESSAGE_HEADER,
+    MAX_STREAM_WINDOW,
+    MuxConfig,
+    MuxSession,
+    MuxStream,
+    SessionClosed,
+    link_protocol_config,
+    splice,
+)
+from protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, Role
 
 from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
 from ._context import Relay, header
 from ._links import DaemonLink
-from ._quota import QuotaExceeded
+from ._quota import QuotaExceeded, ScopeBudget
 from ._store import KeyRecord, StoreError
 
 log = logging.getLogger("repowire.relay")
@@ -86,7 +96,11 @@ async def handle_daemon_link(
         await send(
             {
                 "type": "websocket.accept",
-                "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
+                "headers": [
+                    (b"repowire-protocol", str(PROTOCOL_VERSION).encode()),
+                    # The connector writes messages up to this (mux.peer_message_limit).
+                    (MAX_MESSAGE_HEADER, str(relay.settings.max_websocket_message_size).encode()),
+                ],
             }
         )
     except BaseException:
@@ -99,7 +113,7 @@ async def handle_daemon_link(
         daemon_id=daemon_id,
         scope_id=scope_id,
         key_id=record.key_id,
-        session=_link_session(relay, transport),
+        session=_link_session(relay, transport, scope_id),
         connected_at=now,
         version=daemon_version,
         remote_address=address,
@@ -247,16 +261,22 @@ async def _refuse(send: Send, code: int, reason: str) -> None:
     await send({"type": "websocket.close", "code": int(code), "reason": reason})
 
 
-def _link_session(relay: Relay, transport: AsgiWebSocketTransport) -> MuxSession:
+def _link_session(relay: Relay, transport: AsgiWebSocketTransport, scope_id: str) -> MuxSession:
+    """The link's session: the bulk-link settings (``mux.link_protocol_config``), its streams'
+    window growth charged to the scope (``max_scope_window_growth``; none when that is 0)."""
     settings = relay.settings
+    grows = settings.max_scope_window_growth > 0
     return MuxSession(
         transport,
         Role.RELAY,
         MuxConfig(
-            protocol=SessionConfig(max_concurrent_streams=settings.max_streams_per_link),
+            protocol=link_protocol_config(settings.max_streams_per_link),
+            max_stream_window=MAX_STREAM_WINDOW if grows else None,
+            max_message_size=LINK_MESSAGE_SIZE,
             keepalive_interval=settings.link_ping_interval,
             keepalive_timeout=settings.link_ping_timeout,
         ),
+        window_budget=ScopeBudget(relay.scope_growth, scope_id),
     )
 
 

@@ -8,8 +8,9 @@ Single-threaded (the relay's event loop): no awaits, nothing to lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 
 class QuotaExceeded(Exception):
@@ -64,3 +65,39 @@ class ScopeCounter:
             yield
         finally:
             self.give_back(scope_id, amount)
+
+
+class ScopeBudget:
+    """A :class:`mux.WindowBudget` charging one scope's :class:`ScopeCounter` (a daemon link's
+    streams all belong to the link's scope)."""
+
+    def __init__(self, counter: ScopeCounter, scope_id: str) -> None:
+        self._counter = counter
+        self._scope_id = scope_id
+
+    def try_take(self, stream: object, amount: int) -> bool:
+        return self._counter.try_take(self._scope_id, amount)
+
+    def give_back(self, stream: object, amount: int) -> None:
+        self._counter.give_back(self._scope_id, amount)
+
+
+class StreamScopeBudget:
+    """A :class:`mux.WindowBudget` charging each stream's own scope, named in its metadata
+    (``scope``): a replica link carries streams of every scope. A stream naming none grows
+    nothing."""
+
+    def __init__(self, counter: ScopeCounter) -> None:
+        self._counter = counter
+
+    def try_take(self, stream: _HasMetadata, amount: int) -> bool:
+        scope_id = stream.metadata.get("scope")
+        return bool(scope_id) and self._counter.try_take(str(scope_id), amount)
+
+    def give_back(self, stream: _HasMetadata, amount: int) -> None:
+        self._counter.give_back(str(stream.metadata["scope"]), amount)
+
+
+class _HasMetadata(Protocol):
+    @property
+    def metadata(self) -> Mapping[str, str]: ...

@@ -48,22 +48,22 @@ import trio
 import trio_websocket
 
 from mux import (
+    LINK_MESSAGE_FLOOR,
+    LINK_MESSAGE_SIZE,
+    MAX_MESSAGE_HEADER,
+    MAX_STREAM_WINDOW,
     MuxConfig,
     MuxSession,
     MuxStream,
     SessionClosed,
     StreamResetError,
     WebSocketTransport,
+    WindowBudget,
+    link_protocol_config,
+    peer_message_limit,
     splice,
 )
-from protocol import (
-    DEFAULT_INITIAL_WINDOW_SIZE,
-    PROTOCOL_VERSION,
-    ErrorCode,
-    Role,
-    SessionConfig,
-    StreamState,
-)
+from protocol import PROTOCOL_VERSION, ErrorCode, Role, StreamState
 
 from ._asgi_transport import AsgiWebSocketTransport, Receive, Send
 from ._presence import Presence, PresenceEntry
@@ -103,7 +103,6 @@ _SCOPE_ID = _REPLICA_ID
 _DAEMON_ID = _REPLICA_ID
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_MAC = re.compile(r"[0-9a-f]{64}")
-_MAX_WINDOW = 2**31 - 1
 
 
 @attrs.frozen(kw_only=True)
@@ -132,6 +131,10 @@ class ClusterSettings:
     keepalive_timeout: float = 5.0
     #: Largest difference, in seconds, between a link's signed time and the accepting clock.
     auth_max_skew: float = 60.0
+    #: Largest WebSocket message this replica reads on a link a peer dialed (the relay's
+    #: ``max_websocket_message_size``); named to the peer in the handshake, which writes no
+    #: larger ones.
+    max_message_size: int = LINK_MESSAGE_FLOOR
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -145,7 +148,11 @@ class ClusterSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-        for name in ("max_streams_per_peer_link", "max_forwarded_streams_per_scope"):
+        for name in (
+            "max_streams_per_peer_link",
+            "max_forwarded_streams_per_scope",
+            "max_message_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
@@ -317,6 +324,7 @@ class ClusterNode:
         presence: Presence,
         local_stream_opener: LocalStreamOpener,
         scope_slot: ScopeSlot | None = None,
+        window_budget: WindowBudget | None = None,
         settings: ClusterSettings | None = None,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
@@ -337,6 +345,9 @@ class ClusterNode:
             "forwarded streams", self.settings.max_forwarded_streams_per_scope
         )
         self._scope_slot: ScopeSlot = scope_slot or self._scope_streams.hold
+        # Where forwarded streams' window growth is charged (each to its scope); without
+        # one, windows on replica links do not grow.
+        self._window_budget = window_budget
         self._ssl_context = ssl_context
         self._clock = clock
         self._nursery: trio.Nursery | None = None
@@ -615,7 +626,12 @@ class ClusterNode:
                     message_queue_size=LINK_MESSAGE_QUEUE,
                     receive_buffer_size=LINK_RECEIVE_BUFFER,
                 )
-                candidate = MuxSession(WebSocketTransport(connection), Role.CONNECTOR, self._mux())
+                candidate = MuxSession(
+                    WebSocketTransport(connection),
+                    Role.CONNECTOR,
+                    self._mux(peer_message_limit(connection.handshake_headers)),
+                    window_budget=self._window_budget,
+                )
                 try:
                     session = await nursery.start(candidate.run)
                 except SessionClosed as exc:
@@ -632,19 +648,23 @@ class ClusterNode:
             await session.wait_ended()
             nursery.cancel_scope.cancel()
 
-    def _mux(self) -> MuxConfig:
-        """The session settings of every replica link, both ends."""
+    def _mux(self, message_limit: int = LINK_MAX_MESSAGE) -> MuxConfig:
+        """The session settings of every replica link, both ends; messages written are at
+        most ``message_limit`` bytes, what the other end reads."""
         streams = self.settings.max_streams_per_peer_link
         return MuxConfig(
-            protocol=SessionConfig(
-                max_concurrent_streams=streams,
-                # Room for a full window on every stream: a browser that stops reading stalls
-                # its own stream, never the link (SPEC.md, "Stalled streams and the session
-                # budget"). Memory stays bounded by each scope's stream quota.
-                session_window_size=min(_MAX_WINDOW, streams * DEFAULT_INITIAL_WINDOW_SIZE),
+            # Room for a full initial window on every stream plus the growth budget: a browser
+            # that stops reading stalls its own stream, never the link (SPEC.md, "Stalled
+            # streams and the session budget"). Memory stays bounded by each scope's quotas
+            # on the replica the browser or daemon is on; window growth is charged to the
+            # stream's scope (``window_budget``).
+            protocol=attrs.evolve(
+                link_protocol_config(streams),
                 max_accept_backlog=streams,
                 max_queued_control_frames=max(4096, 2 * streams + 64),
             ),
+            max_stream_window=MAX_STREAM_WINDOW if self._window_budget is not None else None,
+            max_message_size=min(LINK_MESSAGE_SIZE, message_limit),
             keepalive_interval=self.settings.keepalive_interval,
             keepalive_timeout=self.settings.keepalive_timeout,
             handshake_timeout=self.settings.dial_timeout,
@@ -664,7 +684,7 @@ class ClusterNode:
     async def serve_replica_link(self, peer_id: str, transport: AsgiWebSocketTransport) -> None:
         """Serve a link ``peer_id`` dialed to this node over an accepted WebSocket until it
         ends: each stream it opens is a forward (see the module docstring)."""
-        session = MuxSession(transport, Role.RELAY, self._mux())
+        session = MuxSession(transport, Role.RELAY, self._mux(), window_budget=self._window_budget)
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(session.run)
@@ -951,7 +971,10 @@ async def handle_replica_link(
     await send(
         {
             "type": "websocket.accept",
-            "headers": [(b"repowire-protocol", str(PROTOCOL_VERSION).encode())],
+            "headers": [
+                (b"repowire-protocol", str(PROTOCOL_VERSION).encode()),
+                (MAX_MESSAGE_HEADER, str(cluster.settings.max_message_size).encode()),
+            ],
         }
     )
     await cluster.serve_replica_link(peer_id, AsgiWebSocketTransport(receive, send))

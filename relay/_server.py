@@ -28,6 +28,7 @@ from ._app import RelayApp
 from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._links import DaemonLink
+from ._quota import StreamScopeBudget
 from ._settings import APP_QUEUE_SIZE, RelaySettings
 from ._sqlite_store import SqliteStore
 from ._store import StoreError
@@ -364,8 +365,14 @@ def join_cluster(relay: Relay) -> None:
         presence=presence,
         local_stream_opener=relay.open_local_stream,
         scope_slot=relay.forwarded_stream_slot,
+        window_budget=(
+            StreamScopeBudget(relay.scope_growth) if settings.max_scope_window_growth > 0 else None
+        ),
         # A replica waits for a stream to its daemon as long as a request here would.
-        settings=ClusterSettings(open_timeout=settings.stream_open_timeout),
+        settings=ClusterSettings(
+            open_timeout=settings.stream_open_timeout,
+            max_message_size=settings.max_websocket_message_size,
+        ),
     )
     relay.metrics.enable_cluster()
 

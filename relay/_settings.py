@@ -14,7 +14,7 @@ from typing import Final, Literal
 
 import attrs
 
-from mux import MuxConfig
+from mux import LINK_MESSAGE_FLOOR
 from protocol import DEFAULT_INITIAL_WINDOW_SIZE
 
 from ._store_api import DEFAULT_NAMESPACE, check_namespace, check_redis_url
@@ -26,13 +26,15 @@ MIB = 1024 * 1024
 APP_QUEUE_SIZE = 2
 #: The most hypercorn reads from a socket at once: one queued request body piece.
 BODY_PIECE_SIZE = 64 * 1024
-#: Receive window of one stream (the protocol's default, which the relay announces).
+#: Receive window of one stream (the protocol's default, which the relay announces). A bulk
+#: stream's window may grow beyond it; the growth is charged to the scope as it happens.
 STREAM_WINDOW = DEFAULT_INITIAL_WINDOW_SIZE
 
 #: Smallest ``max_websocket_message_size`` accepted: the largest WebSocket message a connector
-#: writes on its link (``mux.MuxConfig.max_message_size``, 256 KiB). The setting bounds every
+#: writes on its link to a relay that does not name a larger limit (``mux.LINK_MESSAGE_FLOOR``,
+#: 256 KiB; the relay names its own in the link's handshake). The setting bounds every
 #: WebSocket message the relay reads: daemon links' and tunneled browsers'.
-MIN_WEBSOCKET_MESSAGE_SIZE = MuxConfig().max_message_size
+MIN_WEBSOCKET_MESSAGE_SIZE = LINK_MESSAGE_FLOOR
 #: Most bytes one character of a text message takes, in UTF-8 or in a Python str: hypercorn
 #: counts a browser's text message in characters (see :func:`stream_cost`).
 BYTES_PER_CHARACTER = 4
@@ -146,9 +148,10 @@ class RelaySettings:
     #: Connectors ping every 10 s of silence, so a live link never waits for the relay's ping.
     link_ping_interval: float = 20.0
     link_ping_timeout: float = 10.0
-    #: How many concurrent streams a daemon link carries (more wait for a slot). The protocol's
-    #: session budget (64 MiB) holds 256 full stream windows: raising this without it lets
-    #: stalled readers use up the budget (SPEC.md, "Stalled streams and the session budget").
+    #: How many concurrent streams a daemon link carries (more wait for a slot). The link's
+    #: session budget is sized from it (``mux.link_protocol_config``: a full initial window
+    #: per stream plus the growth budget), so stalled readers never use it up (SPEC.md,
+    #: "Stalled streams and the session budget").
     max_streams_per_link: int = 256
     #: Daemon links the relay works on connecting at once, from the WebSocket accept to the
     #: protocol HELLO (links with a valid key and daemon id only). A link beyond it is turned
@@ -181,6 +184,13 @@ class RelaySettings:
     #: queued and assembling messages, a mesh stream two windows (one each side). The default
     #: admits ``max_streams_per_scope`` plain requests.
     max_scope_buffered: int = 192 * MIB
+    #: Bytes of stream window growth one scope may hold at once, on top of
+    #: ``max_scope_buffered``: a stream the relay receives in bulk (a download, a mesh
+    #: transfer) grows its window from 256 KiB up to 1 MiB (``mux.MAX_STREAM_WINDOW``), and a
+    #: download that has grown reads in 256 KiB pieces (192 KiB more, ``_tunnel.BULK_READ_SIZE``);
+    #: both are charged here while they last (64 MiB: 68 downloads at full size). Past it,
+    #: streams keep the window and pieces they have. 0 turns growth off.
+    max_scope_window_growth: int = 64 * MIB
     #: Seconds a tunneled request waits for a free stream slot on its daemon's link (the
     #: link's ``max_streams_per_link`` are all taken) before it is answered 503.
     stream_open_timeout: float = 5.0
@@ -259,6 +269,11 @@ class RelaySettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        growth = self.max_scope_window_growth
+        if isinstance(growth, bool) or not isinstance(growth, int) or growth < 0:
+            raise ValueError(
+                f"max_scope_window_growth must be a whole number of at least 0, not {growth!r}"
+            )
         self._check_cluster()
 
     def _check_cluster(self) -> None:

@@ -34,7 +34,7 @@ def api_key_arg(text: str) -> str:
 
 def port_arg(text: str, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
-    if not text.isdigit() or not low <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number {low}-65535, got {text!r}")
     return int(text)
 
@@ -78,8 +78,14 @@ def public_url_arg(text: str) -> str:
 
 
 def byte_size_arg(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {text!r}")
+    return int(text)
+
+
+def byte_count_arg(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a number of bytes (0 or more), got {text!r}")
     return int(text)
 
 
@@ -94,7 +100,7 @@ def seconds_arg(text: str) -> float:
 
 
 def positive_int_arg(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
 
@@ -107,9 +113,11 @@ def metrics_listen_arg(text: str) -> str:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         ipaddress.ip_address(host)
-        valid = sep == ":" and port.isdigit() and 0 <= int(port) <= 65535
+        valid = sep == ":" and port.isascii() and port.isdigit() and 0 <= int(port) <= 65535
     except ValueError:
-        valid = host == "localhost" and port.isdigit() and 0 <= int(port) <= 65535
+        valid = (
+            host == "localhost" and port.isascii() and port.isdigit() and 0 <= int(port) <= 65535
+        )
     if not valid:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not HOST:PORT (such as 127.0.0.1:9108) or 'off'"

@@ -411,6 +411,15 @@ def _add_relay_quota_options(start: argparse.ArgumentParser) -> None:
         ),
     )
     quotas.add_argument(
+        "--max-scope-window-growth",
+        type=types.byte_count_arg,
+        metavar="BYTES",
+        help=(
+            "bytes of window growth the scope's bulk streams may hold on top of that "
+            "(each grows from 256 KiB to 1 MiB); 0 turns growth off (default 67108864, 64 MiB)"
+        ),
+    )
+    quotas.add_argument(
         "--stream-open-timeout",
         type=types.seconds_arg,
         metavar="SECONDS",

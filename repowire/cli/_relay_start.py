@@ -55,6 +55,7 @@ def relay_settings_kwargs(args: argparse.Namespace, home: Path) -> dict[str, Any
         "max_links_per_scope": args.max_links_per_scope,
         "max_streams_per_scope": args.max_streams_per_scope,
         "max_scope_buffered": args.max_scope_buffer,
+        "max_scope_window_growth": args.max_scope_window_growth,
         "stream_open_timeout": args.stream_open_timeout,
         "max_websocket_message_size": args.max_websocket_message,
     }

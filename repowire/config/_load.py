@@ -193,7 +193,7 @@ def _env_port(environ: Mapping[str, str], name: str) -> int | None:
     value = _env(environ, name)
     if value is None:
         return None
-    if not value.isdigit() or not valid_port(int(value)):
+    if not (value.isascii() and value.isdigit()) or not valid_port(int(value)):
         raise ConfigError(f"{name} must be a port number 1-65535, got {value!r}")
     return int(value)
 

@@ -291,6 +291,7 @@ class FakeRelaySettings:
     max_links_per_scope: int | None = None
     max_streams_per_scope: int | None = None
     max_scope_buffered: int | None = None
+    max_scope_window_growth: int | None = None
     stream_open_timeout: float | None = None
     max_websocket_message_size: int | None = None
     metrics_listen: str | None = None
@@ -338,6 +339,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
     argv += ["--trusted-proxy", "10.0.0.1", "--trusted-proxy", "192.168.1.1/16"]
     argv += ["--max-links-per-scope", "3", "--max-streams-per-scope", "40"]
     argv += ["--max-scope-buffer", "2097152", "--stream-open-timeout", "1.5"]
+    argv += ["--max-scope-window-growth", "0"]
     argv += ["--max-websocket-message", "1048576", "--metrics-listen", "[::1]:0"]
     assert main(argv) == 0
     assert started == [
@@ -356,6 +358,7 @@ def test_relay_start_passes_every_flag(home: Path, started: list[Any], tmp_path:
             max_links_per_scope=3,
             max_streams_per_scope=40,
             max_scope_buffered=2097152,
+            max_scope_window_growth=0,
             stream_open_timeout=1.5,
             max_websocket_message_size=1048576,
             metrics_listen="[::1]:0",
@@ -394,6 +397,10 @@ def test_relay_start_metrics_listener_can_be_turned_off(home: Path, started: lis
         ["--metrics-listen", "127.0.0.1:99999"],
         ["--max-links-per-scope", "0"],
         ["--max-streams-per-scope", "many"],
+        ["--max-streams-per-scope", "\u00b2"],
+        ["--max-scope-buffer", "\u00b9\u00b2"],
+        ["--max-scope-window-growth", "-1"],
+        ["--max-scope-window-growth", "64M"],
         ["--stream-open-timeout", "-1"],
     ],
 )
@@ -560,6 +567,7 @@ def test_setup_output_never_contains_the_key(
         ("--max-links-per-scope", "max_links_per_scope"),
         ("--max-streams-per-scope", "max_streams_per_scope"),
         ("--max-scope-buffer", "max_scope_buffered"),
+        ("--max-scope-window-growth", "max_scope_window_growth"),
         ("--stream-open-timeout", "stream_open_timeout"),
         ("--max-websocket-message", "max_websocket_message_size"),
     ],

@@ -216,6 +216,7 @@ def test_home_comes_from_repowire_home_else_the_user_directory(tmp_path: Path) -
         ("REPOWIRE_RELAY_ENABLED", "maybe", "REPOWIRE_RELAY_ENABLED must be 1/0/true/false"),
         ("REPOWIRE_DAEMON_PORT", "80a", "REPOWIRE_DAEMON_PORT must be a port number"),
         ("REPOWIRE_DAEMON_PORT", "70000", "REPOWIRE_DAEMON_PORT must be a port number"),
+        ("REPOWIRE_DAEMON_PORT", "\u00b2", "REPOWIRE_DAEMON_PORT must be a port number"),
         ("REPOWIRE_RELAY_URL", "ftp://x.example", "REPOWIRE_RELAY_URL: relay URL"),
         ("REPOWIRE_RELAY_URL", "ws://x.example/foo", "names the path '/foo'"),
         ("REPOWIRE_API_KEY", "rw_short", "REPOWIRE_API_KEY does not look like"),

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from connector import LinkState
-from mux import MuxStream
+from mux import LINK_FRAME_SIZE, MuxStream
 from protocol import CloseCode, ErrorCode, FrameType
 from tests.support.clients import HttpResponse, http_request
 from tests.support.links import (
@@ -207,7 +207,7 @@ async def test_a_text_message_on_the_link_is_closed_with_4400(stacks: StackFacto
         assert reason.code == CloseCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("length", [64 * 1024 + 1, 2**31 - 1, 2**32 - 1])
+@pytest.mark.parametrize("length", [LINK_FRAME_SIZE + 1, 2**31 - 1, 2**32 - 1])
 async def test_an_oversized_frame_is_refused_on_its_header_before_the_payload_is_sent(
     stacks: StackFactory, length: int
 ) -> None:

@@ -215,6 +215,10 @@ class FaultyStream:
     def reset(self, code: int) -> None:
         self._stream.reset(code)
 
+    @property
+    def window_growth(self) -> int:
+        return self._stream.window_growth
+
 
 def inject_faults(monkeypatch: pytest.MonkeyPatch, plans: list[FaultPlan]) -> None:
     """Route the tunnel's ASGI send/receive and its stream, for requests to

@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from connector import Connector, ConnectorConfig, LinkState
-from mux import MuxConfig
+from mux import link_mux_config
 from protocol import BackoffConfig
 from repowire.daemon import DaemonState
 
@@ -47,7 +47,8 @@ def connector_config(relay_url: str, api_key: str, daemon_id: str) -> ConnectorC
         daemon_id=daemon_id,
         daemon_port=free_port(),
         backoff=BackoffConfig(base=0.05, cap=1.0, stable_after=5.0, restart_spread=0.2),
-        mux=MuxConfig(keepalive_interval=1.0, keepalive_timeout=1.0),
+        # The connector's own link settings (link_mux_config), with a quicker keepalive.
+        mux=attrs.evolve(link_mux_config(), keepalive_interval=1.0, keepalive_timeout=1.0),
         connect_timeout=2.0,
         mesh_timeout=5.0,
     )
