@@ -260,7 +260,7 @@ class Relay:
             if link is None or link.epoch != held.epoch:
                 continue
             try:
-                entry = await presence.where(held.scope_id, held.daemon_id)
+                entry = await presence.where(held.scope_id, held.daemon_id, fresh=True)
                 if entry is None or entry.epoch == held.epoch:
                     continue  # lapsed (the next refresh writes it back), or ours again
                 if entry.epoch > held.epoch:

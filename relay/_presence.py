@@ -71,6 +71,9 @@ REFRESH_BATCH: Final = 256
 REFRESH_RETRY: Final = 0.1
 #: The one event kind published on the channel.
 LINK_CLAIMED: Final = "link_claimed"
+#: Seconds a replica reuses where a daemon's link is (``Presence(reuse_for=...)``) when it
+#: watches the ``link_claimed`` events that make it ask again.
+WHERE_REUSE_SECONDS: Final = 1.0
 #: Longest advertised URL accepted.
 MAX_URL_LENGTH: Final = 512
 #: Answers of :meth:`Presence.where` and :meth:`Presence.daemons_of` kept to ride out a Redis
@@ -251,8 +254,15 @@ class Presence:
         namespace: str = DEFAULT_NAMESPACE,
         ttl: float = DEFAULT_PRESENCE_TTL,
         outage_grace: float = 0.0,
+        reuse_for: float = 0.0,
     ) -> None:
         check_namespace(namespace)
+        if not (math.isfinite(reuse_for) and 0 <= reuse_for <= ttl):
+            raise ValueError(f"reuse_for must be between 0 and the ttl, not {reuse_for!r}")
+        self._reuse_for = reuse_for
+        # (scope id, daemon id) -> (entry, trio time until which it may be reused), oldest
+        # first: answers of where() naming a replica, forgotten on the daemon's next claim.
+        self._recent: OrderedDict[tuple[str, str], tuple[PresenceEntry, float]] = OrderedDict()
         if not (math.isfinite(ttl) and ttl >= 0.01):
             raise ValueError(f"presence ttl must be at least 0.01 s, not {ttl!r}")
         if not (math.isfinite(outage_grace) and outage_grace >= 0):
@@ -295,6 +305,7 @@ class Presence:
         Not retried after a lost connection: it may have been applied."""
         _check_ids(scope_id, daemon_id, replica_id)
         _check_url(advertise_url)
+        self._recent.pop((scope_id, daemon_id), None)
         since = "" if connected_at is None else _time(connected_at)
         reply = await self._script(
             "claiming a daemon link",
@@ -357,6 +368,7 @@ class Presence:
         """Delete ``daemon_id``'s entry if it still carries ``epoch`` (the link ended); True if
         it did. An entry written by a newer claim is left alone."""
         _check_ids(scope_id, daemon_id)
+        self._recent.pop((scope_id, daemon_id), None)
         reply = await self._script(
             "releasing a daemon link",
             self._release,
@@ -369,10 +381,22 @@ class Presence:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def where(self, scope_id: str, daemon_id: str) -> PresenceEntry | None:
+    async def where(
+        self, scope_id: str, daemon_id: str, *, fresh: bool = False
+    ) -> PresenceEntry | None:
         """The live entry of ``daemon_id`` in ``scope_id``, or None (no replica holds its link,
-        or the one that did stopped refreshing it for ``ttl``)."""
+        or the one that did stopped refreshing it for ``ttl``).
+
+        With ``reuse_for`` (and not ``fresh``), an entry read at most that long ago is
+        answered again without asking Redis, unless a ``link_claimed`` event for the daemon
+        arrived since (:meth:`watch` must be running) or this object claimed or released it.
+        The caller learns from the replica named whether it still holds the link, and asks
+        again with ``fresh`` when it does not."""
         _check_ids(scope_id, daemon_id)
+        if self._reuse_for and not fresh:
+            recent = self._recent.get((scope_id, daemon_id))
+            if recent is not None and trio.current_time() < recent[1]:
+                return recent[0]
         key = f"{self._prefix}presence:{scope_id}:{daemon_id}"
         question = ("where", scope_id, daemon_id)
         try:
@@ -403,7 +427,20 @@ class Presence:
                 # Lapsed in the outage, perhaps, and not written back yet.
                 return known[0]
         self._remember(question, entry)
+        self._reuse(scope_id, daemon_id, entry)
         return entry
+
+    def _reuse(self, scope_id: str, daemon_id: str, entry: PresenceEntry | None) -> None:
+        """Keep ``entry`` for :meth:`where` to answer again (none: forget the daemon's)."""
+        if not self._reuse_for:
+            return
+        recent = self._recent
+        recent.pop((scope_id, daemon_id), None)
+        if entry is None:
+            return
+        recent[(scope_id, daemon_id)] = (entry, trio.current_time() + self._reuse_for)
+        while len(recent) > KNOWN_ANSWERS:
+            recent.popitem(last=False)
 
     async def daemons_of(self, scope_id: str) -> list[PresentDaemon]:
         """The daemons of ``scope_id`` whose link some replica holds now, the longest connected
@@ -536,10 +573,16 @@ class Presence:
         reports the links they would have ended within ``ttl / 3``. Never raises for a failing
         Redis; an exception from ``handler`` ends the watch and propagates as it is.
         """
+
+        async def on_event(event: LinkClaimed) -> None:
+            # The daemon's link moved (or was made again): where() must ask Redis.
+            self._recent.pop((event.scope_id, event.daemon_id), None)
+            await handler(event)
+
         await follow_channel(
             self._client,
             self._channel,
-            handler,
+            on_event,
             parse=_parse_event,
             name="presence watcher",
             logger=log,

@@ -456,7 +456,7 @@ class ClusterNode:
                 failure = offline
             # The daemon may have moved since presence was read (its replica died, it
             # reconnected elsewhere): one more try if presence names another link now.
-            fresh = await self.presence.where(scope_id, daemon_id)
+            fresh = await self.presence.where(scope_id, daemon_id, fresh=True)
             if fresh is None or fresh.epoch == entry.epoch:
                 raise failure
             entry = fresh

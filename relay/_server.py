@@ -340,7 +340,7 @@ def join_cluster(relay: Relay) -> None:
     replica's node of the replica mesh (:attr:`Relay.presence`, :attr:`Relay.cluster`).
     Their tasks run under :func:`run_cluster`."""
     # Imported here: coredis is needed only for a cluster.
-    from ._presence import Presence
+    from ._presence import WHERE_REUSE_SECONDS, Presence
     from ._redis_store import RedisStore
     from ._replica_link import ClusterNode, ClusterSettings
 
@@ -356,6 +356,9 @@ def join_cluster(relay: Relay) -> None:
         ttl=settings.presence_ttl,
         # Where daemons are is served from memory through an outage as long as sessions are.
         outage_grace=settings.store_outage_grace,
+        # A forwarded request reuses a second-old answer instead of asking Redis each time;
+        # the daemon's next claim (presence.watch, below) or a refusal makes it ask again.
+        reuse_for=min(WHERE_REUSE_SECONDS, settings.presence_ttl),
     )
     relay.presence = presence
     relay.cluster = ClusterNode(

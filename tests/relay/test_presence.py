@@ -416,3 +416,57 @@ def _written_back(presence: Presence) -> Callable[[], Awaitable[bool]]:
             return False
 
     return check
+
+
+# -- reusing where() answers ----------------------------------------------------------------------
+
+
+async def test_where_reuses_an_answer_for_its_window_and_fresh_asks_redis(
+    client: coredis.Redis[bytes],
+) -> None:
+    presence = Presence(client, reuse_for=0.5)
+    with trio.fail_after(IO_DEADLINE):
+        epoch = await presence.claim(SCOPE, "laptop", "replica-a", URL_A, connected_at=T0)
+        entry = await presence.where(SCOPE, "laptop")
+        assert entry is not None and entry.epoch == epoch
+        await client.delete([b"repowire:presence:scope_0a:laptop"])
+        assert await presence.where(SCOPE, "laptop") == entry  # from memory
+        assert await presence.where(SCOPE, "laptop", fresh=True) is None
+        # A fresh answer of "nobody" is not kept: the next question asks Redis too.
+        await presence.claim(SCOPE, "laptop", "replica-b", URL_B, connected_at=T0)
+        moved = await presence.where(SCOPE, "laptop")
+        assert moved is not None and moved.replica_id == "replica-b"
+        await client.delete([b"repowire:presence:scope_0a:laptop"])
+        await trio.sleep(0.5)
+        assert await presence.where(SCOPE, "laptop") is None  # the window is over
+
+
+async def test_another_replicas_claim_makes_where_ask_again_at_once(
+    client: coredis.Redis[bytes], redis_url: str
+) -> None:
+    replica_b = Presence(client, reuse_for=5.0)
+    events = Events()
+    async with coredis.Redis.from_url(redis_url, decode_responses=False) as other_client:
+        replica_a = Presence(other_client)
+        with trio.fail_after(IO_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(replica_b.watch, events)
+                first = await replica_a.claim(SCOPE, "laptop", "replica-a", URL_A)
+                await events.next()
+                entry = await replica_b.where(SCOPE, "laptop")
+                assert entry is not None and entry.epoch == first
+                # The daemon relinks through replica C: B hears of it and asks Redis again,
+                # well within its 5 s window.
+                moved = await replica_a.claim(SCOPE, "laptop", "replica-c", URL_B)
+                await events.next()
+                now = await replica_b.where(SCOPE, "laptop")
+                assert now is not None and (now.epoch, now.replica_id) == (moved, "replica-c")
+                nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("reuse_for", [-0.1, 7.0, float("nan"), float("inf")])
+async def test_reuse_for_is_between_zero_and_the_ttl(
+    client: coredis.Redis[bytes], reuse_for: float
+) -> None:
+    with pytest.raises(ValueError, match="reuse_for"):
+        Presence(client, ttl=6.0, reuse_for=reuse_for)
