@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from common import is_daemon_id, reason_phrase
-from mux import MuxStream, splice
+from mux import BULK_SPLICE_CHUNK, MuxStream, splice
 from protocol import ErrorCode
 
 from ._daemon_pool import DaemonPool
@@ -238,4 +238,5 @@ async def _carry(stream: MuxStream, pool: DaemonPool, request: _Request) -> None
         stream.reset(ErrorCode.CANCEL)
         await trio.aclose_forcefully(daemon)
         raise
-    await splice(stream, daemon)
+    # The connector's own memory: larger pieces, fewer wakeups per byte of a busy WebSocket.
+    await splice(stream, daemon, chunk=BULK_SPLICE_CHUNK)

@@ -21,6 +21,9 @@ from ._masking import install_fast_masking as install_fast_masking
 from ._session import MuxConfig as MuxConfig
 from ._session import MuxSession as MuxSession
 from ._session import WindowBudget as WindowBudget
+from ._splice import BULK_SPLICE_CHUNK as BULK_SPLICE_CHUNK
+from ._splice import SPLICE_CHUNK as SPLICE_CHUNK
+from ._splice import GrowingChunks as GrowingChunks
 from ._splice import splice as splice
 from ._stream import MuxStream as MuxStream
 from ._transport import MemoryTransport as MemoryTransport

@@ -52,6 +52,8 @@ from mux import (
     LINK_MESSAGE_SIZE,
     MAX_MESSAGE_HEADER,
     MAX_STREAM_WINDOW,
+    SPLICE_CHUNK,
+    GrowingChunks,
     MuxConfig,
     MuxSession,
     MuxStream,
@@ -752,10 +754,14 @@ class ClusterNode:
                 return
             self.stats.forwarded_in += 1
             self.stats.open_in += 1
+            budget = self._window_budget
+            chunks = SPLICE_CHUNK if budget is None else GrowingChunks(budget, stream)
             try:
-                await splice(_AbortRelay(stream, local), _AbortRelay(local, stream))
+                await splice(_AbortRelay(stream, local), _AbortRelay(local, stream), chunk=chunks)
             finally:
                 self.stats.open_in -= 1
+                if isinstance(chunks, GrowingChunks):
+                    chunks.release()
 
 
 class _AbortRelay(trio.abc.HalfCloseableStream):
@@ -778,6 +784,11 @@ class _AbortRelay(trio.abc.HalfCloseableStream):
         self.stream = stream
         self.partner = partner
         self._eof_sent = False
+
+    @property
+    def window_growth(self) -> int:
+        """What ``stream``'s receive window has grown by (``mux.GrowingChunks`` asks)."""
+        return self.stream.window_growth
 
     def _abort_partner(self, error: BaseException | None) -> None:
         code = error.code if isinstance(error, StreamResetError) else ErrorCode.CANCEL

@@ -253,3 +253,29 @@ def test_the_message_limit_comes_from_the_peers_header_and_never_goes_below_the_
     assert peer_message_limit([(MAX_MESSAGE_HEADER, b"4096")]) == LINK_MESSAGE_FLOOR
     for unusable in (b"", b"-1", b"1e9", b"0x100000", b"9" * 13, b"\xff", b"\xb2", b"1\xb9"):
         assert peer_message_limit([(MAX_MESSAGE_HEADER, unusable)]) == LINK_MESSAGE_FLOOR
+
+
+class _Source:
+    def __init__(self, growth: int) -> None:
+        self.window_growth = growth
+
+
+def test_splice_reads_grow_for_a_bulk_source_once_the_budget_takes_the_extra() -> None:
+    from mux import BULK_SPLICE_CHUNK, SPLICE_CHUNK, GrowingChunks
+
+    extra = BULK_SPLICE_CHUNK - SPLICE_CHUNK
+    budget = Budget(limit=extra)
+    payer = object()
+    chunks = GrowingChunks(budget, payer)  # type: ignore[arg-type]
+    quiet, bulk, other_bulk = _Source(0), _Source(1), _Source(1)
+    assert chunks(quiet) == SPLICE_CHUNK  # no growth: small, nothing taken
+    assert budget.held == 0
+    assert chunks(bulk) == BULK_SPLICE_CHUNK
+    assert chunks(bulk) == BULK_SPLICE_CHUNK  # charged once per source
+    assert budget.held == extra
+    assert chunks(other_bulk) == SPLICE_CHUNK  # the budget is full: stays small
+    assert chunks(other_bulk) == SPLICE_CHUNK
+    assert budget.refused == 1  # and does not ask again
+    chunks.release()
+    chunks.release()
+    assert budget.held == 0
