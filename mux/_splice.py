@@ -36,7 +36,7 @@ class GrowingChunks:
         self._large: set[int] = set()  # id() of the sources read in bulk
         self._refused: set[int] = set()
 
-    def __call__(self, source: trio.abc.ReceiveStream) -> int:
+    def __call__(self, source: object) -> int:
         key = id(source)
         if key in self._large:
             return BULK_SPLICE_CHUNK

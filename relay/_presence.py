@@ -257,14 +257,17 @@ class Presence:
         reuse_for: float = 0.0,
     ) -> None:
         check_namespace(namespace)
+        if not (math.isfinite(ttl) and ttl >= 0.01):
+            raise ValueError(f"presence ttl must be at least 0.01 s, not {ttl!r}")
         if not (math.isfinite(reuse_for) and 0 <= reuse_for <= ttl):
             raise ValueError(f"reuse_for must be between 0 and the ttl, not {reuse_for!r}")
         self._reuse_for = reuse_for
         # (scope id, daemon id) -> (entry, trio time until which it may be reused), oldest
         # first: answers of where() naming a replica, forgotten on the daemon's next claim.
         self._recent: OrderedDict[tuple[str, str], tuple[PresenceEntry, float]] = OrderedDict()
-        if not (math.isfinite(ttl) and ttl >= 0.01):
-            raise ValueError(f"presence ttl must be at least 0.01 s, not {ttl!r}")
+        # Bumped by every forget(): an answer read before one is not kept (it may be what was
+        # just forgotten).
+        self._forgotten = 0
         if not (math.isfinite(outage_grace) and outage_grace >= 0):
             raise ValueError(f"outage grace must be a finite number >= 0, not {outage_grace!r}")
         self._outage_grace = outage_grace
@@ -305,7 +308,7 @@ class Presence:
         Not retried after a lost connection: it may have been applied."""
         _check_ids(scope_id, daemon_id, replica_id)
         _check_url(advertise_url)
-        self._recent.pop((scope_id, daemon_id), None)
+        self.forget(scope_id, daemon_id)
         since = "" if connected_at is None else _time(connected_at)
         reply = await self._script(
             "claiming a daemon link",
@@ -317,6 +320,8 @@ class Presence:
             since,
             self._ttl_ms,
         )
+        # Again once it is written: a where() that read the old entry meanwhile keeps nothing.
+        self.forget(scope_id, daemon_id)
         if not isinstance(reply, int) or isinstance(reply, bool) or reply < 1:
             raise _unexpected("claiming a daemon link")
         return reply
@@ -368,7 +373,7 @@ class Presence:
         """Delete ``daemon_id``'s entry if it still carries ``epoch`` (the link ended); True if
         it did. An entry written by a newer claim is left alone."""
         _check_ids(scope_id, daemon_id)
-        self._recent.pop((scope_id, daemon_id), None)
+        self.forget(scope_id, daemon_id)
         reply = await self._script(
             "releasing a daemon link",
             self._release,
@@ -377,6 +382,7 @@ class Presence:
             str(epoch),
             idempotent=True,
         )
+        self.forget(scope_id, daemon_id)
         return reply == 1
 
     # -- reads ----------------------------------------------------------------------------
@@ -399,6 +405,7 @@ class Presence:
                 return recent[0]
         key = f"{self._prefix}presence:{scope_id}:{daemon_id}"
         question = ("where", scope_id, daemon_id)
+        forgotten = self._forgotten
         try:
             fields = await self._call(
                 "looking up a daemon link",
@@ -427,17 +434,25 @@ class Presence:
                 # Lapsed in the outage, perhaps, and not written back yet.
                 return known[0]
         self._remember(question, entry)
-        self._reuse(scope_id, daemon_id, entry)
+        if entry is None:
+            self._recent.pop((scope_id, daemon_id), None)
+        elif forgotten == self._forgotten:
+            self._reuse(scope_id, daemon_id, entry)
         return entry
 
-    def _reuse(self, scope_id: str, daemon_id: str, entry: PresenceEntry | None) -> None:
-        """Keep ``entry`` for :meth:`where` to answer again (none: forget the daemon's)."""
+    def forget(self, scope_id: str, daemon_id: str) -> None:
+        """Stop reusing what :meth:`where` last read for ``daemon_id`` (its link moved): the
+        next question asks Redis. Also done on each ``link_claimed`` event :meth:`watch`
+        receives, and on this object's own :meth:`claim` and :meth:`release`."""
+        self._forgotten += 1
+        self._recent.pop((scope_id, daemon_id), None)
+
+    def _reuse(self, scope_id: str, daemon_id: str, entry: PresenceEntry) -> None:
+        """Keep ``entry`` for :meth:`where` to answer again, for ``reuse_for`` seconds."""
         if not self._reuse_for:
             return
         recent = self._recent
         recent.pop((scope_id, daemon_id), None)
-        if entry is None:
-            return
         recent[(scope_id, daemon_id)] = (entry, trio.current_time() + self._reuse_for)
         while len(recent) > KNOWN_ANSWERS:
             recent.popitem(last=False)
@@ -576,7 +591,7 @@ class Presence:
 
         async def on_event(event: LinkClaimed) -> None:
             # The daemon's link moved (or was made again): where() must ask Redis.
-            self._recent.pop((event.scope_id, event.daemon_id), None)
+            self.forget(event.scope_id, event.daemon_id)
             await handler(event)
 
         await follow_channel(

@@ -435,9 +435,13 @@ class ClusterNode:
         stream half-opened."""
         inner = _inner_metadata(metadata)
         entry = await self.presence.where(scope_id, daemon_id)
+        if entry is not None and entry.replica_id == self.replica_id:
+            # A reused answer may name this replica just after the link here ended: ask Redis.
+            entry = await self.presence.where(scope_id, daemon_id, fresh=True)
         if entry is None:
             raise DaemonOffline(f"Daemon {daemon_id} is not connected.")
         failure: DaemonOffline | None = None
+        looked_again = False
         while True:
             if entry.replica_id == self.replica_id:
                 # Presence names this replica, whose registry the caller found empty: the link
@@ -453,11 +457,13 @@ class ClusterNode:
                 failure = lost
                 continue
             except DaemonOffline as offline:
-                if failure is not None:
+                if looked_again:
                     raise
                 failure = offline
             # The daemon may have moved since presence was read (its replica died, it
-            # reconnected elsewhere): one more try if presence names another link now.
+            # reconnected elsewhere; or the answer was a reused one): one more try if
+            # presence names another link now. Asked once per request.
+            looked_again = True
             fresh = await self.presence.where(scope_id, daemon_id, fresh=True)
             if fresh is None or fresh.epoch == entry.epoch:
                 raise failure

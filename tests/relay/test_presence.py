@@ -432,8 +432,9 @@ async def test_where_reuses_an_answer_for_its_window_and_fresh_asks_redis(
         await client.delete([b"repowire:presence:scope_0a:laptop"])
         assert await presence.where(SCOPE, "laptop") == entry  # from memory
         assert await presence.where(SCOPE, "laptop", fresh=True) is None
-        # A fresh answer of "nobody" is not kept: the next question asks Redis too.
-        await presence.claim(SCOPE, "laptop", "replica-b", URL_B, connected_at=T0)
+        # A fresh answer of "nobody" is not kept: the next question asks Redis too (the entry
+        # is written back behind this object's back, as another replica would).
+        await Presence(client).claim(SCOPE, "laptop", "replica-b", URL_B, connected_at=T0)
         moved = await presence.where(SCOPE, "laptop")
         assert moved is not None and moved.replica_id == "replica-b"
         await client.delete([b"repowire:presence:scope_0a:laptop"])
@@ -470,3 +471,17 @@ async def test_reuse_for_is_between_zero_and_the_ttl(
 ) -> None:
     with pytest.raises(ValueError, match="reuse_for"):
         Presence(client, ttl=6.0, reuse_for=reuse_for)
+
+
+async def test_a_release_or_forget_stops_the_reuse_at_once(client: coredis.Redis[bytes]) -> None:
+    presence = Presence(client, reuse_for=5.0)
+    with trio.fail_after(IO_DEADLINE):
+        epoch = await presence.claim(SCOPE, "laptop", "replica-a", URL_A, connected_at=T0)
+        assert await presence.where(SCOPE, "laptop") is not None
+        assert await presence.release(SCOPE, "laptop", epoch)
+        assert await presence.where(SCOPE, "laptop") is None  # not the reused answer
+        await presence.claim(SCOPE, "laptop", "replica-a", URL_A, connected_at=T0)
+        assert await presence.where(SCOPE, "laptop") is not None
+        await client.delete([b"repowire:presence:scope_0a:laptop"])
+        presence.forget(SCOPE, "laptop")
+        assert await presence.where(SCOPE, "laptop") is None
