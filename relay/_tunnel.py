@@ -398,8 +398,9 @@ async def tunnel_http(
             stream = await opener()
             relay.metrics.streams_total.labels("http").inc()
             relay.metrics.streams_open.inc()
-            exchange = HttpExchange(relay, scope, receive, send, stream, target, scope_id)
+            exchange: HttpExchange | None = None
             try:
+                exchange = HttpExchange(relay, scope, receive, send, stream, target, scope_id)
                 await exchange.run(has_length=declared is not None)
             except BaseException:
                 # Cancelled (access revoked, the relay stopping) or failed: the daemon's side
@@ -408,7 +409,8 @@ async def tunnel_http(
                 raise
             finally:
                 relay.metrics.streams_open.dec()
-                exchange.release()
+                if exchange is not None:
+                    exchange.release()
                 await trio.aclose_forcefully(stream)
     except TunnelRefused as refused:
         await refuse_early(

@@ -83,6 +83,11 @@ def _link_up(port: int, budget: Budget) -> bool:
     return isinstance(relay, dict) and relay.get("state") == "connected"
 
 
+def _default_signals() -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.fixture
 def script_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
     """The script started on free ports; its process group is killed after the test."""
@@ -102,6 +107,10 @@ def script_run(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, i
             stdout=out,
             stderr=err,
             start_new_session=True,  # a group of its own, for the cleanup below
+            # As a terminal starts it: a signal ignored on entry cannot be trapped by bash,
+            # and a suite run under nohup or as a background job inherits SIGHUP or SIGINT
+            # ignored.
+            preexec_fn=_default_signals,
         )
     try:
         yield process, relay_port, daemon_port
