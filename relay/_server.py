@@ -29,7 +29,7 @@ from ._asgi_transport import Receive, Send
 from ._context import Relay
 from ._links import DaemonLink
 from ._quota import StreamScopeBudget
-from ._settings import APP_QUEUE_SIZE, RelaySettings
+from ._settings import APP_QUEUE_SIZE, BODY_PIECE_SIZE, RelaySettings
 from ._sqlite_store import SqliteStore
 from ._store import StoreError
 from ._store_api import Store
@@ -96,7 +96,21 @@ class RunningRelay:
         self._stop.set()
 
 
+def read_in_body_pieces() -> None:
+    """Make hypercorn read up to :data:`~relay._settings.BODY_PIECE_SIZE` from a socket at
+    once (a module constant of its TCP server, 64 KiB, not a setting): each read becomes one
+    body piece or a share of a WebSocket message, and is handled as one, so larger reads cost
+    the relay less CPU per byte. Raises RuntimeError if this hypercorn has no such constant
+    (the relay's accounting of what a request may hold assumes the size)."""
+    from hypercorn.trio import tcp_server
+
+    if not isinstance(getattr(tcp_server, "MAX_RECV", None), int):
+        raise RuntimeError("hypercorn.trio.tcp_server.MAX_RECV is gone: pin a known hypercorn")
+    tcp_server.MAX_RECV = BODY_PIECE_SIZE
+
+
 def hypercorn_config(settings: RelaySettings) -> Config:
+    read_in_body_pieces()
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]

@@ -406,7 +406,7 @@ def _add_relay_quota_options(start: argparse.ArgumentParser) -> None:
         type=types.byte_size_arg,
         metavar="BYTES",
         help=(
-            "bytes the relay may hold for the scope; a WebSocket is charged 21 times the "
+            "bytes the relay may hold for the scope; a WebSocket is charged 17 times the "
             "WebSocket message limit + 256 KiB (default 201326592, 192 MiB)"
         ),
     )

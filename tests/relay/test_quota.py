@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from relay._quota import QuotaExceeded, ScopeCounter
-from relay._settings import APP_QUEUE_SIZE, MIB, STREAM_WINDOW, RelaySettings, stream_cost
+from relay._settings import (
+    APP_QUEUE_SIZE,
+    BODY_PIECE_SIZE,
+    MIB,
+    STREAM_WINDOW,
+    RelaySettings,
+    stream_cost,
+)
 
 
 def test_a_counter_takes_amounts_up_to_its_limit_per_scope() -> None:
@@ -37,7 +44,9 @@ def test_hold_gives_back_on_every_path() -> None:
 def test_a_stream_is_charged_what_it_may_make_the_relay_hold(tmp_path: Path) -> None:
     message = 2 * MIB
     settings = RelaySettings(data_dir=tmp_path, max_websocket_message_size=message)
-    assert stream_cost(settings, "http") == STREAM_WINDOW + APP_QUEUE_SIZE * 64 * 1024
+    assert stream_cost(settings, "http") == STREAM_WINDOW + APP_QUEUE_SIZE * BODY_PIECE_SIZE
+    # what hypercorn's defaults held (2 queued reads of 64 KiB), no more
+    assert APP_QUEUE_SIZE * BODY_PIECE_SIZE <= 2 * 64 * 1024
     assert stream_cost(settings, "mesh") == 2 * STREAM_WINDOW
     # A browser's text message is counted in characters, up to 4 bytes each: hypercorn's
     # queued and pending messages, the bridge's encoding of one; from the daemon the joined
@@ -51,7 +60,17 @@ def test_the_defaults_admit_the_stream_quota_of_plain_requests(tmp_path: Path) -
     settings = RelaySettings(data_dir=tmp_path)
     admitted = settings.max_scope_buffered // stream_cost(settings, "http")
     assert admitted >= settings.max_streams_per_scope
-    # and some WebSockets (a dashboard tab holds one): 9 at 1 MiB messages, 34 at 256 KiB
+    # and some WebSockets (a dashboard tab holds one): 11 at 1 MiB messages, 42 at 256 KiB
     assert settings.max_scope_buffered // stream_cost(settings, "websocket") >= 8
     smallest = RelaySettings(data_dir=tmp_path, max_websocket_message_size=256 * 1024)
     assert smallest.max_scope_buffered // stream_cost(smallest, "websocket") >= 32
+
+
+def test_the_relay_makes_hypercorn_read_one_body_piece_at_a_time(tmp_path: Path) -> None:
+    from hypercorn.trio import tcp_server
+
+    from relay._server import hypercorn_config
+
+    config = hypercorn_config(RelaySettings(data_dir=tmp_path))
+    assert tcp_server.MAX_RECV == BODY_PIECE_SIZE
+    assert config.max_app_queue_size == APP_QUEUE_SIZE
