@@ -183,7 +183,7 @@ class RelaySettings:
     max_streams_per_scope: int = 512
     #: Bytes the relay may hold for one scope at once. Each open stream is charged what it may
     #: make the relay hold (see :func:`stream_cost`): a tunneled request one stream window
-    #: (256 KiB) plus hypercorn's queue of body pieces (2 x 64 KiB), a WebSocket also its
+    #: (256 KiB) plus hypercorn's queue of body pieces (1 x 128 KiB), a WebSocket also its
     #: queued and assembling messages, a mesh stream two windows (one each side). The default
     #: admits ``max_streams_per_scope`` plain requests.
     max_scope_buffered: int = 192 * MIB
