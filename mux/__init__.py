@@ -23,6 +23,7 @@ from ._session import MuxSession as MuxSession
 from ._session import WindowBudget as WindowBudget
 from ._splice import BULK_SPLICE_CHUNK as BULK_SPLICE_CHUNK
 from ._splice import SPLICE_CHUNK as SPLICE_CHUNK
+from ._splice import ChunkSize as ChunkSize
 from ._splice import GrowingChunks as GrowingChunks
 from ._splice import splice as splice
 from ._stream import MuxStream as MuxStream

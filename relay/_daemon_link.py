@@ -558,7 +558,10 @@ async def _forward_mesh_stream(
         return
     relay.metrics.streams_total.labels("mesh").inc()
     relay.metrics.streams_open.inc()
+    chunks = bulk_chunks(relay, source.scope_id, stream)
     try:
-        await splice_forwarded(stream, outbound)
+        await splice_forwarded(stream, outbound, chunk=chunks)
     finally:
         relay.metrics.streams_open.dec()
+        if isinstance(chunks, GrowingChunks):
+            chunks.release()

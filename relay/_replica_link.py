@@ -53,6 +53,7 @@ from mux import (
     MAX_MESSAGE_HEADER,
     MAX_STREAM_WINDOW,
     SPLICE_CHUNK,
+    ChunkSize,
     GrowingChunks,
     MuxConfig,
     MuxSession,
@@ -838,12 +839,14 @@ class _AbortRelay(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-async def splice_forwarded(stream: MuxStream, forwarded: MuxStream) -> None:
+async def splice_forwarded(
+    stream: MuxStream, forwarded: MuxStream, *, chunk: ChunkSize = SPLICE_CHUNK
+) -> None:
     """Splice ``stream`` and a stream :meth:`ClusterNode.open_forwarded_stream` gave, each
-    way, until both ends are done; a reset at either end travels on as a reset with its code
-    (see :class:`_AbortRelay`), so the daemon at the far end never reads a reset as an
-    orderly end of file."""
-    await splice(_AbortRelay(stream, forwarded), _AbortRelay(forwarded, stream))
+    way, until both ends are done, reading ``chunk`` at a time (see :func:`mux.splice`); a
+    reset at either end travels on as a reset with its code (see :class:`_AbortRelay`), so
+    the daemon at the far end never reads a reset as an orderly end of file."""
+    await splice(_AbortRelay(stream, forwarded), _AbortRelay(forwarded, stream), chunk=chunk)
 
 
 async def _refuse_streams(session: MuxSession) -> None:

@@ -134,3 +134,36 @@ def test_a_replica_link_charges_each_streams_own_scope_and_a_stream_naming_none_
     assert not budget.try_take(_Stream({"scope": ""}), 1)
     budget.give_back(alice, 60)
     assert (counter.held("alice"), counter.held("bob")) == (0, 100)
+
+
+async def test_a_bulk_mesh_stream_grows_and_gives_every_byte_back(stacks: StackFactory) -> None:
+    """Both sides of a spliced mesh stream may grow and read in bulk pieces; all of it is the
+    scope's while the stream lasts, and none of it afterwards."""
+    total = 16 * MIB
+    received: list[int] = []
+    peaks: list[int] = []
+
+    async def sink(stream: MuxStream) -> None:
+        got = 0
+        while data := await stream.receive_some(PIECE):
+            got += len(data)
+        received.append(got)
+        await stream.aclose()
+
+    with trio.fail_after(60):
+        stack = await stacks()
+        relay = stack.relay
+        record, key = await relay.new_scope()
+        growth = relay.running.relay.scope_growth
+        await start_stand_in(stack.links, relay.address, key, "target", sink)
+        source = await start_stand_in(stack.links, relay.address, key, "source", sink)
+        stream = await source.session.open_stream({"kind": "mesh", "target": "target"})
+        piece = pattern(0, PIECE)
+        for _ in range(total // PIECE):
+            await stream.send_all(piece)
+            peaks.append(growth.held(record.scope_id))
+        await stream.send_eof()
+        await eventually(lambda: received == [total])
+        await eventually(lambda: growth.held(record.scope_id) == 0)
+    assert max(peaks) > 0  # the relay's receiving side grew
+    assert max(peaks) <= GROWTH + BULK_EXTRA
