@@ -52,7 +52,7 @@ from coredis.response.types import PubSubMessage
 
 from common import is_daemon_id
 
-from ._redis_pubsub import REDIS_ERRORS, UNAVAILABLE, describe, follow_channel, leaves
+from ._redis_pubsub import REDIS_ERRORS, follow_channel, translate_failure
 from ._store_api import DEFAULT_NAMESPACE, StoreError, StoreUnavailable, check_namespace
 
 log = logging.getLogger("repowire.relay.presence")
@@ -664,15 +664,7 @@ def _check_url(url: str) -> None:
 
 def _translate(error: BaseException, action: str) -> StoreError | None:
     """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
-    failures = leaves(error)
-    if not failures or not all(isinstance(leaf, REDIS_ERRORS) for leaf in failures):
-        return None
-    if all(isinstance(leaf, UNAVAILABLE) for leaf in failures):
-        return StoreUnavailable(
-            f"presence (Redis) cannot be reached while {action}: {describe(failures[0])}"
-        )
-    first = next(leaf for leaf in failures if not isinstance(leaf, UNAVAILABLE))
-    return StoreError(f"presence failure (Redis) while {action}: {describe(first)}")
+    return translate_failure(error, action, unreachable="presence", failed="presence failure")
 
 
 def _unexpected(action: str) -> StoreError:

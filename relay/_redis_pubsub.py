@@ -18,6 +18,7 @@ import trio
 from coredis.response.types import PubSubMessage
 
 from ._store import StoreError
+from ._store_api import StoreUnavailable
 
 T = TypeVar("T")
 
@@ -154,3 +155,21 @@ async def _read(
                 task_status.started()
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
+
+
+def translate_failure(
+    error: BaseException, action: str, *, unreachable: str, failed: str
+) -> StoreError | None:
+    """The StoreError to raise for a Redis failure while ``action``, or None if ``error`` is
+    not one: :class:`~relay._store_api.StoreUnavailable` ("``unreachable`` (Redis) cannot be
+    reached while ...") when every failure in it is one of :data:`UNAVAILABLE`, else
+    StoreError ("``failed`` (Redis) while ...") naming the first other one."""
+    failures = leaves(error)
+    if not failures or not all(isinstance(leaf, REDIS_ERRORS) for leaf in failures):
+        return None
+    if all(isinstance(leaf, UNAVAILABLE) for leaf in failures):
+        return StoreUnavailable(
+            f"{unreachable} (Redis) cannot be reached while {action}: {describe(failures[0])}"
+        )
+    first = next(leaf for leaf in failures if not isinstance(leaf, UNAVAILABLE))
+    return StoreError(f"{failed} (Redis) while {action}: {describe(first)}")

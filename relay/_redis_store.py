@@ -86,7 +86,7 @@ from common import (
 
 from . import _login_links, _store
 from ._login_links import LOGIN_LINK_TTL, LoginLink, LoginLinksFull, looks_like_token
-from ._redis_pubsub import REDIS_ERRORS, UNAVAILABLE, describe, follow_channel, leaves
+from ._redis_pubsub import REDIS_ERRORS, follow_channel, translate_failure
 from ._session_cache import SessionCache
 from ._store import (
     _PUBLIC_ID,
@@ -1229,15 +1229,7 @@ def _client_from_url(
 
 def _translate(error: BaseException, action: str) -> StoreError | None:
     """The StoreError to raise for a Redis failure, or None if ``error`` is not one."""
-    failures = leaves(error)
-    if not failures or not all(isinstance(leaf, REDIS_ERRORS) for leaf in failures):
-        return None
-    if all(isinstance(leaf, UNAVAILABLE) for leaf in failures):
-        return StoreUnavailable(
-            f"the key store (Redis) cannot be reached while {action}: {describe(failures[0])}"
-        )
-    first = next(leaf for leaf in failures if not isinstance(leaf, UNAVAILABLE))
-    return StoreError(f"key store failure (Redis) while {action}: {describe(first)}")
+    return translate_failure(error, action, unreachable="the key store", failed="key store failure")
 
 
 def _unexpected(action: str) -> StoreError:

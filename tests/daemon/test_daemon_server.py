@@ -223,4 +223,4 @@ def test_config_is_quiet_and_bounded() -> None:
     assert config.graceful_timeout == 1.5
     assert config.websocket_max_message_size == 1024 * 1024
     assert config.bind == ["127.0.0.1:0"]
-    assert make_config("::1", 8377, graceful_timeout=1).bind == ["[::1]:8377"]
+    assert make_config("::1", 48377, graceful_timeout=1).bind == ["[::1]:48377"]

@@ -542,7 +542,7 @@ const scenarios = {
     route("GET", "/peers", () => [200, { peers: [] }]);
     route("GET", "/events", (request) => eventLog(log)(request));
 
-    await start("http://localhost:8377/dashboard/");
+    await start("http://localhost:48377/dashboard/");
     assert.equal(byId("logout-form").hidden, true);
     assert.equal(byId("daemons-section").hidden, true);
     assert.match(text("access-state"), /Local/);
@@ -561,7 +561,7 @@ const scenarios = {
     lastSource().fail(FakeEventSource.CLOSED);
     await advance(0);
     assert.equal(FakeWebSocket.instances.length, 1);
-    assert.equal(FakeWebSocket.instances[0].url, "ws://localhost:8377/ws");
+    assert.equal(FakeWebSocket.instances[0].url, "ws://localhost:48377/ws");
     assert.equal(FakeEventSource.instances.every((s) => s.closed), true);
 
     const socket = FakeWebSocket.instances[0];

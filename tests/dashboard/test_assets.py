@@ -28,7 +28,7 @@ SCENARIOS = Path(__file__).with_name("app_scenarios.mjs")
 JS_FILES = ("app.js", "core.js")
 TEXT_ASSETS = ("index.html", "app.css", *JS_FILES)
 
-LOCAL = "http://localhost:8377/dashboard/"
+LOCAL = "http://localhost:48377/dashboard/"
 RELAY_ROOT = "https://relay.example/dashboard/"
 RELAY_DAEMON = "https://relay.example/d/laptop-1/dashboard/"
 # Each page URL, and the path prefix its tunneled API calls must carry.
