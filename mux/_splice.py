@@ -23,11 +23,11 @@ ChunkSize = int | Callable[[trio.abc.ReceiveStream], int]
 
 
 class GrowingChunks:
-    """Read sizes for a splice that start at :data:`SPLICE_CHUNK` and become
-    :data:`BULK_SPLICE_CHUNK` for a source whose receive window has grown (it moves bulk:
-    ``window_growth``), once ``budget`` takes the extra bytes, charged for ``payer``. Pass
-    the object as ``splice(..., chunk=...)`` and call :meth:`release` when the splice is over.
-    """
+    """Read sizes that start at :data:`SPLICE_CHUNK` and become :data:`BULK_SPLICE_CHUNK`
+    for a source whose receive window has grown (it moves bulk: ``window_growth``), once
+    ``budget`` takes the extra bytes, charged for ``payer``. Call it with the stream about to
+    be read (or pass it as ``splice(..., chunk=...)``), and :meth:`release` when the reading
+    is over."""
 
     def __init__(self, budget: WindowBudget, payer: MuxStream) -> None:
         self._budget = budget

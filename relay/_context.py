@@ -21,14 +21,14 @@ import attrs
 import trio
 
 from common import hash_secret
-from mux import MuxStream, SessionClosed
+from mux import GrowingChunks, MuxStream, SessionClosed
 from protocol import CloseCode
 
 from ._links import DaemonLink, HandshakeLimiter, LinkRegistry
 from ._live import LiveAccess
 from ._login_links import ISSUE_BURST, ISSUE_RATE_PER_HOUR
 from ._metrics import RelayMetrics
-from ._quota import QuotaExceeded, ScopeCounter
+from ._quota import QuotaExceeded, ScopeBudget, ScopeCounter
 from ._ratelimit import limiter_for
 from ._settings import RelaySettings, stream_cost
 from ._sqlite_store import SqliteStore
@@ -144,6 +144,13 @@ class Relay:
         finally:
             held.give_back(scope_id, cost)
             streams.give_back(scope_id)
+
+    def read_sizes(self, scope_id: str, payer: MuxStream) -> GrowingChunks:
+        """How much to read at a time from streams the relay reads for ``scope_id`` (a
+        response, a splice): ``mux.SPLICE_CHUNK``, or ``mux.BULK_SPLICE_CHUNK`` from a stream
+        whose window has grown, the extra charged to the scope's window growth (never taken
+        when growth is off). Call ``release()`` once the reading is over."""
+        return GrowingChunks(ScopeBudget(self.scope_growth, scope_id), payer)
 
     def is_shutting_down(self) -> bool:
         """Whether a graceful shutdown has begun (new daemon links are turned away)."""

@@ -18,8 +18,6 @@ from mux import (
     LINK_MESSAGE_SIZE,
     MAX_MESSAGE_HEADER,
     MAX_STREAM_WINDOW,
-    SPLICE_CHUNK,
-    GrowingChunks,
     MuxConfig,
     MuxSession,
     MuxStream,
@@ -263,15 +261,6 @@ async def _refuse(send: Send, code: int, reason: str) -> None:
     await send({"type": "websocket.close", "code": int(code), "reason": reason})
 
 
-def bulk_chunks(relay: Relay, scope_id: str, payer: MuxStream) -> GrowingChunks | int:
-    """Read sizes for a splice the relay runs for ``scope_id``: larger ones for a side that
-    moves bulk, charged to the scope's window growth; plain ``mux.SPLICE_CHUNK`` when growth
-    is off."""
-    if relay.settings.max_scope_window_growth <= 0:
-        return SPLICE_CHUNK
-    return GrowingChunks(ScopeBudget(relay.scope_growth, scope_id), payer)
-
-
 def _link_session(relay: Relay, transport: AsgiWebSocketTransport, scope_id: str) -> MuxSession:
     """The link's session: the bulk-link settings (``mux.link_protocol_config``), its streams'
     window growth charged to the scope (``max_scope_window_growth``; none when that is 0)."""
@@ -510,13 +499,12 @@ async def _route_mesh_stream(relay: Relay, source: DaemonLink, stream: MuxStream
             return
         relay.metrics.streams_total.labels("mesh").inc()
         relay.metrics.streams_open.inc()
-        chunks = bulk_chunks(relay, source.scope_id, stream)
+        reads = relay.read_sizes(source.scope_id, stream)
         try:
-            await splice(stream, outbound, chunk=chunks)
+            await splice(stream, outbound, chunk=reads)
         finally:
             relay.metrics.streams_open.dec()
-            if isinstance(chunks, GrowingChunks):
-                chunks.release()
+            reads.release()
 
 
 async def _missing_target(relay: Relay, scope_id: str, target_id: str) -> ErrorCode:
@@ -558,10 +546,9 @@ async def _forward_mesh_stream(
         return
     relay.metrics.streams_total.labels("mesh").inc()
     relay.metrics.streams_open.inc()
-    chunks = bulk_chunks(relay, source.scope_id, stream)
+    reads = relay.read_sizes(source.scope_id, stream)
     try:
-        await splice_forwarded(stream, outbound, chunk=chunks)
+        await splice_forwarded(stream, outbound, chunk=reads)
     finally:
         relay.metrics.streams_open.dec()
-        if isinstance(chunks, GrowingChunks):
-            chunks.release()
+        reads.release()

@@ -190,7 +190,7 @@ class RelaySettings:
     #: Bytes of stream window growth one scope may hold at once, on top of
     #: ``max_scope_buffered``: a stream the relay receives in bulk (a download, a mesh
     #: transfer) grows its window from 256 KiB up to 1 MiB (``mux.MAX_STREAM_WINDOW``), and a
-    #: download that has grown reads in 256 KiB pieces (192 KiB more, ``_tunnel.BULK_READ_SIZE``);
+    #: download that has grown reads in 256 KiB pieces (192 KiB more, ``Relay.read_sizes``);
     #: both are charged here while they last (64 MiB: 68 downloads at full size). Past it,
     #: streams keep the window and pieces they have. 0 turns growth off.
     max_scope_window_growth: int = 64 * MIB

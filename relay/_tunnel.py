@@ -39,14 +39,11 @@ log = logging.getLogger("repowire.relay")
 #: with the answer when there is none.
 StreamOpener = Callable[[], Awaitable[MuxStream]]
 
-#: Bytes read from the stream per receive. Once read, a piece is out of the stream's window
-#: and waits in hypercorn until the browser takes it.
+#: Bytes a WebSocket bridge reads from the stream per receive. Once read, a piece is out of
+#: the stream's window and waits in hypercorn until the browser takes it. A response reads
+#: what ``Relay.read_sizes`` says: as much, or 256 KiB once its window has grown (a download:
+#: a fifth less relay CPU per byte in the bulk bench), the extra charged to the scope.
 READ_SIZE = 64 * 1024
-#: Bytes read per receive by a response whose window has grown (a download): a quarter of the
-#: pieces, and a fifth less relay CPU per byte in the bulk bench. The extra over
-#: :data:`READ_SIZE` is charged to the scope's window growth (``max_scope_window_growth``)
-#: while the response lasts; when the scope has no room, reads stay small.
-BULK_READ_SIZE = 256 * 1024
 #: Seconds the daemon has to start its response (the head) once the whole request has been
 #: sent up: then the browser gets 504 ``daemon_timeout`` and the stream is reset. Generous,
 #: because a daemon may answer a long-poll late; once the head is out no deadline applies,
@@ -463,10 +460,8 @@ class HttpExchange:
         self.relay = relay
         self.scope = scope
         self.scope_id = scope_id
-        #: Bytes per read of the response, and what of it the scope's growth quota is holding
-        #: (``BULK_READ_SIZE - READ_SIZE`` once the response reads in bulk, else 0).
-        self._read_size = READ_SIZE
-        self._read_charge = 0
+        #: How much each read of the response takes (:meth:`release` gives back its charge).
+        self._reads = relay.read_sizes(scope_id, stream)
         self.method: str = scope["method"]
         self.target = target
         self._receive = receive
@@ -605,21 +600,9 @@ class HttpExchange:
                 cancel.cancel()
                 return
 
-    def _read_in_bulk(self) -> None:
-        """Read the rest of the response in :data:`BULK_READ_SIZE` pieces if the scope's
-        growth quota takes the extra bytes; :meth:`release` gives them back."""
-        extra = BULK_READ_SIZE - READ_SIZE
-        if self.relay.scope_growth.try_take(self.scope_id, extra):
-            self._read_charge = extra
-            self._read_size = BULK_READ_SIZE
-        else:
-            self._read_charge = -1  # asked once: stay small
-
     def release(self) -> None:
-        """Give back what the exchange charged to the scope (once; the exchange is over)."""
-        if self._read_charge > 0:
-            self.relay.scope_growth.give_back(self.scope_id, self._read_charge)
-        self._read_charge = -1
+        """Give back what the exchange charged to the scope (the exchange is over)."""
+        self._reads.release()
 
     async def _download(self) -> None:
         with self._head_wait:
@@ -633,9 +616,7 @@ class HttpExchange:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                if stream.window_growth and not self._read_charge:
-                    self._read_in_bulk()
-                conn.receive_data(await stream.receive_some(self._read_size))
+                conn.receive_data(await stream.receive_some(self._reads(stream)))
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

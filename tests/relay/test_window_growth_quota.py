@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from mux import MAX_STREAM_WINDOW, MuxStream
+from mux import BULK_SPLICE_CHUNK, MAX_STREAM_WINDOW, SPLICE_CHUNK, MuxStream
 from protocol import DEFAULT_INITIAL_WINDOW_SIZE
 from relay._quota import ScopeCounter, StreamScopeBudget
 from relay._settings import RelaySettings, stream_cost
-from relay._tunnel import BULK_READ_SIZE, READ_SIZE
 from tests.relay.test_tunnel_http import browser, pattern
 from tests.support.relays import StackFactory
 from tests.support.scripted import ScriptedHttp
@@ -27,7 +26,7 @@ PIECE = 64 * 1024
 HTTP_COST = stream_cost(RelaySettings(data_dir="unused"), "http")
 GROWTH = MAX_STREAM_WINDOW - DEFAULT_INITIAL_WINDOW_SIZE
 #: What reading a grown download in bulk pieces adds to the scope's growth.
-BULK_EXTRA = BULK_READ_SIZE - READ_SIZE
+BULK_EXTRA = BULK_SPLICE_CHUNK - SPLICE_CHUNK
 
 
 async def download(stack: Any) -> tuple[int, list[tuple[int, int]]]:
